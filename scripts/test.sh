@@ -1,0 +1,6 @@
+#!/usr/bin/env bash
+# README command #2: set up the environment and run the test suite.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/setup_env.sh
+exec .venv/bin/python -m pytest "${@:-tests}"
