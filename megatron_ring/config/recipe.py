@@ -1,0 +1,153 @@
+"""Typed recipes: dataclasses + YAML, with megatron-core's own field names.
+
+A recipe names the architecture by its HF ``config.json`` (the single source of truth, also written
+into every checkpoint), plus the parallel layout, precision and MoE loss settings. Unknown keys in a
+YAML file are errors that name the key and the file.
+"""
+from __future__ import annotations
+
+import dataclasses
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+import yaml
+
+RECIPE_DIR = Path(__file__).parent / "recipes"
+
+
+@dataclass
+class ParallelConfig:
+    tensor_model_parallel_size: int = 1
+    pipeline_model_parallel_size: int = 1
+    expert_model_parallel_size: int = 1
+    expert_tensor_parallel_size: Optional[int] = None  # None: 1 when EP>1, else = TP
+    context_parallel_size: int = 1
+    sequence_parallel: bool = False  # forced on for MoE with TP>1 (megatron requires it)
+    moe_token_dispatcher_type: Literal["alltoall", "allgather"] = "alltoall"
+
+    def resolved_etp(self) -> int:
+        if self.expert_tensor_parallel_size is not None:
+            return self.expert_tensor_parallel_size
+        return 1 if self.expert_model_parallel_size > 1 else self.tensor_model_parallel_size
+
+    def model_parallel_size(self) -> int:
+        return self.tensor_model_parallel_size * self.pipeline_model_parallel_size * self.context_parallel_size
+
+
+@dataclass
+class PrecisionConfig:
+    bf16: bool = False
+    fp16: bool = False
+    fp8: Optional[Literal["e4m3", "hybrid"]] = None  # needs Transformer Engine
+    fp8_recipe: Literal["delayed", "tensorwise", "mxfp8", "blockwise"] = "delayed"
+    fp8_param: bool = False
+    transformer_impl: Literal["auto", "transformer_engine", "local"] = "auto"
+
+
+@dataclass
+class MoELossConfig:
+    moe_router_load_balancing_type: Literal["aux_loss", "seq_aux_loss", "global_aux_loss", "none"] = "aux_loss"
+    moe_aux_loss_coeff: float = 0.0
+    moe_z_loss_coeff: Optional[float] = None
+    moe_router_bias_update_rate: float = 1e-3  # v2 expert-bias routers only
+
+
+@dataclass
+class Recipe:
+    name: str
+    hf_config: dict[str, Any]
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    precision: PrecisionConfig = field(default_factory=PrecisionConfig)
+    moe: MoELossConfig = field(default_factory=MoELossConfig)
+    seed: int = 1234
+    # Sections owned by later stages (sft, rl, ...) are kept as plain dicts until their loaders read them.
+    stages: dict[str, Any] = field(default_factory=dict)
+
+    def replace(self, **sections: Any) -> "Recipe":
+        return dataclasses.replace(self, **sections)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def _from_dict(cls, data: Any, where: str):
+    if not isinstance(data, dict):
+        raise TypeError(f"{where}: expected a mapping for {cls.__name__}, got {type(data).__name__}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        raise ValueError(f"{where}: unknown key(s) {unknown} for {cls.__name__} (known: {sorted(names)})")
+    kwargs = {}
+    for k, v in data.items():
+        t = hints[k]
+        if dataclasses.is_dataclass(t):
+            v = _from_dict(t, v, f"{where}.{k}")
+        else:
+            _check_type(v, t, f"{where}.{k}")
+        kwargs[k] = v
+    return cls(**kwargs)
+
+
+def _check_type(value: Any, t: Any, where: str) -> None:
+    origin = typing.get_origin(t)
+    if origin is Literal:
+        if value not in typing.get_args(t):
+            raise ValueError(f"{where}: {value!r} is not one of {typing.get_args(t)}")
+        return
+    if origin is typing.Union:
+        args = typing.get_args(t)
+        if value is None and type(None) in args:
+            return
+        errors = []
+        for a in args:
+            if a is type(None):
+                continue
+            try:
+                _check_type(value, a, where)
+                return
+            except (TypeError, ValueError) as e:
+                errors.append(str(e))
+        raise TypeError(errors[0] if errors else f"{where}: bad value {value!r}")
+    base = origin or t
+    if base is Any:
+        return
+    if base is float and isinstance(value, int) and not isinstance(value, bool):
+        return
+    if base is int and isinstance(value, bool):
+        raise TypeError(f"{where}: expected int, got bool")
+    if isinstance(base, type) and not isinstance(value, base):
+        raise TypeError(f"{where}: expected {base.__name__}, got {type(value).__name__} ({value!r})")
+
+
+def list_recipes() -> list[str]:
+    return sorted(p.stem for p in RECIPE_DIR.glob("*.yaml"))
+
+
+def load_recipe(name_or_path: str | Path, overrides: Optional[dict[str, Any]] = None) -> Recipe:
+    """Load a recipe by name (``tiny``, ``ling_lite``) or YAML path; ``overrides`` are merged per section."""
+    p = Path(name_or_path)
+    if not p.suffix:
+        p = RECIPE_DIR / f"{name_or_path}.yaml"
+        if not p.exists():
+            raise FileNotFoundError(f"no recipe named {name_or_path!r}; available: {list_recipes()}")
+    data = yaml.safe_load(p.read_text()) or {}
+    base = data.pop("base", None)
+    if base:
+        merged = load_recipe(base).to_dict()
+        _deep_merge(merged, data)
+        data = merged
+    if overrides:
+        _deep_merge(data, overrides)
+    data.setdefault("name", p.stem)
+    return _from_dict(Recipe, data, str(p))
+
+
+def _deep_merge(dst: dict, src: dict) -> None:
+    for k, v in src.items():
+        if isinstance(v, dict) and isinstance(dst.get(k), dict) and k != "hf_config_replace":
+            _deep_merge(dst[k], v)
+        else:
+            dst[k] = v

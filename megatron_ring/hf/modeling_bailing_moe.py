@@ -1,0 +1,275 @@
+"""Bailing MoE (Ling-lite / Ring-lite) for transformers >= 5, with a KV cache for ``generate()``.
+
+Written for checkpoints exported by megatron-ring (the upstream remote code does not import under
+transformers 5). Weight names are the upstream ones, which SGLang's ``bailing_moe`` loader reads:
+``model.word_embeddings``, ``model.layers.i.attention.query_key_value`` ([Q_all; K_all; V_all]),
+``.attention.dense``, ``.mlp.gate``, ``.mlp.experts.E.{gate,up,down}_proj``, ``.mlp.shared_experts.*``,
+``model.norm``, ``lm_head``. The router is a softmax in fp32 over all experts, top-k, renormalised;
+the output layer is a NormHead (weight normalised over the vocab dimension per hidden column).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers.cache_utils import Cache, DynamicCache
+from transformers.generation import GenerationMixin
+from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
+from transformers.modeling_utils import PreTrainedModel
+
+try:
+    from .configuration_bailing_moe import BailingMoeConfig
+except ImportError:  # imported as a plain module
+    from configuration_bailing_moe import BailingMoeConfig
+
+NORM_HEAD_EPS = 1e-7
+
+
+class BailingMoeRMSNorm(nn.Module):
+    def __init__(self, hidden_size, eps=1e-6):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(hidden_size))
+        self.variance_epsilon = eps
+
+    def forward(self, hidden_states):
+        dtype = hidden_states.dtype
+        h = hidden_states.float()
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.variance_epsilon)
+        return self.weight * h.to(dtype)
+
+
+class BailingMoeRotaryEmbedding(nn.Module):
+    def __init__(self, dim, base):
+        super().__init__()
+        inv_freq = 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
+        self.register_buffer("inv_freq", inv_freq, persistent=False)
+
+    @torch.no_grad()
+    def forward(self, x, position_ids):
+        freqs = position_ids[:, :, None].float() * self.inv_freq[None, None, :].to(x.device)
+        emb = torch.cat((freqs, freqs), dim=-1)
+        return emb.cos().to(x.dtype), emb.sin().to(x.dtype)
+
+
+def rotate_half(x):
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def apply_rotary(q, k, cos, sin):
+    cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
+    return q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
+
+
+class BailingMoeMLP(nn.Module):
+    def __init__(self, config, intermediate_size):
+        super().__init__()
+        h, bias = config.hidden_size, config.use_bias
+        self.gate_proj = nn.Linear(h, intermediate_size, bias=bias)
+        self.up_proj = nn.Linear(h, intermediate_size, bias=bias)
+        self.down_proj = nn.Linear(intermediate_size, h, bias=bias)
+
+    def forward(self, x):
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class BailingMoeGate(nn.Module):
+    """Router: linear without bias [num_experts, hidden]; fp32 softmax; top-k; renormalised."""
+
+    def __init__(self, config):
+        super().__init__()
+        self.top_k = config.num_experts_per_tok
+        self.norm_topk_prob = config.norm_topk_prob
+        self.weight = nn.Parameter(torch.empty(config.num_experts, config.hidden_size))
+
+    def forward(self, x):
+        logits = F.linear(x.float(), self.weight.float())
+        scores = logits.softmax(dim=-1, dtype=torch.float32)
+        topk_weight, topk_idx = torch.topk(scores, self.top_k, dim=-1, sorted=True)
+        if self.norm_topk_prob:
+            topk_weight = topk_weight / topk_weight.sum(dim=-1, keepdim=True)
+        return topk_idx, topk_weight, logits
+
+
+class BailingMoeSparseMoeBlock(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.gate = BailingMoeGate(config)
+        self.experts = nn.ModuleList(
+            [BailingMoeMLP(config, config.moe_intermediate_size) for _ in range(config.num_experts)])
+        self.shared_experts = (
+            BailingMoeMLP(config, config.moe_intermediate_size * config.num_shared_experts)
+            if config.num_shared_experts else None)
+
+    def forward(self, hidden_states):
+        shape = hidden_states.shape
+        x = hidden_states.reshape(-1, shape[-1])
+        topk_idx, topk_weight, _ = self.gate(x)
+        out = torch.zeros_like(x, dtype=torch.float32)
+        for e in topk_idx.unique().tolist():
+            token, slot = (topk_idx == e).nonzero(as_tuple=True)
+            y = self.experts[e](x[token])
+            out.index_add_(0, token, (y.float() * topk_weight[token, slot, None]))
+        out = out.to(x.dtype)
+        if self.shared_experts is not None:
+            out = out + self.shared_experts(x)
+        return out.reshape(shape)
+
+
+class BailingMoeAttention(nn.Module):
+    def __init__(self, config, layer_idx):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.num_heads = config.num_attention_heads
+        self.num_kv = config.num_key_value_heads
+        self.head_dim = config.head_dim
+        self.query_key_value = nn.Linear(config.hidden_size, (self.num_heads + 2 * self.num_kv) * self.head_dim,
+                                         bias=config.use_qkv_bias)
+        self.dense = nn.Linear(self.num_heads * self.head_dim, config.hidden_size, bias=config.use_bias)
+        self.rotary = BailingMoeRotaryEmbedding(self.head_dim, config.rope_theta)
+
+    def forward(self, hidden_states, position_ids, attn_bias, past_key_values=None):
+        b, s, _ = hidden_states.shape
+        qkv = self.query_key_value(hidden_states)
+        q, k, v = qkv.split([self.num_heads * self.head_dim, self.num_kv * self.head_dim,
+                             self.num_kv * self.head_dim], dim=-1)
+        q = q.view(b, s, self.num_heads, self.head_dim).transpose(1, 2)
+        k = k.view(b, s, self.num_kv, self.head_dim).transpose(1, 2)
+        v = v.view(b, s, self.num_kv, self.head_dim).transpose(1, 2)
+        cos, sin = self.rotary(v, position_ids)
+        q, k = apply_rotary(q, k, cos, sin)
+        if past_key_values is not None:
+            k, v = past_key_values.update(k, v, self.layer_idx)
+        rep = self.num_heads // self.num_kv
+        k = k.repeat_interleave(rep, dim=1)
+        v = v.repeat_interleave(rep, dim=1)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_bias)
+        return self.dense(out.transpose(1, 2).reshape(b, s, -1))
+
+
+class BailingMoeDecoderLayer(nn.Module):
+    def __init__(self, config, layer_idx):
+        super().__init__()
+        self.input_layernorm = BailingMoeRMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.attention = BailingMoeAttention(config, layer_idx)
+        self.post_attention_layernorm = BailingMoeRMSNorm(config.hidden_size, config.rms_norm_eps)
+        dense = layer_idx < config.first_k_dense_replace
+        self.mlp = BailingMoeMLP(config, config.intermediate_size) if dense else BailingMoeSparseMoeBlock(config)
+
+    def forward(self, hidden_states, position_ids, attn_bias, past_key_values=None):
+        h = hidden_states + self.attention(self.input_layernorm(hidden_states), position_ids, attn_bias,
+                                           past_key_values)
+        return h + self.mlp(self.post_attention_layernorm(h))
+
+
+class BailingMoePreTrainedModel(PreTrainedModel):
+    config_class = BailingMoeConfig
+    config: BailingMoeConfig
+    base_model_prefix = "model"
+    supports_gradient_checkpointing = False
+    _no_split_modules = ["BailingMoeDecoderLayer"]
+    _skip_keys_device_placement = ["past_key_values"]
+    _supports_sdpa = True
+
+    @torch.no_grad()
+    def _init_weights(self, module):
+        from transformers import initialization as init
+
+        std = self.config.initializer_range
+        if isinstance(module, nn.Linear):
+            init.normal_(module.weight, mean=0.0, std=std)
+            if module.bias is not None:
+                init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            init.normal_(module.weight, mean=0.0, std=std)
+        elif isinstance(module, BailingMoeGate):
+            init.normal_(module.weight, mean=0.0, std=std)
+        elif isinstance(module, BailingMoeRMSNorm):
+            init.ones_(module.weight)
+
+
+def _attention_bias(attention_mask, q_len, past_len, dtype, device):
+    """Additive mask [b, 1, q, kv]: causal (with cache offset) and key padding; finite minimum so
+    fully-padded query rows stay finite."""
+    kv_len = past_len + q_len
+    q_pos = torch.arange(past_len, kv_len, device=device)[:, None]
+    allowed = torch.arange(kv_len, device=device)[None, :] <= q_pos  # [q, kv]
+    allowed = allowed[None, None]
+    if attention_mask is not None:
+        allowed = allowed & attention_mask[:, None, None, -kv_len:].bool()
+    bias = torch.zeros(allowed.shape, dtype=dtype, device=device)
+    return bias.masked_fill(~allowed, torch.finfo(dtype).min)
+
+
+class BailingMoeModel(BailingMoePreTrainedModel):
+    def __init__(self, config):
+        super().__init__(config)
+        self.word_embeddings = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList([BailingMoeDecoderLayer(config, i) for i in range(config.num_hidden_layers)])
+        self.norm = BailingMoeRMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.post_init()
+
+    def get_input_embeddings(self):
+        return self.word_embeddings
+
+    def set_input_embeddings(self, value):
+        self.word_embeddings = value
+
+    def forward(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None,
+                inputs_embeds=None, use_cache=None, **kwargs):
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("pass exactly one of input_ids or inputs_embeds")
+        h = self.word_embeddings(input_ids) if inputs_embeds is None else inputs_embeds
+        use_cache = self.config.use_cache if use_cache is None else use_cache
+        if use_cache and past_key_values is None:
+            past_key_values = DynamicCache()
+        past_len = past_key_values.get_seq_length() if past_key_values is not None else 0
+        q_len = h.shape[1]
+        if position_ids is None:
+            if attention_mask is not None:
+                pos = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+                position_ids = pos[:, -q_len:]
+            else:
+                position_ids = torch.arange(past_len, past_len + q_len, device=h.device)[None].expand(h.shape[0], -1)
+        attn_bias = _attention_bias(attention_mask, q_len, past_len, h.dtype, h.device)
+        for layer in self.layers:
+            h = layer(h, position_ids, attn_bias, past_key_values)
+        h = self.norm(h)
+        return BaseModelOutputWithPast(last_hidden_state=h, past_key_values=past_key_values if use_cache else None)
+
+
+class BailingMoeForCausalLM(BailingMoePreTrainedModel, GenerationMixin):
+    _tied_weights_keys = {}
+
+    def __init__(self, config):
+        super().__init__(config)
+        self.model = BailingMoeModel(config)
+        self.vocab_size = config.vocab_size
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.post_init()
+
+    def get_input_embeddings(self):
+        return self.model.word_embeddings
+
+    def get_output_embeddings(self):
+        return self.lm_head
+
+    def head_weight(self):
+        w = self.lm_head.weight
+        if not self.config.norm_head:
+            return w
+        norm = w.detach().float().pow(2).sum(dim=0, keepdim=True).sqrt()
+        return w / (norm + NORM_HEAD_EPS).to(w.dtype)
+
+    def forward(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None,
+                inputs_embeds=None, labels=None, use_cache=None, logits_to_keep=0, **kwargs):
+        out = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                         past_key_values=past_key_values, inputs_embeds=inputs_embeds, use_cache=use_cache)
+        h = out.last_hidden_state
+        if isinstance(logits_to_keep, int) and logits_to_keep > 0:
+            h = h[:, -logits_to_keep:]
+        logits = F.linear(h, self.head_weight())
+        loss = None
+        if labels is not None:
+            loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=-100)
+        return CausalLMOutputWithPast(loss=loss, logits=logits, past_key_values=out.past_key_values)

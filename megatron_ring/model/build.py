@@ -1,0 +1,103 @@
+"""Build the Bailing MoE as a megatron-core ``GPTModel`` from a recipe (its HF config is the truth)."""
+from __future__ import annotations
+
+import functools
+
+import torch
+import torch.nn.functional as F
+from megatron.core.models.gpt import GPTModel
+from megatron.core.models.gpt.gpt_layer_specs import get_gpt_decoder_block_spec
+from megatron.core.transformer.transformer_config import TransformerConfig
+
+from ..config.recipe import Recipe
+from .hf_config import MappedConfig, map_hf_config
+from .norm_head import apply_norm_head
+
+
+@functools.lru_cache(maxsize=1)
+def te_available() -> bool:
+    try:
+        import transformer_engine  # noqa: F401
+        from megatron.core.extensions import transformer_engine as _  # noqa: F401
+    except Exception:
+        return False
+    return torch.cuda.is_available()
+
+
+def use_transformer_engine(recipe: Recipe) -> bool:
+    impl = recipe.precision.transformer_impl
+    if impl == "transformer_engine" and not te_available():
+        raise RuntimeError("recipe asks for transformer_impl=transformer_engine but Transformer Engine "
+                           "(with CUDA) is not available here")
+    use = te_available() if impl == "auto" else impl == "transformer_engine"
+    if recipe.precision.fp8 and not use:
+        raise RuntimeError(f"precision.fp8={recipe.precision.fp8!r} needs Transformer Engine on a GPU; "
+                           "set fp8: null to train without FP8")
+    return use
+
+
+def transformer_config(recipe: Recipe, mapped: MappedConfig | None = None) -> TransformerConfig:
+    mapped = mapped or map_hf_config(recipe.hf_config)
+    par, prec, moe = recipe.parallel, recipe.precision, recipe.moe
+    te = use_transformer_engine(recipe)
+    cuda = torch.cuda.is_available()
+    dtype = torch.bfloat16 if prec.bf16 else torch.float16 if prec.fp16 else torch.float32
+    kw = dict(mapped.transformer)
+    kw.update(
+        activation_func=F.silu,
+        tensor_model_parallel_size=par.tensor_model_parallel_size,
+        pipeline_model_parallel_size=par.pipeline_model_parallel_size,
+        expert_model_parallel_size=par.expert_model_parallel_size,
+        expert_tensor_parallel_size=par.resolved_etp(),
+        context_parallel_size=par.context_parallel_size,
+        # megatron requires SP for MoE with TP > 1
+        sequence_parallel=par.sequence_parallel or par.tensor_model_parallel_size > 1,
+        moe_token_dispatcher_type=par.moe_token_dispatcher_type,
+        moe_router_load_balancing_type=moe.moe_router_load_balancing_type,
+        moe_aux_loss_coeff=moe.moe_aux_loss_coeff,
+        moe_z_loss_coeff=moe.moe_z_loss_coeff,
+        bf16=prec.bf16, fp16=prec.fp16, params_dtype=dtype, pipeline_dtype=dtype,
+        use_cpu_initialization=not cuda,
+        # fused kernels exist only with CUDA (+TE/apex); the torch paths are numerically the reference
+        gradient_accumulation_fusion=te,
+        bias_dropout_fusion=cuda, masked_softmax_fusion=cuda and te, apply_rope_fusion=te,
+        persist_layer_norm=False,
+    )
+    if kw.get("moe_router_enable_expert_bias"):
+        kw["moe_router_bias_update_rate"] = moe.moe_router_bias_update_rate
+    if prec.fp8:
+        kw.update(fp8=prec.fp8, fp8_recipe=prec.fp8_recipe, fp8_param=prec.fp8_param)
+    return TransformerConfig(**kw)
+
+
+def build_model(recipe: Recipe, pre_process: bool | None = None, post_process: bool | None = None,
+                vp_stage: int | None = None, parallel_output: bool = True) -> GPTModel:
+    """The GPTModel for this rank's pipeline stage (call after ``init_distributed``)."""
+    from megatron.core import parallel_state as ps
+
+    mapped = map_hf_config(recipe.hf_config)
+    cfg = transformer_config(recipe, mapped)
+    te = use_transformer_engine(recipe)
+    if pre_process is None:
+        pre_process = ps.is_pipeline_first_stage(ignore_virtual=vp_stage is None, vp_stage=vp_stage)
+    if post_process is None:
+        post_process = ps.is_pipeline_last_stage(ignore_virtual=vp_stage is None, vp_stage=vp_stage)
+    spec = get_gpt_decoder_block_spec(cfg, use_transformer_engine=te, normalization="RMSNorm",
+                                      vp_stage=vp_stage)
+    vocab = mapped.model["vocab_size"]
+    tp = cfg.tensor_model_parallel_size
+    if vocab % tp:
+        raise ValueError(f"vocab_size {vocab} is not divisible by tensor_model_parallel_size {tp}")
+    if mapped.transformer.get("mtp_num_layers"):
+        raise NotImplementedError("not supported yet: num_nextn_predict_layers (MTP) in the megatron build")
+    model = GPTModel(
+        config=cfg, transformer_layer_spec=spec, vocab_size=vocab,
+        max_sequence_length=mapped.model["max_sequence_length"],
+        pre_process=pre_process, post_process=post_process, parallel_output=parallel_output,
+        share_embeddings_and_output_weights=False, position_embedding_type="rope",
+        rotary_percent=mapped.model.get("rotary_percent", 1.0), rotary_base=mapped.model["rotary_base"],
+        vp_stage=vp_stage,
+    )
+    if mapped.norm_head and post_process:
+        apply_norm_head(model.output_layer)
+    return model

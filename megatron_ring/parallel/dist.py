@@ -1,0 +1,111 @@
+"""Distributed start-up that reads torchrun and Slurm environments alike.
+
+torchrun exports RANK / WORLD_SIZE / LOCAL_RANK / MASTER_ADDR / MASTER_PORT. Under ``srun`` (one task per
+GPU) we derive the same from SLURM_PROCID / SLURM_NTASKS / SLURM_LOCALID, the first host of
+SLURM_JOB_NODELIST, and a port derived from the job id (a fixed port collides on shared nodes).
+A single process with neither is world size 1 on a free loopback port.
+"""
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from ..config.recipe import ParallelConfig
+from . import cpu_compat
+
+
+@dataclass
+class DistEnv:
+    rank: int
+    world_size: int
+    local_rank: int
+    master_addr: str
+    master_port: int
+    launcher: str  # torchrun | slurm | single
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def slurm_port(job_id: str | int) -> int:
+    """A rendezvous port derived from the Slurm job id (stable across the job's tasks)."""
+    return 20000 + int(job_id) % 20000
+
+
+def _first_slurm_host(nodelist: str) -> str:
+    try:
+        out = subprocess.run(["scontrol", "show", "hostnames", nodelist], capture_output=True, text=True,
+                             timeout=10, check=True).stdout.split()
+        if out:
+            return out[0]
+    except (OSError, subprocess.SubprocessError):
+        pass
+    return nodelist.split(",")[0].split("[")[0] or "127.0.0.1"
+
+
+def detect_env(environ: dict[str, str] | None = None) -> DistEnv:
+    e = os.environ if environ is None else environ
+    if "RANK" in e and "WORLD_SIZE" in e:
+        return DistEnv(int(e["RANK"]), int(e["WORLD_SIZE"]), int(e.get("LOCAL_RANK", 0)),
+                       e.get("MASTER_ADDR", "127.0.0.1"), int(e.get("MASTER_PORT", 29500)), "torchrun")
+    if "SLURM_PROCID" in e and "SLURM_NTASKS" in e and int(e["SLURM_NTASKS"]) > 1:
+        port = int(e["MASTER_PORT"]) if "MASTER_PORT" in e else slurm_port(e.get("SLURM_JOB_ID", 0))
+        addr = e.get("MASTER_ADDR") or _first_slurm_host(e.get("SLURM_JOB_NODELIST", "127.0.0.1"))
+        return DistEnv(int(e["SLURM_PROCID"]), int(e["SLURM_NTASKS"]), int(e.get("SLURM_LOCALID", 0)),
+                       addr, port, "slurm")
+    return DistEnv(0, 1, 0, "127.0.0.1", int(e.get("MASTER_PORT", 0)) or _free_port(), "single")
+
+
+def init_distributed(parallel: ParallelConfig, seed: int = 1234, timeout_minutes: int = 30) -> DistEnv:
+    """Start torch.distributed (nccl on GPU, gloo on CPU), megatron's parallel groups and RNG tracker."""
+    from megatron.core import parallel_state as ps
+    from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
+
+    env = detect_env()
+    use_cuda = torch.cuda.is_available()
+    if not use_cuda:
+        cpu_compat.enable()
+    if not dist.is_initialized():
+        os.environ.setdefault("MASTER_ADDR", env.master_addr)
+        os.environ.setdefault("MASTER_PORT", str(env.master_port))
+        if use_cuda:
+            torch.cuda.set_device(env.local_rank % torch.cuda.device_count())
+        import datetime
+
+        dist.init_process_group(
+            backend="nccl" if use_cuda else "gloo", rank=env.rank, world_size=env.world_size,
+            init_method=f"tcp://{env.master_addr}:{env.master_port}",
+            timeout=datetime.timedelta(minutes=timeout_minutes))
+    mp = parallel.model_parallel_size()
+    if env.world_size % mp:
+        raise ValueError(f"world size {env.world_size} is not divisible by TP x PP x CP = {mp} "
+                         f"({parallel})")
+    if not ps.model_parallel_is_initialized():
+        ps.initialize_model_parallel(
+            tensor_model_parallel_size=parallel.tensor_model_parallel_size,
+            pipeline_model_parallel_size=parallel.pipeline_model_parallel_size,
+            context_parallel_size=parallel.context_parallel_size,
+            expert_model_parallel_size=parallel.expert_model_parallel_size,
+            expert_tensor_parallel_size=parallel.resolved_etp(),
+            distributed_timeout_minutes=timeout_minutes,
+        )
+    model_parallel_cuda_manual_seed(seed)
+    torch.manual_seed(seed)
+    return env
+
+
+def destroy_distributed() -> None:
+    from megatron.core import parallel_state as ps
+
+    if ps.model_parallel_is_initialized():
+        ps.destroy_model_parallel()
+    if dist.is_initialized():
+        dist.destroy_process_group()
