@@ -39,14 +39,17 @@ class BailingMoeRMSNorm(nn.Module):
 
 
 class BailingMoeRotaryEmbedding(nn.Module):
+    """Plain RoPE. The frequencies are computed on the fly: transformers 5 builds models on the meta
+    device and leaves non-persistent buffers zero after ``from_pretrained``."""
+
     def __init__(self, dim, base):
         super().__init__()
-        inv_freq = 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
-        self.register_buffer("inv_freq", inv_freq, persistent=False)
+        self.dim, self.base = dim, base
 
     @torch.no_grad()
     def forward(self, x, position_ids):
-        freqs = position_ids[:, :, None].float() * self.inv_freq[None, None, :].to(x.device)
+        inv_freq = 1.0 / (self.base ** (torch.arange(0, self.dim, 2, device=x.device).float() / self.dim))
+        freqs = position_ids[:, :, None].float() * inv_freq[None, None, :]
         emb = torch.cat((freqs, freqs), dim=-1)
         return emb.cos().to(x.dtype), emb.sin().to(x.dtype)
 

@@ -1,0 +1,80 @@
+"""Megatron dist checkpoints that carry their HF config, refused early when a recipe disagrees.
+
+Layout of a checkpoint directory::
+
+    config.json         the HF config.json of the architecture (bailing_moe)
+    megatron_ring.json  format tag, iteration, the parallel layout it was saved with, extra metadata
+    dist/               megatron-core dist_checkpointing (layout-free: loads at any TP/PP/EP)
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from .model.hf_config import architecture_diff, load_hf_config
+
+FORMAT = "megatron-ring/1"
+
+
+class CheckpointMismatch(ValueError):
+    """The recipe's architecture differs from the checkpoint's config.json."""
+
+
+def is_checkpoint(path: str | Path) -> bool:
+    p = Path(path)
+    return (p / "megatron_ring.json").is_file() and (p / "dist").is_dir()
+
+
+def read_meta(path: str | Path) -> dict[str, Any]:
+    p = Path(path) / "megatron_ring.json"
+    if not p.is_file():
+        raise FileNotFoundError(f"{path}: not a megatron-ring checkpoint (no megatron_ring.json)")
+    return json.loads(p.read_text())
+
+
+def check_compatible(path: str | Path, hf_config: dict[str, Any]) -> None:
+    """Refuse (before any model is built) a checkpoint whose architecture differs from ``hf_config``."""
+    ckpt_cfg = load_hf_config(Path(path) / "config.json")
+    diff = architecture_diff(ckpt_cfg, hf_config)
+    if diff:
+        raise CheckpointMismatch(f"{path}: checkpoint config.json disagrees with the recipe's model: " + "; ".join(diff))
+
+
+def save_checkpoint(model: torch.nn.Module, path: str | Path, hf_config: dict[str, Any], iteration: int = 0,
+                    parallel: dict[str, Any] | None = None, extra: dict[str, Any] | None = None) -> Path:
+    """Collective: every rank calls it with its model chunk."""
+    from megatron.core import dist_checkpointing
+
+    p = Path(path)
+    rank0 = not dist.is_initialized() or dist.get_rank() == 0
+    if rank0:
+        (p / "dist").mkdir(parents=True, exist_ok=True)
+    if dist.is_initialized():
+        dist.barrier()
+    dist_checkpointing.save(model.sharded_state_dict(), str(p / "dist"))
+    if rank0:
+        (p / "config.json").write_text(json.dumps(hf_config, indent=2, sort_keys=True) + "\n")
+        meta = {"format": FORMAT, "iteration": iteration, "parallel": parallel or {}, **(extra or {})}
+        (p / "megatron_ring.json").write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
+    if dist.is_initialized():
+        dist.barrier()
+    return p
+
+
+def load_checkpoint(model: torch.nn.Module, path: str | Path, hf_config: dict[str, Any] | None = None,
+                    strict: bool = True) -> dict[str, Any]:
+    """Collective: load a dist checkpoint into this rank's model chunk (any TP/PP/EP layout)."""
+    from megatron.core import dist_checkpointing
+
+    meta = read_meta(path)
+    if meta.get("format") != FORMAT:
+        raise ValueError(f"{path}: unknown checkpoint format {meta.get('format')!r} (want {FORMAT})")
+    if hf_config is not None:
+        check_compatible(path, hf_config)
+    state = dist_checkpointing.load(model.sharded_state_dict(), str(Path(path) / "dist"))
+    model.load_state_dict(state, strict=strict)
+    return meta

@@ -1,0 +1,211 @@
+"""HF (Bailing) <-> megatron-core names and layouts, on full (unsharded) tensors.
+
+The HF side is exactly the set of names SGLang's ``bailing_moe`` loader reads (it silently skips
+unknown names, so a misspelled export would serve a random model): see ``expected_hf_shapes``.
+Layout changes: the fused QKV is [Q_all; K_all; V_all] in HF and interleaved per query group in
+megatron ([q_g; k_g; v_g] for each group g); megatron's SwiGLU ``linear_fc1`` is [gate; up].
+"""
+from __future__ import annotations
+
+import re
+from typing import Any
+
+import torch
+
+from ..model.hf_config import ConfigNotSupported
+
+
+class ConversionError(ValueError):
+    """A checkpoint that does not account for every tensor, or disagrees with its config."""
+
+
+def _dims(cfg: dict[str, Any]):
+    H, G = cfg["num_attention_heads"], cfg.get("num_key_value_heads") or cfg["num_attention_heads"]
+    D = cfg.get("head_dim") or cfg["hidden_size"] // H
+    return H, G, D
+
+
+def check_convertible(cfg: dict[str, Any]) -> None:
+    if cfg.get("model_type") != "bailing_moe":
+        raise ConfigNotSupported(f"not supported yet: weight conversion for model_type={cfg.get('model_type')!r} "
+                                 "(bailing_moe_v2 adds expert_bias, query/key_layernorm and MTP weights)")
+    for f in ("use_qkv_bias", "use_bias"):
+        if cfg.get(f):
+            raise ConfigNotSupported(f"not supported yet: {f}=True in weight conversion")
+    if cfg.get("tie_word_embeddings"):
+        raise ConfigNotSupported("not supported yet: tie_word_embeddings=True")
+
+
+def expected_hf_shapes(cfg: dict[str, Any]) -> dict[str, tuple[int, ...]]:
+    """Every tensor name (and shape) of a Bailing v1 HF checkpoint for this config."""
+    check_convertible(cfg)
+    h, V, L = cfg["hidden_size"], cfg["vocab_size"], cfg["num_hidden_layers"]
+    H, G, D = _dims(cfg)
+    E, m = cfg["num_experts"], cfg["moe_intermediate_size"]
+    S = int(cfg.get("num_shared_experts") or 0)
+    k_dense = int(cfg.get("first_k_dense_replace") or 0)
+    out: dict[str, tuple[int, ...]] = {"model.word_embeddings.weight": (V, h)}
+    for i in range(L):
+        p = f"model.layers.{i}."
+        out[p + "input_layernorm.weight"] = (h,)
+        out[p + "attention.query_key_value.weight"] = ((H + 2 * G) * D, h)
+        out[p + "attention.dense.weight"] = (h, H * D)
+        out[p + "post_attention_layernorm.weight"] = (h,)
+        if i < k_dense:
+            f = cfg["intermediate_size"]
+            out.update({p + "mlp.gate_proj.weight": (f, h), p + "mlp.up_proj.weight": (f, h),
+                        p + "mlp.down_proj.weight": (h, f)})
+            continue
+        out[p + "mlp.gate.weight"] = (E, h)
+        for e in range(E):
+            q = f"{p}mlp.experts.{e}."
+            out.update({q + "gate_proj.weight": (m, h), q + "up_proj.weight": (m, h), q + "down_proj.weight": (h, m)})
+        if S:
+            q = p + "mlp.shared_experts."
+            out.update({q + "gate_proj.weight": (S * m, h), q + "up_proj.weight": (S * m, h),
+                        q + "down_proj.weight": (h, S * m)})
+    out["model.norm.weight"] = (h,)
+    out["lm_head.weight"] = (V, h)
+    return out
+
+
+def qkv_hf_to_mcore(w: torch.Tensor, H: int, G: int, D: int) -> torch.Tensor:
+    q, k, v = w.split([H * D, G * D, G * D])
+    per = H // G
+    return torch.cat([q.reshape(G, per * D, -1), k.reshape(G, D, -1), v.reshape(G, D, -1)], 1).reshape(w.shape)
+
+
+def qkv_mcore_to_hf(w: torch.Tensor, H: int, G: int, D: int) -> torch.Tensor:
+    per = H // G
+    g = w.reshape(G, (per + 2) * D, -1)
+    q, k, v = g.split([per * D, D, D], dim=1)
+    return torch.cat([q.reshape(H * D, -1), k.reshape(G * D, -1), v.reshape(G * D, -1)]).reshape(w.shape)
+
+
+# Names of the megatron *local* spec; the TE spec fuses norms into the following linear.
+TE_ALIASES = {
+    "self_attention.linear_qkv.layer_norm_weight": "input_layernorm.weight",
+    "mlp.linear_fc1.layer_norm_weight": "pre_mlp_layernorm.weight",
+}
+
+_LAYER = re.compile(r"^model\.layers\.(\d+)\.(.*)$")
+
+
+def hf_to_mcore(hf: dict[str, torch.Tensor], cfg: dict[str, Any]) -> dict[str, torch.Tensor]:
+    """Full HF state -> full megatron state (TP1/PP1/EP1 names). Every HF tensor must be used once,
+    and every expected one must be present with its expected shape."""
+    verify_hf_state(hf, cfg)
+    H, G, D = _dims(cfg)
+    out = {"embedding.word_embeddings.weight": hf["model.word_embeddings.weight"],
+           "decoder.final_layernorm.weight": hf["model.norm.weight"],
+           "output_layer.weight": hf["lm_head.weight"]}
+    k_dense = int(cfg.get("first_k_dense_replace") or 0)
+    for i in range(cfg["num_hidden_layers"]):
+        p, d = f"model.layers.{i}.", f"decoder.layers.{i}."
+        out[d + "input_layernorm.weight"] = hf[p + "input_layernorm.weight"]
+        out[d + "self_attention.linear_qkv.weight"] = qkv_hf_to_mcore(hf[p + "attention.query_key_value.weight"], H, G, D)
+        out[d + "self_attention.linear_proj.weight"] = hf[p + "attention.dense.weight"]
+        out[d + "pre_mlp_layernorm.weight"] = hf[p + "post_attention_layernorm.weight"]
+        if i < k_dense:
+            _put_mlp(out, d + "mlp.", hf, p + "mlp.")
+            continue
+        out[d + "mlp.router.weight"] = hf[p + "mlp.gate.weight"]
+        for e in range(cfg["num_experts"]):
+            _put_mlp(out, f"{d}mlp.experts.local_experts.{e}.", hf, f"{p}mlp.experts.{e}.")
+        if cfg.get("num_shared_experts"):
+            _put_mlp(out, d + "mlp.shared_experts.", hf, p + "mlp.shared_experts.")
+    return out
+
+
+def _put_mlp(out, dst, hf, src):
+    out[dst + "linear_fc1.weight"] = torch.cat([hf[src + "gate_proj.weight"], hf[src + "up_proj.weight"]])
+    out[dst + "linear_fc2.weight"] = hf[src + "down_proj.weight"]
+
+
+def mcore_to_hf(mc: dict[str, torch.Tensor], cfg: dict[str, Any]) -> dict[str, torch.Tensor]:
+    """Full megatron state -> HF state; refuses unless every megatron tensor is consumed exactly."""
+    check_convertible(cfg)
+    H, G, D = _dims(cfg)
+    mc = {_canonical(k): v for k, v in mc.items()}
+    used: set[str] = set()
+
+    def take(name):
+        if name not in mc:
+            raise ConversionError(f"megatron checkpoint is missing tensor '{name}'")
+        used.add(name)
+        return mc[name]
+
+    out = {"model.word_embeddings.weight": take("embedding.word_embeddings.weight"),
+           "model.norm.weight": take("decoder.final_layernorm.weight"),
+           "lm_head.weight": take("output_layer.weight")}
+    k_dense = int(cfg.get("first_k_dense_replace") or 0)
+    for i in range(cfg["num_hidden_layers"]):
+        p, d = f"model.layers.{i}.", f"decoder.layers.{i}."
+        out[p + "input_layernorm.weight"] = take(d + "input_layernorm.weight")
+        out[p + "attention.query_key_value.weight"] = qkv_mcore_to_hf(take(d + "self_attention.linear_qkv.weight"), H, G, D)
+        out[p + "attention.dense.weight"] = take(d + "self_attention.linear_proj.weight")
+        out[p + "post_attention_layernorm.weight"] = take(d + "pre_mlp_layernorm.weight")
+        if i < k_dense:
+            _get_mlp(out, p + "mlp.", take, d + "mlp.")
+            continue
+        out[p + "mlp.gate.weight"] = take(d + "mlp.router.weight")
+        for e in range(cfg["num_experts"]):
+            _get_mlp(out, f"{p}mlp.experts.{e}.", take, f"{d}mlp.experts.local_experts.{e}.")
+        if cfg.get("num_shared_experts"):
+            _get_mlp(out, p + "mlp.shared_experts.", take, d + "mlp.shared_experts.")
+    left = sorted(set(mc) - used)
+    if left:
+        raise ConversionError(f"{len(left)} megatron tensor(s) have no HF counterpart, e.g. {left[:5]}")
+    verify_hf_state(out, cfg)
+    return out
+
+
+def _get_mlp(out, dst, take, src):
+    gate, up = take(src + "linear_fc1.weight").chunk(2)
+    out[dst + "gate_proj.weight"], out[dst + "up_proj.weight"] = gate.contiguous(), up.contiguous()
+    out[dst + "down_proj.weight"] = take(src + "linear_fc2.weight")
+
+
+def _canonical(name: str) -> str:
+    for te, local in TE_ALIASES.items():
+        if name.endswith(te):
+            return name[: -len(te)] + local
+    return name
+
+
+def verify_hf_state(hf: dict[str, torch.Tensor], cfg: dict[str, Any]) -> None:
+    """Every expected tensor present with the shape the config implies; nothing unexpected."""
+    want = expected_hf_shapes(cfg)
+    missing = sorted(set(want) - set(hf), key=_natural)
+    unexpected = sorted(set(hf) - set(want), key=_natural)
+    problems = []
+    if missing:
+        problems.append(f"missing {len(missing)} tensor(s): {missing[:8]}")
+    if unexpected:
+        problems.append(f"unexpected {len(unexpected)} tensor(s) not implied by config.json: {unexpected[:8]}")
+    for name in sorted(set(want) & set(hf), key=_natural):
+        if tuple(hf[name].shape) != want[name]:
+            problems.append(f"tensor '{name}' has shape {tuple(hf[name].shape)} but config.json implies "
+                            f"{want[name]} ({_fields_for(name)})")
+            if len(problems) > 8:
+                break
+    if problems:
+        raise ConversionError("checkpoint does not match its config: " + "; ".join(problems))
+
+
+def _fields_for(name: str) -> str:
+    if "query_key_value" in name:
+        return "num_attention_heads, num_key_value_heads, head_dim, hidden_size"
+    if "experts" in name and "shared" not in name:
+        return "moe_intermediate_size, hidden_size"
+    if "shared_experts" in name:
+        return "num_shared_experts, moe_intermediate_size, hidden_size"
+    if "gate.weight" in name:
+        return "num_experts, hidden_size"
+    if "word_embeddings" in name or "lm_head" in name:
+        return "vocab_size, hidden_size"
+    return "hidden_size"
+
+
+def _natural(s: str):
+    return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", s)]
