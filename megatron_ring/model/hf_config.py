@@ -124,6 +124,8 @@ def map_hf_config(hf: dict[str, Any]) -> MappedConfig:
     tc.setdefault("num_query_groups", hf["num_attention_heads"])
     tc.setdefault("ffn_hidden_size", 4 * hf["hidden_size"])
     tc.setdefault("layernorm_epsilon", 1e-5)
+    tc.setdefault("attention_dropout", 0.0)  # Bailing defaults (megatron's own default is 0.1)
+    tc.setdefault("hidden_dropout", 0.0)
     tc.update(normalization="RMSNorm", gated_linear_unit=True, add_bias_linear=bool(hf.get("use_bias", False)),
               moe_router_dtype="fp32", moe_grouped_gemm=False)
     n_shared = int(hf.get("num_shared_experts") or 0)

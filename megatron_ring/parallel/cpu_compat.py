@@ -37,6 +37,7 @@ def enable(force: bool = False) -> bool:
     _patch_device_literals()
     _patch_torch_norm_sequence_parallel()
     _patch_all_to_all_split_sizes()
+    _patch_tensor_type_strings()
     _ENABLED = True
     return True
 
@@ -197,3 +198,19 @@ def _patch_all_to_all_split_sizes() -> None:
 
     dist.all_to_all_single = all_to_all_single
     _record("alltoall: split sizes -> list[int] for gloo all_to_all_single")
+
+
+def _patch_tensor_type_strings() -> None:
+    """Optimizers and clip_grads assert ``param.type() == 'torch.cuda.FloatTensor'`` (and Half/BFloat16).
+    ``Tensor.type()`` *without arguments* answers with the CUDA type name for CPU tensors; calls with
+    a dtype argument (conversions) are untouched."""
+    orig = torch.Tensor.type
+
+    def type_(self, dtype=None, non_blocking=False, **kwargs):
+        if dtype is None and not kwargs:
+            name = orig(self)
+            return name.replace("torch.", "torch.cuda.", 1) if name.startswith("torch.") and ".cuda." not in name else name
+        return orig(self, dtype, non_blocking, **kwargs)
+
+    torch.Tensor.type = type_
+    _record("type strings: Tensor.type() reports torch.cuda.<T>Tensor for CPU tensors")

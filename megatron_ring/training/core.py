@@ -1,0 +1,94 @@
+"""The megatron-core training step shared by SFT and RL: DDP wrapping, the megatron optimizer, and
+one global step over micro-batches with a per-token loss averaged over the whole global batch
+(the same result whatever the DP / micro-batch split)."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Iterable
+
+import torch
+from megatron.core import parallel_state as ps
+from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
+from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+from megatron.core.pipeline_parallel import get_forward_backward_func
+
+from ..model.inference import position_ids_for
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 1e-3
+    min_lr: float = 0.0
+    weight_decay: float = 0.1
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.95
+    adam_eps: float = 1e-8
+    clip_grad: float = 1.0
+    use_distributed_optimizer: bool = False
+
+
+def wrap_ddp(model: torch.nn.Module, use_distributed_optimizer: bool = False) -> DistributedDataParallel:
+    cfg = model.config
+    # before DDP is built: with per-token losses DDP must sum (not average) gradients over DP
+    cfg.finalize_model_grads_func = finalize_model_grads
+    cfg.calculate_per_token_loss = True
+    ddp = DistributedDataParallel(
+        cfg, DistributedDataParallelConfig(grad_reduce_in_fp32=True, overlap_grad_reduce=False,
+                                           use_distributed_optimizer=use_distributed_optimizer,
+                                           check_for_nan_in_grad=True),
+        module=model)
+    return ddp
+
+
+def build_optimizer(chunks: list[torch.nn.Module], oc: OptimConfig):
+    cfg = chunks[0].config
+    return get_megatron_optimizer(
+        OptimizerConfig(optimizer="adam", lr=oc.lr, min_lr=oc.min_lr, weight_decay=oc.weight_decay,
+                        adam_beta1=oc.adam_beta1, adam_beta2=oc.adam_beta2, adam_eps=oc.adam_eps,
+                        clip_grad=oc.clip_grad, bf16=cfg.bf16, fp16=cfg.fp16, params_dtype=cfg.params_dtype,
+                        use_distributed_optimizer=oc.use_distributed_optimizer),
+        chunks)
+
+
+def lm_loss_func(loss_mask: torch.Tensor):
+    """Per-token LM loss summed over the micro-batch, with its token count: megatron divides by the
+    total count over all micro-batches and DP ranks (``calculate_per_token_loss``)."""
+
+    def loss_func(output_tensor: torch.Tensor):
+        mask = loss_mask.float()
+        total = (output_tensor.float() * mask).sum()
+        n = mask.sum().to(torch.int)
+        return total, n, {"lm loss": torch.stack([total.detach(), mask.sum().detach()])}
+
+    return loss_func
+
+
+def lm_forward_step(data_iter, model):
+    batch = next(data_iter)
+    tokens, labels, loss_mask = batch["tokens"], batch["labels"], batch["loss_mask"]
+    out = model(tokens, batch.get("position_ids", position_ids_for(tokens)), batch.get("attention_mask"),
+                labels=labels, packed_seq_params=batch.get("packed_seq_params"))
+    return out, lm_loss_func(loss_mask)
+
+
+def train_step(chunks: list[torch.nn.Module], optimizer, micro_batches: Iterable[dict], num_microbatches: int,
+               seq_length: int, micro_batch_size: int, forward_step: Callable = lm_forward_step) -> dict:
+    """One optimizer step. Returns {'loss': global token-mean loss, 'grad_norm', 'tokens'}."""
+    for c in chunks:
+        c.zero_grad_buffer()
+    optimizer.zero_grad()
+    stats = get_forward_backward_func()(
+        forward_step_func=forward_step, data_iterator=iter(micro_batches), model=chunks,
+        num_microbatches=num_microbatches, seq_length=seq_length, micro_batch_size=micro_batch_size,
+        forward_only=False)
+    update_ok, grad_norm, _ = optimizer.step()
+    loss = torch.zeros(2)
+    if ps.is_pipeline_last_stage(ignore_virtual=True):
+        for s in stats:
+            loss += s["lm loss"].float().cpu()
+    # make the loss visible on every rank: sum over DP (tokens differ per rank), broadcast over PP
+    torch.distributed.all_reduce(loss, group=ps.get_data_parallel_group())
+    if ps.get_pipeline_model_parallel_world_size() > 1:
+        torch.distributed.all_reduce(loss, group=ps.get_pipeline_model_parallel_group())
+    return {"loss": (loss[0] / loss[1].clamp(min=1)).item(), "tokens": int(loss[1].item()),
+            "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"), "update_ok": bool(update_ok)}

@@ -1,0 +1,62 @@
+"""Run under torchrun: load a dist checkpoint at a layout, run N optimizer steps on a fixed global
+batch, write the per-step losses and grad norms (rank 0)."""
+import argparse
+import json
+
+import torch
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--ckpt", required=True)
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--tp", type=int, default=1)
+    ap.add_argument("--pp", type=int, default=1)
+    ap.add_argument("--ep", type=int, default=1)
+    ap.add_argument("--steps", type=int, default=2)
+    ap.add_argument("--global-batch", type=int, default=4)
+    ap.add_argument("--micro-batch", type=int, default=2)
+    ap.add_argument("--seq", type=int, default=32)
+    a = ap.parse_args()
+
+    import torch.distributed as dist
+    from megatron.core import parallel_state as ps
+
+    from megatron_ring.checkpoint import load_checkpoint
+    from megatron_ring.config.recipe import MoELossConfig, ParallelConfig, PrecisionConfig, Recipe
+    from megatron_ring.model.build import build_model
+    from megatron_ring.model.hf_config import load_hf_config
+    from megatron_ring.parallel.dist import init_distributed
+    from megatron_ring.training.core import OptimConfig, build_optimizer, train_step, wrap_ddp
+
+    cfg = load_hf_config(a.ckpt)
+    recipe = Recipe(name="t", hf_config=cfg, precision=PrecisionConfig(transformer_impl="local"),
+                    moe=MoELossConfig(moe_aux_loss_coeff=1e-2, moe_z_loss_coeff=1e-3),
+                    parallel=ParallelConfig(tensor_model_parallel_size=a.tp, pipeline_model_parallel_size=a.pp,
+                                            expert_model_parallel_size=a.ep))
+    init_distributed(recipe.parallel, seed=7)
+    model = build_model(recipe)
+    load_checkpoint(model, a.ckpt, cfg)
+    ddp = wrap_ddp(model)
+    opt = build_optimizer([ddp], OptimConfig(lr=1e-3))
+
+    g = torch.Generator().manual_seed(5)
+    tokens = torch.randint(2, cfg["vocab_size"], (a.global_batch, a.seq + 1), generator=g)
+    mask = torch.ones(a.global_batch, a.seq)
+    mask[:, : a.seq // 4] = 0  # a prompt part without loss
+    dp, dpr = ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
+    per_rank = a.global_batch // dp
+    rows = slice(dpr * per_rank, (dpr + 1) * per_rank)
+    mbs = [{"tokens": tokens[rows][i:i + a.micro_batch, :-1], "labels": tokens[rows][i:i + a.micro_batch, 1:],
+            "loss_mask": mask[rows][i:i + a.micro_batch]} for i in range(0, per_rank, a.micro_batch)]
+    hist = []
+    for _ in range(a.steps):
+        hist.append(train_step([ddp], opt, list(mbs), len(mbs), a.seq, a.micro_batch))
+    if dist.get_rank() == 0:
+        with open(a.out, "w") as f:
+            json.dump({"steps": hist, "dp": dp}, f)
+    dist.barrier()
+
+
+if __name__ == "__main__":
+    main()
