@@ -40,7 +40,9 @@ def read_hf_state(path: str | Path) -> dict[str, torch.Tensor]:
 def hf_export_config(cfg: dict[str, Any], dtype: torch.dtype) -> dict[str, Any]:
     out = dict(cfg)
     out.update(model_type="bailing_moe", architectures=["BailingMoeForCausalLM"], auto_map=dict(AUTO_MAP),
-               torch_dtype=str(dtype).replace("torch.", ""))
+               torch_dtype=str(dtype).replace("torch.", ""),
+               # SGLang runs the gate in this dtype; megatron trains an fp32 router
+               router_dtype="fp32")
     out.setdefault("head_dim", cfg["hidden_size"] // cfg["num_attention_heads"])
     return out
 

@@ -63,14 +63,13 @@ METADATA = {
     "max_window_layers", "sliding_window", "_name_or_path", "norm_softmax", "use_rmsnorm",
     "num_nextn_predict_layers_loss_weight", "mtp_loss_scaling_factor", "router_dtype",
     "output_attentions", "output_hidden_states", "return_dict", "is_encoder_decoder",
-    "multi_gate", "moe_router_enable_expert_bias", "rope_parameters", "layer_types",
+    "multi_gate", "rope_parameters", "layer_types",
     "max_seq_len", "tokenizer_class", "use_return_dict", "chunk_size_feed_forward",
 }
 
 # Fields interpreted by code below (not a plain copy).
 HANDLED = {"num_shared_experts", "first_k_dense_replace", "norm_topk_prob", "norm_head",
-           "score_function", "num_nextn_predict_layers", "moe_router_enable_expert_bias",
-           "router_dtype"}
+           "score_function", "num_nextn_predict_layers", "moe_router_enable_expert_bias"}
 
 
 class ConfigNotSupported(ValueError):
@@ -160,8 +159,23 @@ def map_hf_config(hf: dict[str, Any]) -> MappedConfig:
                         hf=dict(hf))
 
 
+# Settings that change training behaviour but not the network (and so not the checkpoint).
+NON_ARCHITECTURAL = {"attention_dropout", "hidden_dropout", "init_method_std", "max_sequence_length"}
+_HF_NAME = {**{v: k for k, v in DIRECT.items()}, **{v: k for k, v in MODEL_ARGS.items()},
+            "moe_shared_expert_intermediate_size": "num_shared_experts", "moe_layer_freq": "first_k_dense_replace",
+            "moe_router_pre_softmax": "norm_topk_prob", "moe_router_score_function": "score_function",
+            "mtp_num_layers": "num_nextn_predict_layers", "norm_head": "norm_head", "model_type": "model_type"}
+
+
 def architecture_diff(a: dict[str, Any], b: dict[str, Any]) -> list[str]:
-    """Fields (by HF name) where two configs would build different networks; [] when compatible."""
-    keys = (set(DIRECT) | set(MODEL_ARGS) | HANDLED | set(REQUIRED_VALUES) | {"model_type"}) - {
-        "attention_dropout", "output_dropout", "max_position_embeddings", "initializer_range"}
-    return [f"{k}: {a.get(k)!r} != {b.get(k)!r}" for k in sorted(keys) if a.get(k) != b.get(k)]
+    """Where two HF configs build different networks (compared after mapping, so defaults and
+    spellings do not matter); [] when a checkpoint of one loads into the other."""
+    ma, mb = map_hf_config(a), map_hf_config(b)
+    fa = {**ma.transformer, **ma.model, "norm_head": ma.norm_head, "model_type": ma.model_type}
+    fb = {**mb.transformer, **mb.model, "norm_head": mb.norm_head, "model_type": mb.model_type}
+    out = []
+    for k in sorted((set(fa) | set(fb)) - NON_ARCHITECTURAL):
+        if fa.get(k) != fb.get(k):
+            hf = _HF_NAME.get(k, k)
+            out.append(f"{hf}: {a.get(hf)!r} != {b.get(hf)!r} (megatron {k}: {fa.get(k)!r} != {fb.get(k)!r})")
+    return out

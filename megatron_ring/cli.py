@@ -1,0 +1,91 @@
+"""``megatron-ring`` command line."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+
+def _cmd_recipes(a):
+    from .config import list_recipes, load_recipe
+
+    if a.name:
+        print(json.dumps(load_recipe(a.name).to_dict(), indent=2))
+    else:
+        print("\n".join(list_recipes()))
+
+
+def _cmd_init(a):
+    from .init_model import init_hf_checkpoint
+
+    print(init_hf_checkpoint(a.out, a.recipe, a.seed))
+
+
+def _cmd_convert(a):
+    from .convert.run import hf_to_mcore_checkpoint, mcore_to_hf_checkpoint
+
+    if a.direction == "hf-to-mcore":
+        out = hf_to_mcore_checkpoint(a.hf, a.out, dtype=a.dtype or "fp32")
+    else:
+        out = mcore_to_hf_checkpoint(a.ckpt, a.out, tokenizer_dir=a.tokenizer, dtype=a.dtype)
+    print(f"wrote {out}")
+
+
+def _cmd_check_hf(a):
+    from .convert.hf_io import read_hf_state
+    from .convert.mapping import verify_hf_state
+    from .model.hf_config import load_hf_config, map_hf_config
+
+    cfg = load_hf_config(a.path)
+    map_hf_config(cfg)
+    state = read_hf_state(a.path)
+    verify_hf_state(state, cfg)
+    print(f"{a.path}: {len(state)} tensors, exactly the set SGLang's bailing_moe loader reads")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="megatron-ring", description=__doc__)
+    sub = p.add_subparsers(dest="cmd", required=True)
+
+    s = sub.add_parser("recipes", help="list recipes, or print one")
+    s.add_argument("name", nargs="?")
+    s.set_defaults(fn=_cmd_recipes)
+
+    s = sub.add_parser("init", help="write a randomly initialised HF checkpoint (+ tokenizer) for a recipe")
+    s.add_argument("--recipe", default="tiny")
+    s.add_argument("--out", required=True)
+    s.add_argument("--seed", type=int, default=0)
+    s.set_defaults(fn=_cmd_init)
+
+    s = sub.add_parser("convert", help="HF safetensors <-> megatron-core dist checkpoint")
+    s.add_argument("direction", choices=["hf-to-mcore", "mcore-to-hf"])
+    s.add_argument("--hf", help="HF checkpoint folder (hf-to-mcore)")
+    s.add_argument("--ckpt", help="megatron-ring checkpoint folder (mcore-to-hf)")
+    s.add_argument("--out", required=True)
+    s.add_argument("--tokenizer", help="tokenizer folder to ship with the export")
+    s.add_argument("--dtype", choices=["fp32", "bf16", "fp16"])
+    s.set_defaults(fn=_cmd_convert)
+
+    s = sub.add_parser("check-hf", help="verify a HF folder holds exactly the tensors its config implies")
+    s.add_argument("path")
+    s.set_defaults(fn=_cmd_check_hf)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    a = build_parser().parse_args(argv)
+    if a.cmd == "convert":
+        need = "hf" if a.direction == "hf-to-mcore" else "ckpt"
+        if getattr(a, need) is None:
+            print(f"megatron-ring convert {a.direction}: --{need} is required", file=sys.stderr)
+            return 2
+    try:
+        a.fn(a)
+    except (ValueError, FileNotFoundError, NotImplementedError) as e:
+        print(f"megatron-ring {a.cmd}: error: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
