@@ -1,0 +1,68 @@
+"""The HF model code for exported checkpoints (transformers >= 5): cache, NormHead, router."""
+import torch
+
+from megatron_ring.config import load_recipe
+from megatron_ring.hf.configuration_bailing_moe import BailingMoeConfig
+from megatron_ring.hf.modeling_bailing_moe import BailingMoeForCausalLM
+
+
+def _model(seed=0, **over):
+    torch.manual_seed(seed)
+    return BailingMoeForCausalLM(BailingMoeConfig(**dict(load_recipe("tiny").hf_config, **over))).eval()
+
+
+def test_kv_cache_matches_full_forward():
+    m = _model()
+    x = torch.randint(6, 512, (2, 20))
+    with torch.no_grad():
+        full = m(x, use_cache=False).logits
+        a = m(x[:, :12])
+        b = m(x[:, 12:], past_key_values=a.past_key_values)
+    assert (torch.cat([a.logits, b.logits], 1) - full).abs().max() < 1e-5
+
+
+def test_generate_greedy_equals_argmax_loop():
+    m = _model(1)
+    x = torch.randint(6, 512, (1, 5))
+    with torch.no_grad():
+        g = m.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=6, do_sample=False,
+                       min_new_tokens=6, pad_token_id=1)
+        seq = x
+        for _ in range(6):
+            seq = torch.cat([seq, m(seq, use_cache=False).logits[:, -1:].argmax(-1)], 1)
+    assert torch.equal(g, seq)
+
+
+def test_left_padding_gives_same_logits():
+    m = _model(2)
+    x = torch.randint(6, 512, (1, 8))
+    padded = torch.cat([torch.ones(1, 3, dtype=torch.long), x], 1)
+    mask = torch.cat([torch.zeros(1, 3, dtype=torch.long), torch.ones(1, 8, dtype=torch.long)], 1)
+    with torch.no_grad():
+        ref = m(x, use_cache=False).logits
+        out = m(padded, attention_mask=mask, use_cache=False).logits[:, 3:]
+    assert (out - ref).abs().max() < 1e-5
+
+
+def test_norm_head_is_invariant_to_column_scale():
+    """logits = h · (W / ||W||_vocab)^T: scaling a hidden column of lm_head changes nothing."""
+    m = _model(3)
+    x = torch.randint(6, 512, (1, 10))
+    with torch.no_grad():
+        ref = m(x, use_cache=False).logits
+        m.lm_head.weight[:, 5] *= 7.0
+        out = m(x, use_cache=False).logits
+        m.config.norm_head = False
+        plain = m(x, use_cache=False).logits
+    assert (out - ref).abs().max() < 1e-5
+    assert (plain - ref).abs().max() > 1e-2
+
+
+def test_router_renormalises_top_k_in_fp32():
+    m = _model(4)
+    gate = m.model.layers[0].mlp.gate
+    h = torch.randn(7, 128)
+    idx, w, logits = gate(h)
+    assert logits.dtype == torch.float32 and w.shape == (7, 2)
+    assert torch.allclose(w.sum(-1), torch.ones(7))
+    assert torch.equal(idx, logits.topk(2, dim=-1).indices)
