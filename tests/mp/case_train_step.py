@@ -17,6 +17,7 @@ def main():
     ap.add_argument("--global-batch", type=int, default=4)
     ap.add_argument("--micro-batch", type=int, default=2)
     ap.add_argument("--seq", type=int, default=32)
+    ap.add_argument("--save", help="save the trained model as a dist checkpoint here")
     a = ap.parse_args()
 
     import torch.distributed as dist
@@ -52,6 +53,10 @@ def main():
     hist = []
     for _ in range(a.steps):
         hist.append(train_step([ddp], opt, list(mbs), len(mbs), a.seq, a.micro_batch))
+    if a.save:
+        from megatron_ring.checkpoint import save_checkpoint
+
+        save_checkpoint(model, a.save, cfg, iteration=a.steps, parallel=vars(recipe.parallel))
     if dist.get_rank() == 0:
         with open(a.out, "w") as f:
             json.dump({"steps": hist, "dp": dp}, f)
