@@ -43,6 +43,14 @@ def _cmd_check_hf(a):
     print(f"{a.path}: {len(state)} tensors, exactly the set SGLang's bailing_moe loader reads")
 
 
+def _cmd_verify(a):
+    from .convert.verify import verify
+
+    r = verify(a.hf, a.ckpt, a.tp, a.pp, a.ep, a.dispatcher, a.greedy, a.out)
+    if r and not r["ok"]:
+        raise ValueError(f"megatron and HF disagree: max abs diff {r['max_abs_diff']:.3g}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="megatron-ring", description=__doc__)
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -65,6 +73,17 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--tokenizer", help="tokenizer folder to ship with the export")
     s.add_argument("--dtype", choices=["fp32", "bf16", "fp16"])
     s.set_defaults(fn=_cmd_convert)
+
+    s = sub.add_parser("verify", help="(under torchrun) megatron at a layout vs HF on the same weights")
+    s.add_argument("--hf", required=True)
+    s.add_argument("--ckpt", required=True)
+    s.add_argument("--tp", type=int, default=1)
+    s.add_argument("--pp", type=int, default=1)
+    s.add_argument("--ep", type=int, default=1)
+    s.add_argument("--dispatcher", choices=["alltoall", "allgather"], default="alltoall")
+    s.add_argument("--greedy", type=int, default=0, help="also compare N greedy tokens")
+    s.add_argument("--out", help="write the JSON report here")
+    s.set_defaults(fn=_cmd_verify)
 
     s = sub.add_parser("check-hf", help="verify a HF folder holds exactly the tensors its config implies")
     s.add_argument("path")
