@@ -53,11 +53,15 @@ def verify(hf_dir: str, ckpt: str, tp: int = 1, pp: int = 1, ep: int = 1, dispat
                                  min_new_tokens=greedy, do_sample=False, pad_token_id=cfg.get("pad_token_id"))
             report.update(greedy_megatron=mg.tolist(), greedy_hf=hg.tolist(),
                           greedy_equal=mg.tolist() == hg.tolist())
-    if report:
+    from megatron.core import parallel_state as ps
+
+    if report and ps.get_tensor_model_parallel_rank() == 0 and ps.get_data_parallel_rank() == 0:
         report["ok"] = report["max_abs_diff"] <= tol and report.get("greedy_equal", True)
         print(json.dumps({k: v for k, v in report.items() if not k.startswith("greedy_") or k == "greedy_equal"}))
         if out:
             with open(out, "w") as f:
                 json.dump(report, f)
     dist.barrier()
+    if report and "ok" not in report:
+        report["ok"] = report["max_abs_diff"] <= tol and report.get("greedy_equal", True)
     return report
