@@ -32,6 +32,14 @@ class ParallelConfig:
             return self.expert_tensor_parallel_size
         return 1 if self.expert_model_parallel_size > 1 else self.tensor_model_parallel_size
 
+    def sizes(self) -> dict[str, int]:
+        """The group sizes, named as both ``initialize_model_parallel`` and ``TransformerConfig`` name them."""
+        return dict(tensor_model_parallel_size=self.tensor_model_parallel_size,
+                    pipeline_model_parallel_size=self.pipeline_model_parallel_size,
+                    expert_model_parallel_size=self.expert_model_parallel_size,
+                    expert_tensor_parallel_size=self.resolved_etp(),
+                    context_parallel_size=self.context_parallel_size)
+
     def model_parallel_size(self) -> int:
         return self.tensor_model_parallel_size * self.pipeline_model_parallel_size * self.context_parallel_size
 

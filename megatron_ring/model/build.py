@@ -45,11 +45,7 @@ def transformer_config(recipe: Recipe, mapped: MappedConfig | None = None) -> Tr
     kw = dict(mapped.transformer)
     kw.update(
         activation_func=F.silu,
-        tensor_model_parallel_size=par.tensor_model_parallel_size,
-        pipeline_model_parallel_size=par.pipeline_model_parallel_size,
-        expert_model_parallel_size=par.expert_model_parallel_size,
-        expert_tensor_parallel_size=par.resolved_etp(),
-        context_parallel_size=par.context_parallel_size,
+        **par.sizes(),
         # megatron requires SP for MoE with TP > 1
         sequence_parallel=par.sequence_parallel or par.tensor_model_parallel_size > 1,
         moe_token_dispatcher_type=par.moe_token_dispatcher_type,

@@ -89,14 +89,7 @@ def init_distributed(parallel: ParallelConfig, seed: int = 1234, timeout_minutes
         raise ValueError(f"world size {env.world_size} is not divisible by TP x PP x CP = {mp} "
                          f"({parallel})")
     if not ps.model_parallel_is_initialized():
-        ps.initialize_model_parallel(
-            tensor_model_parallel_size=parallel.tensor_model_parallel_size,
-            pipeline_model_parallel_size=parallel.pipeline_model_parallel_size,
-            context_parallel_size=parallel.context_parallel_size,
-            expert_model_parallel_size=parallel.expert_model_parallel_size,
-            expert_tensor_parallel_size=parallel.resolved_etp(),
-            distributed_timeout_minutes=timeout_minutes,
-        )
+        ps.initialize_model_parallel(**parallel.sizes(), distributed_timeout_minutes=timeout_minutes)
     model_parallel_cuda_manual_seed(seed)
     torch.manual_seed(seed)
     return env
