@@ -54,6 +54,7 @@ def _cmd_verify(a):
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="megatron-ring", description=__doc__)
     sub = p.add_subparsers(dest="cmd", required=True)
+    sub.add_parser("data", help="data curation steps: megatron-ring data <step> --help (same as python -m data_tools)")
 
     s = sub.add_parser("recipes", help="list recipes, or print one")
     s.add_argument("name", nargs="?")
@@ -92,6 +93,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["data"]:  # megatron-ring data <step> ... == python -m data_tools <step> ...
+        from data_tools.__main__ import main as data_main
+
+        return data_main(argv[1:])
     a = build_parser().parse_args(argv)
     if a.cmd == "convert":
         need = "hf" if a.direction == "hf-to-mcore" else "ckpt"

@@ -26,21 +26,33 @@ CHAT_TEMPLATE = (
 )
 
 
-def _corpus(n: int = 4000, seed: int = 0):
-    """Text shaped like the embedded default domain: arithmetic with carries, linear equations,
-    short Python functions and science quantities, in the chat format."""
-    rng = random.Random(seed)
-    words = ("Let us compute step by step. First add the ones digit, carry the one, then the tens. "
-             "Solve for x: subtract from both sides and divide. The answer is \\boxed{} . Please reason "
-             "step by step, and put your final answer within \\boxed{}. def solve(n): return n * 2 + 1 "
-             "The velocity is distance over time; the force is mass times acceleration; energy in joules, "
-             "meters per second, kilograms, newtons. Check: so the result holds. Therefore").split()
-    for _ in range(n):
-        a, b = rng.randint(0, 99999), rng.randint(0, 99999)
-        text = " ".join(rng.choice(words) for _ in range(rng.randint(5, 25)))
-        yield (f"<role>HUMAN</role>What is {a} + {b}? {text}<role>ASSISTANT</role><think>{a} + {b}: "
-               f"{a % 10} + {b % 10} = {a % 10 + b % 10}, {text}</think> \\boxed{{{a + b}}}<|endoftext|>")
-        yield f"x * {rng.randint(2, 9)} + {rng.randint(0, 50)} = {rng.randint(50, 500)}; 3.14 2.5e-3 (x - 7) / 2"
+ROLE_TAGS = {"system": "<role>SYSTEM</role>", "user": "<role>HUMAN</role>", "human": "<role>HUMAN</role>",
+             "assistant": "<role>ASSISTANT</role>"}
+
+
+def chat_segments(messages: list[dict]) -> list[tuple[str, bool]]:
+    """The chat template as (text, trained) pieces: assistant content and its end-of-turn token are
+    trained (loss on), everything else is context. Concatenated, the pieces equal CHAT_TEMPLATE."""
+    out = []
+    for m in messages:
+        role = m["role"].lower()
+        out.append((ROLE_TAGS[role], False))
+        if role == "assistant":
+            out.append((m["content"] + EOS, True))
+        else:
+            out.append((m["content"], False))
+    return out
+
+
+def _corpus(n: int = 600, seed: int = 0):
+    """Chat-formatted text of the embedded default domain (data_tools.synth): arithmetic with
+    carries, linear equations, short Python programs, one-formula science."""
+    from data_tools.synth import GENERATORS, unique_items
+
+    for domain in GENERATORS:
+        for _, item in zip(range(n), unique_items(domain, seed + 10_000)):  # a seed no data split uses
+            yield "".join(t for t, _ in chat_segments([{"role": "user", "content": item["prompt"]},
+                                                       {"role": "assistant", "content": item["response"]}]))
 
 
 def build_tiny_tokenizer(vocab_size: int = 512, out_dir: str | Path | None = None, seed: int = 0):

@@ -1,0 +1,117 @@
+"""tokenize + pack: SFT rows -> chat-template token ids with the loss on assistant tokens only
+(the ``<think>`` part included), packed first-fit into fixed-length rows. Each packed row records its
+sequence lengths so the trainer can keep attention inside each sequence."""
+from __future__ import annotations
+
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+
+import pyarrow as pa
+from tqdm import tqdm
+
+from megatron_ring.tokenizer import chat_segments, load_tokenizer
+
+from .io import BATCH, Writer, iter_batches, num_rows, peak_rss_mb, removed_path, report_path, write_report
+
+PACKED_SCHEMA = pa.schema([("tokens", pa.list_(pa.int32())), ("loss_mask", pa.list_(pa.int8())),
+                           ("seq_lens", pa.list_(pa.int32())), ("ids", pa.list_(pa.string()))])
+
+
+def tokenize_chat(tok, messages: list[dict]) -> tuple[list[int], list[int]]:
+    ids, mask = [], []
+    for text, trained in chat_segments(messages):
+        piece = tok(text, add_special_tokens=False)["input_ids"]
+        ids += piece
+        mask += [int(trained)] * len(piece)
+    return ids, mask
+
+
+class Packer:
+    """First-fit packing over a bounded set of open rows (memory stays bounded)."""
+
+    def __init__(self, seq_len: int, pad_id: int, open_rows: int = 32):
+        self.seq_len, self.pad_id, self.open_rows = seq_len, pad_id, open_rows
+        self.bins: list[dict] = []
+
+    def add(self, ids, mask, rid) -> list[dict]:
+        done = []
+        for b in self.bins:
+            if b["used"] + len(ids) <= self.seq_len:
+                break
+        else:
+            b = {"tokens": [], "loss_mask": [], "seq_lens": [], "ids": [], "used": 0}
+            self.bins.append(b)
+            if len(self.bins) > self.open_rows:
+                fullest = max(self.bins[:-1], key=lambda x: x["used"])
+                self.bins.remove(fullest)
+                done.append(self._close(fullest))
+        b["tokens"] += ids
+        b["loss_mask"] += mask
+        b["seq_lens"].append(len(ids))
+        b["ids"].append(rid)
+        b["used"] += len(ids)
+        if b["used"] == self.seq_len:
+            self.bins.remove(b)
+            done.append(self._close(b))
+        return done
+
+    def flush(self) -> list[dict]:
+        out = [self._close(b) for b in self.bins]
+        self.bins = []
+        return out
+
+    def _close(self, b):
+        pad = self.seq_len - b["used"]
+        return {"tokens": b["tokens"] + [self.pad_id] * pad, "loss_mask": b["loss_mask"] + [0] * pad,
+                "seq_lens": b["seq_lens"], "ids": b["ids"]}
+
+
+def pack(src: str | Path, dst: str | Path, tokenizer: str | Path, seq_len: int = 2048, open_rows: int = 32,
+         batch_size: int = BATCH, progress: bool = True) -> dict:
+    src, dst = Path(src), Path(dst)
+    tok = load_tokenizer(tokenizer)
+    packer = Packer(seq_len, tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id, open_rows)
+    out = Writer(dst, PACKED_SCHEMA)
+    in_schema = next(iter_batches(src, 1)).schema if num_rows(src) else None
+    removed = Writer(removed_path(dst), (in_schema or pa.schema([])).append(pa.field("reason", pa.string())))
+    reasons: Counter = Counter()
+    n_in = n_packed = tokens = trained = 0
+    t0 = time.perf_counter()
+    bar = tqdm(total=num_rows(src), desc="pack", unit="seq", disable=not progress, file=sys.stderr, mininterval=1)
+    try:
+        for batch in iter_batches(src, batch_size):
+            rows, drop, done = batch.to_pylist(), [], []
+            for r in rows:
+                ids, mask = tokenize_chat(tok, r["messages"])
+                if len(ids) > seq_len:
+                    drop.append(dict(r, reason=f"too_long:{len(ids)}>{seq_len}"))
+                    reasons["too_long"] += 1
+                    continue
+                if not any(mask):
+                    drop.append(dict(r, reason="no_trained_tokens"))
+                    reasons["no_trained_tokens"] += 1
+                    continue
+                n_packed += 1
+                tokens += len(ids)
+                trained += sum(mask)
+                done += packer.add(ids, mask, r["id"])
+            n_in += len(rows)
+            out.write_rows(done)
+            removed.write_rows(drop)
+            bar.update(len(rows))
+        out.write_rows(packer.flush())
+    finally:
+        bar.close()
+        out.close()
+        removed.close()
+    secs = time.perf_counter() - t0
+    report = {"step": "pack", "input": str(src), "output": str(dst), "removed_file": str(removed_path(dst)),
+              "rows_in": n_in, "rows_kept": n_packed, "rows_removed": sum(reasons.values()),
+              "removed_by_reason": dict(reasons), "packed_rows": out.rows, "seq_len": seq_len,
+              "tokens": tokens, "trained_tokens": trained,
+              "fill": round(tokens / max(1, out.rows * seq_len), 4), "seconds": round(secs, 3),
+              "rows_per_s": round(n_in / secs, 1) if secs else None, "peak_rss_mb": round(peak_rss_mb(), 1)}
+    assert n_in == n_packed + sum(reasons.values())
+    return write_report(report_path(dst), report)
