@@ -19,13 +19,24 @@ PACKED_SCHEMA = pa.schema([("tokens", pa.list_(pa.int32())), ("loss_mask", pa.li
                            ("seq_lens", pa.list_(pa.int32())), ("ids", pa.list_(pa.string()))])
 
 
-def tokenize_chat(tok, messages: list[dict]) -> tuple[list[int], list[int]]:
-    ids, mask = [], []
-    for text, trained in chat_segments(messages):
-        piece = tok(text, add_special_tokens=False)["input_ids"]
-        ids += piece
-        mask += [int(trained)] * len(piece)
-    return ids, mask
+def tokenize_chats(tok, conversations: list[list[dict]]) -> list[tuple[list[int], list[int]]]:
+    """Token ids and loss mask per conversation; all pieces of a batch go to the tokenizer in one call."""
+    segs = [chat_segments(m) for m in conversations]
+    flat = [t for s in segs for t, _ in s]
+    fast = getattr(tok, "backend_tokenizer", None)  # the Rust tokenizer: skips per-item Python conversion
+    if fast is not None:
+        enc = [e.ids for e in fast.encode_batch(flat, add_special_tokens=False)] if flat else []
+    else:
+        enc = tok(flat, add_special_tokens=False)["input_ids"] if flat else []
+    out, k = [], 0
+    for s in segs:
+        ids, mask = [], []
+        for _, trained in s:
+            ids += enc[k]
+            mask += [int(trained)] * len(enc[k])
+            k += 1
+        out.append((ids, mask))
+    return out
 
 
 class Packer:
@@ -83,8 +94,7 @@ def pack(src: str | Path, dst: str | Path, tokenizer: str | Path, seq_len: int =
     try:
         for batch in iter_batches(src, batch_size):
             rows, drop, done = batch.to_pylist(), [], []
-            for r in rows:
-                ids, mask = tokenize_chat(tok, r["messages"])
+            for r, (ids, mask) in zip(rows, tokenize_chats(tok, [r["messages"] for r in rows])):
                 if len(ids) > seq_len:
                     drop.append(dict(r, reason=f"too_long:{len(ids)}>{seq_len}"))
                     reasons["too_long"] += 1

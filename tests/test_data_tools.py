@@ -12,7 +12,7 @@ from data_tools.difficulty import difficulty_filter
 from data_tools.filters import quality_filter
 from data_tools.ingest import ingest
 from data_tools.mix import mix
-from data_tools.pack import pack, tokenize_chat
+from data_tools.pack import pack
 from data_tools.schema import RL_SCHEMA, SFT_SCHEMA
 
 A = "Please reason step by step, and put your final answer within \\boxed{}."
