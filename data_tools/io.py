@@ -18,6 +18,15 @@ BATCH = 8192
 
 
 def peak_rss_mb() -> float:
+    """This process's peak resident memory. VmHWM, because ru_maxrss survives fork+exec: a step started
+    from a large parent would report the parent's peak."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 

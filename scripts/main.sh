@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # README command #1: set up and run the main job on the embedded default (tiny model, CPU).
 #
-# Today the main job is the Foundation pipeline end to end: a fresh tiny Ring-lite-shaped MoE and its
+# Today the main job is what exists end to end: the embedded default data through the curation pipeline,
+# then the Foundation pipeline: a fresh tiny Ring-lite-shaped MoE and its
 # tokenizer -> megatron-core dist checkpoint -> loaded at TP2+SP and EP2 on 2 gloo ranks and checked
 # against the HF model (logits, loss, greedy tokens) -> exported back to a servable HF folder ->
 # chat generation from the export. When the RL stage lands this becomes `sbatch slurm/rl_stage1.sh`.
@@ -12,6 +13,8 @@ PY=.venv/bin/python
 RUN=${RUN_DIR:-runs/tiny}
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 mkdir -p "$RUN"
+echo "== 0/5 data: the embedded default sets through the curation pipeline -> $RUN/data"
+$PY -m data_tools default "$RUN/data" | $PY -c 'import json,sys; s=json.load(sys.stdin); print(json.dumps({k: s[k] for k in ("seconds","eval_disjoint_from_training","rows","sft_packed_rows","eval_rows")}))'
 echo "== 1/5 init: random tiny model + tokenizer -> $RUN/hf_init"
 $PY -m megatron_ring.cli init --recipe tiny --out "$RUN/hf_init"
 echo "== 2/5 convert hf-to-mcore -> $RUN/mcore"
