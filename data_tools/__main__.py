@@ -18,46 +18,38 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m data_tools", description=__doc__)
     sub = p.add_subparsers(dest="step", required=True)
 
-    s = sub.add_parser("ingest", help="JSONL/Parquet/HF datasets folder -> typed Parquet + quarantine")
-    s.add_argument("src")
-    s.add_argument("dst")
+    def step(name: str, help: str):
+        s = sub.add_parser(name, help=help)
+        s.add_argument("src")
+        s.add_argument("dst")
+        return s
+
+    s = step("ingest", "JSONL/Parquet/HF datasets folder -> typed Parquet + quarantine")
     s.add_argument("--kind", choices=["sft", "rl"], required=True)
 
-    s = sub.add_parser("dedup", help="exact + MinHash-LSH near-duplicate removal")
-    s.add_argument("src")
-    s.add_argument("dst")
+    s = step("dedup", "exact + MinHash-LSH near-duplicate removal")
     s.add_argument("--no-near", action="store_true")
     s.add_argument("--threshold", type=float, default=0.8)
     s.add_argument("--num-perm", type=int, default=128)
     s.add_argument("--shingle", type=int, default=3)
 
-    s = sub.add_parser("decontaminate", help="n-gram overlap against benchmark files")
-    s.add_argument("src")
-    s.add_argument("dst")
+    s = step("decontaminate", "n-gram overlap against benchmark files")
     s.add_argument("--benchmark", action="append", required=True)
     s.add_argument("-n", type=int, default=13)
 
-    s = sub.add_parser("filter", help="quality filters (repetition, truncation, LaTeX, images, MC/TF, answerless)")
-    s.add_argument("src")
-    s.add_argument("dst")
+    s = step("filter", "quality filters (repetition, truncation, LaTeX, images, MC/TF, answerless)")
     s.add_argument("--kind", choices=["sft", "rl"], required=True)
 
-    s = sub.add_parser("difficulty", help="drop all-solved / never-solved prompts by rollout pass rate")
-    s.add_argument("src")
-    s.add_argument("dst")
+    s = step("difficulty", "drop all-solved / never-solved prompts by rollout pass rate")
     s.add_argument("--rollouts", required=True)
     s.add_argument("--drop-unrated", action="store_true")
 
-    s = sub.add_parser("mix", help="sample to domain ratios")
-    s.add_argument("src")
-    s.add_argument("dst")
+    s = step("mix", "sample to domain ratios")
     s.add_argument("--ratios", type=_ratios, help="e.g. math=64.5,code=25.5,science=9.2,other=0.8")
     s.add_argument("--total", type=int)
     s.add_argument("--seed", type=int, default=0)
 
-    s = sub.add_parser("pack", help="chat template tokenize (loss on assistant) + pack")
-    s.add_argument("src")
-    s.add_argument("dst")
+    s = step("pack", "chat template tokenize (loss on assistant) + pack")
     s.add_argument("--tokenizer", required=True)
     s.add_argument("--seq-len", type=int, default=2048)
 

@@ -14,7 +14,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from tqdm import tqdm
 
-from .io import BATCH, Writer, peak_rss_mb, report_path, write_report
+from .io import BATCH, Writer, finish_report
 from .schema import QUARANTINE_SCHEMA, SCHEMAS, VALIDATORS, BadRow
 
 
@@ -108,11 +108,4 @@ def ingest(src: str | Path, dst: str | Path, kind: str, progress: bool = True) -
         bar.close()
         out.close()
         quarantine.close()
-    secs = time.perf_counter() - t0
-    report = {"step": "ingest", "kind": kind, "input": str(src), "output": str(dst),
-              "quarantine_file": str(quarantine_path(dst)), "rows_in": n_in, "rows_kept": out.rows,
-              "rows_removed": quarantine.rows, "removed_by_reason": dict(sorted(reasons.items())),
-              "seconds": round(secs, 3), "rows_per_s": round(n_in / secs, 1) if secs else None,
-              "peak_rss_mb": round(peak_rss_mb(), 1)}
-    assert n_in == out.rows + quarantine.rows
-    return write_report(report_path(dst), report)
+    return finish_report("ingest", src, dst, quarantine_path(dst), n_in, out.rows, reasons, t0, kind=kind)

@@ -73,8 +73,19 @@ class Writer:
             self._w.close()
 
 
-def write_report(path: Path, report: dict) -> dict:
-    path.write_text(json.dumps(report, indent=2, sort_keys=True) + "\n")
+def finish_report(step: str, src, dst: Path, side_file: Path, n_in: int, n_kept: int, reasons: Counter,
+                  t0: float, **extra) -> dict:
+    """The JSON report every step writes beside its output; refuses counts that do not add up."""
+    secs = time.perf_counter() - t0
+    n_removed = sum(reasons.values())
+    if n_in != n_kept + n_removed:
+        raise AssertionError(f"{step}: {n_in} rows in != {n_kept} kept + {n_removed} removed")
+    report = {"step": step, "input": str(src), "output": str(dst), "removed_file": str(side_file),
+              "rows_in": n_in, "rows_kept": n_kept, "rows_removed": n_removed,
+              "removed_by_reason": dict(sorted(reasons.items())), "seconds": round(secs, 3),
+              "rows_per_s": round(n_in / secs, 1) if secs else None, "peak_rss_mb": round(peak_rss_mb(), 1),
+              **extra}
+    report_path(dst).write_text(json.dumps(report, indent=2, sort_keys=True) + "\n")
     return report
 
 
@@ -108,14 +119,7 @@ def run_filter_step(name: str, src: str | Path, dst: str | Path,
         bar.close()
         kept.close()
         removed.close()
-    secs = time.perf_counter() - t0
-    report = {"step": name, "input": str(src), "output": str(dst), "removed_file": str(removed_path(dst)),
-              "rows_in": n_in, "rows_kept": kept.rows, "rows_removed": removed.rows,
-              "removed_by_reason": dict(sorted(reasons.items())), "seconds": round(secs, 3),
-              "rows_per_s": round(n_in / secs, 1) if secs else None, "peak_rss_mb": round(peak_rss_mb(), 1),
-              **(extra or {})}
-    assert report["rows_in"] == report["rows_kept"] + sum(reasons.values())
-    return write_report(report_path(dst), report)
+    return finish_report(name, src, dst, removed_path(dst), n_in, kept.rows, reasons, t0, **(extra or {}))
 
 
 def chunked(it: Iterable, n: int) -> Iterator[list]:

@@ -13,7 +13,7 @@ from tqdm import tqdm
 
 from megatron_ring.tokenizer import chat_segments, load_tokenizer
 
-from .io import BATCH, Writer, iter_batches, num_rows, peak_rss_mb, removed_path, report_path, write_report
+from .io import BATCH, Writer, finish_report, iter_batches, num_rows, removed_path
 
 PACKED_SCHEMA = pa.schema([("tokens", pa.list_(pa.int32())), ("loss_mask", pa.list_(pa.int8())),
                            ("seq_lens", pa.list_(pa.int32())), ("ids", pa.list_(pa.string()))])
@@ -116,12 +116,6 @@ def pack(src: str | Path, dst: str | Path, tokenizer: str | Path, seq_len: int =
         bar.close()
         out.close()
         removed.close()
-    secs = time.perf_counter() - t0
-    report = {"step": "pack", "input": str(src), "output": str(dst), "removed_file": str(removed_path(dst)),
-              "rows_in": n_in, "rows_kept": n_packed, "rows_removed": sum(reasons.values()),
-              "removed_by_reason": dict(reasons), "packed_rows": out.rows, "seq_len": seq_len,
-              "tokens": tokens, "trained_tokens": trained,
-              "fill": round(tokens / max(1, out.rows * seq_len), 4), "seconds": round(secs, 3),
-              "rows_per_s": round(n_in / secs, 1) if secs else None, "peak_rss_mb": round(peak_rss_mb(), 1)}
-    assert n_in == n_packed + sum(reasons.values())
-    return write_report(report_path(dst), report)
+    return finish_report("pack", src, dst, removed_path(dst), n_in, n_packed, reasons, t0, packed_rows=out.rows,
+                         seq_len=seq_len, tokens=tokens, trained_tokens=trained,
+                         fill=round(tokens / max(1, out.rows * seq_len), 4))

@@ -7,7 +7,6 @@ assistant reasons inside ``<think>…</think>`` and ends its turn with ``<|endof
 """
 from __future__ import annotations
 
-import random
 from pathlib import Path
 
 SPECIAL_TOKENS = ["<|startoftext|>", "<|endoftext|>", "<role>", "</role>", "<think>", "</think>"]
