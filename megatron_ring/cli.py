@@ -54,6 +54,7 @@ def _cmd_verify(a):
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="megatron-ring", description=__doc__)
     sub = p.add_subparsers(dest="cmd", required=True)
+    sub.add_parser("sft", help="distillation SFT: megatron-ring sft --recipe sft_distill_tiny --help")
     sub.add_parser("data", help="data curation steps: megatron-ring data <step> --help (same as python -m data_tools)")
 
     s = sub.add_parser("recipes", help="list recipes, or print one")
@@ -98,6 +99,10 @@ def main(argv: list[str] | None = None) -> int:
         from data_tools.__main__ import main as data_main
 
         return data_main(argv[1:])
+    if argv[:1] == ["sft"]:  # under torchrun for several ranks
+        from .sft.trainer import main as sft_main
+
+        return sft_main(argv[1:])
     a = build_parser().parse_args(argv)
     if a.cmd == "convert":
         need = "hf" if a.direction == "hf-to-mcore" else "ckpt"

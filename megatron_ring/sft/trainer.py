@@ -1,0 +1,232 @@
+"""Distillation SFT on megatron-core: packed rows, per-token loss over the global batch, AdamW,
+cosine schedule with warm-up, clipping, MoE aux/z losses from the recipe, checkpoints every N steps and
+at every epoch end (written aside, renamed, ``latest`` pointer), and exact resume (model, optimizer,
+scheduler, data position, RNG). Runs under torchrun/srun or as one process."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import pyarrow.parquet as pq
+import torch
+import torch.distributed as dist
+
+from ..config.recipe import Recipe, _from_dict, load_recipe
+from .data import collate, packed_row_to_sample
+
+
+@dataclass
+class SFTConfig:
+    data: str = "runs/tiny/data/sft/packed.parquet"
+    init: Optional[str] = None  # megatron-ring checkpoint to start from (None: random init)
+    out: str = "runs/tiny/sft"
+    epochs: int = 1
+    global_batch_size: int = 8  # packed rows per optimizer step
+    micro_batch_size: int = 2
+    lr: float = 1e-3
+    min_lr: float = 1e-5
+    lr_warmup_fraction: float = 0.01
+    weight_decay: float = 0.1
+    clip_grad: float = 1.0
+    save_interval: int = 0  # steps; 0: only at epoch ends
+    max_steps: Optional[int] = None  # stop (with a checkpoint) after this many steps in total
+    log_interval: int = 1
+
+
+def sft_config(recipe: Recipe, **overrides) -> SFTConfig:
+    data = dict(recipe.stages.get("sft", {}))
+    data.update({k: v for k, v in overrides.items() if v is not None})
+    return _from_dict(SFTConfig, data, f"recipe {recipe.name}: stages.sft")
+
+
+class PackedDataset:
+    """Packed rows kept as Arrow columns (not Python lists); a seeded permutation per epoch."""
+
+    def __init__(self, path: str | Path, pad_id: int):
+        t = pq.read_table(str(path), columns=["tokens", "loss_mask", "seq_lens"])
+        self.tokens, self.mask, self.lens = t.column("tokens"), t.column("loss_mask"), t.column("seq_lens")
+        self.pad_id = pad_id
+        self.seq_len = len(self.tokens[0].as_py()) if len(t) else 0
+
+    def __len__(self):
+        return len(self.tokens)
+
+    def sample(self, i: int) -> dict:
+        return packed_row_to_sample(self.tokens[i].as_py(), self.mask[i].as_py(), self.lens[i].as_py(), self.pad_id)
+
+    def order(self, epoch: int, seed: int) -> list[int]:
+        return torch.randperm(len(self), generator=torch.Generator().manual_seed(seed * 1000 + epoch)).tolist()
+
+
+def _rng_state() -> dict:
+    from megatron.core.tensor_parallel.random import get_cuda_rng_tracker
+
+    st = {"torch": torch.get_rng_state(), "tracker": get_cuda_rng_tracker().get_states()}
+    if torch.cuda.is_available():
+        st["cuda"] = torch.cuda.get_rng_state()
+    return st
+
+
+def _set_rng_state(st: dict) -> None:
+    from megatron.core.tensor_parallel.random import get_cuda_rng_tracker
+
+    torch.set_rng_state(st["torch"])
+    get_cuda_rng_tracker().set_states(st["tracker"])
+    if "cuda" in st and torch.cuda.is_available():
+        torch.cuda.set_rng_state(st["cuda"])
+
+
+def _save(run: Path, model, optimizer, scheduler, recipe: Recipe, step: int, epoch: int, pos: int, history: list) -> Path:
+    """Collective. Everything goes to ``iter_N.tmp`` first; rank 0 renames it and moves ``latest``."""
+    from megatron.core import dist_checkpointing
+
+    rank = dist.get_rank()
+    final = run / "checkpoints" / f"iter_{step:07d}"
+    tmp = final.with_name(final.name + ".tmp")
+    if rank == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+        (tmp / "dist").mkdir(parents=True)
+    dist.barrier()
+    msd = model.sharded_state_dict()
+    dist_checkpointing.save({**msd, "optimizer": optimizer.sharded_state_dict(msd)}, str(tmp / "dist"))
+    torch.save({"scheduler": scheduler.state_dict(), "rng": _rng_state(), "step": step, "epoch": epoch,
+                "pos": pos}, tmp / f"trainer_rank{rank:05d}.pt")
+    dist.barrier()
+    if rank == 0:
+        (tmp / "config.json").write_text(json.dumps(recipe.hf_config, indent=2, sort_keys=True) + "\n")
+        meta = {"format": "megatron-ring/1", "iteration": step, "epoch": epoch, "pos": pos,
+                "parallel": recipe.parallel.sizes(), "recipe": recipe.name, "history": history}
+        (tmp / "megatron_ring.json").write_text(json.dumps(meta, indent=2) + "\n")
+        shutil.rmtree(final, ignore_errors=True)
+        tmp.rename(final)
+        latest = run / "checkpoints" / "latest"
+        (run / "checkpoints" / "latest.tmp").write_text(final.name + "\n")
+        os.replace(run / "checkpoints" / "latest.tmp", latest)
+    dist.barrier()
+    return final
+
+
+def latest_checkpoint(run: str | Path) -> Optional[Path]:
+    p = Path(run) / "checkpoints" / "latest"
+    return p.parent / p.read_text().strip() if p.exists() else None
+
+
+def _load(ckpt: Path, model, optimizer, scheduler) -> dict:
+    from megatron.core import dist_checkpointing
+
+    msd = model.sharded_state_dict()
+    state = dist_checkpointing.load({**msd, "optimizer": optimizer.sharded_state_dict(msd, is_loading=True)},
+                                    str(ckpt / "dist"))
+    optimizer.load_state_dict(state.pop("optimizer"))
+    model.load_state_dict(state)
+    ts = torch.load(ckpt / f"trainer_rank{dist.get_rank():05d}.pt", weights_only=False)
+    scheduler.load_state_dict(ts["scheduler"])
+    _set_rng_state(ts["rng"])
+    return ts
+
+
+def train_sft(recipe: Recipe, cfg: SFTConfig) -> list[dict]:
+    """Returns the per-step history (loss, lr, grad_norm, tokens, tokens/s) of this run (rank 0 logs)."""
+    from megatron.core import parallel_state as ps
+    from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+
+    from ..checkpoint import check_compatible, load_checkpoint
+    from ..model.build import build_model
+    from ..parallel.dist import init_distributed
+    from ..training.core import OptimConfig, build_optimizer, train_step, wrap_ddp
+
+    run = Path(cfg.out)
+    resume = latest_checkpoint(run)
+    if resume is not None:
+        check_compatible(resume, recipe.hf_config)
+    elif cfg.init:
+        check_compatible(cfg.init, recipe.hf_config)
+    init_distributed(recipe.parallel, recipe.seed)
+    model = build_model(recipe)
+    if resume is None and cfg.init:
+        load_checkpoint(model, cfg.init, recipe.hf_config)
+    ddp = wrap_ddp(model)
+    opt = build_optimizer([ddp], OptimConfig(lr=cfg.lr, min_lr=cfg.min_lr, weight_decay=cfg.weight_decay,
+                                             clip_grad=cfg.clip_grad))
+    data = PackedDataset(cfg.data, pad_id=recipe.hf_config.get("pad_token_id", 0))
+    dp, dpr = ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
+    if cfg.global_batch_size % (dp * cfg.micro_batch_size):
+        raise ValueError(f"global_batch_size {cfg.global_batch_size} must be a multiple of DP {dp} x "
+                         f"micro_batch_size {cfg.micro_batch_size}")
+    steps_per_epoch = len(data) // cfg.global_batch_size
+    if steps_per_epoch == 0:
+        raise ValueError(f"{cfg.data}: {len(data)} packed rows < global_batch_size {cfg.global_batch_size}")
+    total = steps_per_epoch * cfg.epochs
+    sched = OptimizerParamScheduler(
+        opt, init_lr=0.0, max_lr=cfg.lr, min_lr=cfg.min_lr, lr_warmup_steps=int(cfg.lr_warmup_fraction * total),
+        lr_decay_steps=total, lr_decay_style="cosine", start_wd=cfg.weight_decay, end_wd=cfg.weight_decay,
+        wd_incr_steps=total, wd_incr_style="constant")
+    step = epoch = pos = 0
+    history: list[dict] = []
+    if resume is not None:
+        ts = _load(resume, model, opt, sched)
+        step, epoch, pos = ts["step"], ts["epoch"], ts["pos"]
+        history = json.loads((resume / "megatron_ring.json").read_text()).get("history", [])
+    tb = None
+    if dist.get_rank() == 0:
+        from torch.utils.tensorboard import SummaryWriter
+
+        tb = SummaryWriter(str(run / "tb"))
+    per_rank = cfg.global_batch_size // dp
+    stop = min(total, cfg.max_steps) if cfg.max_steps else total
+    while step < stop:
+        order = data.order(epoch, recipe.seed)
+        while pos < steps_per_epoch and step < stop:
+            rows = order[pos * cfg.global_batch_size:(pos + 1) * cfg.global_batch_size][dpr * per_rank:(dpr + 1) * per_rank]
+            mbs = [collate([data.sample(i) for i in rows[k:k + cfg.micro_batch_size]])
+                   for k in range(0, per_rank, cfg.micro_batch_size)]
+            t0 = time.perf_counter()
+            out = train_step([ddp], opt, mbs, len(mbs), data.seq_len, cfg.micro_batch_size)
+            sched.step(increment=1)
+            step, pos = step + 1, pos + 1
+            rec = {"step": step, "epoch": epoch, "loss": out["loss"], "grad_norm": out["grad_norm"],
+                   "lr": opt.param_groups[0]["lr"], "tokens": out["tokens"],
+                   "tokens_per_s": out["tokens"] / (time.perf_counter() - t0)}
+            history.append(rec)
+            if tb is not None and step % cfg.log_interval == 0:
+                for k in ("loss", "grad_norm", "lr", "tokens_per_s"):
+                    tb.add_scalar(f"sft/{k}", rec[k], step)
+                print(json.dumps(rec), flush=True)
+            if cfg.save_interval and step % cfg.save_interval == 0 and step < stop:
+                _save(run, model, opt, sched, recipe, step, epoch, pos, history)
+        if pos >= steps_per_epoch:
+            epoch, pos = epoch + 1, 0
+            _save(run, model, opt, sched, recipe, step, epoch, pos, history)
+    if latest_checkpoint(run) is None or json.loads((latest_checkpoint(run) / "megatron_ring.json").read_text())["iteration"] != step:
+        _save(run, model, opt, sched, recipe, step, epoch, pos, history)
+    if tb is not None:
+        tb.close()
+    return history
+
+
+def main(argv=None) -> int:
+    import argparse
+
+    ap = argparse.ArgumentParser(prog="megatron-ring sft")
+    ap.add_argument("--recipe", default="sft_distill_tiny")
+    for f in ("data", "init", "out"):
+        ap.add_argument(f"--{f}")
+    for f in ("epochs", "global_batch_size", "micro_batch_size", "save_interval", "max_steps"):
+        ap.add_argument(f"--{f.replace('_', '-')}", dest=f, type=int)
+    ap.add_argument("--lr", type=float)
+    ap.add_argument("--tp", type=int, default=None)
+    ap.add_argument("--ep", type=int, default=None)
+    ap.add_argument("--pp", type=int, default=None)
+    a = ap.parse_args(argv)
+    par = {k: v for k, v in {"tensor_model_parallel_size": a.tp, "expert_model_parallel_size": a.ep,
+                             "pipeline_model_parallel_size": a.pp}.items() if v}
+    recipe = load_recipe(a.recipe, {"parallel": par} if par else None)
+    cfg = sft_config(recipe, **{k: getattr(a, k) for k in ("data", "init", "out", "epochs", "global_batch_size",
+                                                          "micro_batch_size", "save_interval", "max_steps", "lr")})
+    train_sft(recipe, cfg)
+    return 0
