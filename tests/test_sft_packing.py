@@ -26,3 +26,10 @@ def test_packed_equals_separate(tiny, tmp_path):
     assert r["n_grads"] == r["n_params"]  # every parameter got a gradient in both runs
     assert abs(r["packed_loss"] - r["separate_loss"]) <= 1e-5 * max(1.0, abs(r["separate_loss"]))
     assert r["max_grad_diff"] <= 1e-5 and r["max_grad"] > 1e-3
+
+
+def test_last_boxed_answer_extraction():
+    from megatron_ring.sft.heldout import last_boxed
+
+    assert last_boxed("<think>\\boxed{1}</think> so \\boxed{ 1 2 }.") == "12"
+    assert last_boxed("no answer") is None

@@ -1,0 +1,54 @@
+"""Held-out answer accuracy of a checkpoint on an embedded eval split: greedy chat generation with the
+exported HF model (KV cache), the last ``\\boxed{...}`` compared with the reference answer after
+whitespace normalisation. (Math-Verify grading arrives with the RL rewards; for the integer answers
+of the embedded default an exact match is the same thing.)"""
+from __future__ import annotations
+
+import re
+import tempfile
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import torch
+
+BOXED = re.compile(r"\\boxed\{([^{}]*)\}")
+
+
+def last_boxed(text: str) -> str | None:
+    m = BOXED.findall(text)
+    return m[-1].strip().replace(" ", "") if m else None
+
+
+@torch.no_grad()
+def answer_accuracy(hf_dir: str | Path, eval_parquet: str | Path, limit: int = 200, max_new_tokens: int = 192,
+                    batch_size: int = 50) -> dict:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(hf_dir), trust_remote_code=True)
+    tok.padding_side = "left"
+    model = AutoModelForCausalLM.from_pretrained(str(hf_dir), trust_remote_code=True, dtype=torch.float32).eval()
+    rows = pq.read_table(str(eval_parquet)).to_pylist()[:limit]
+    correct, samples = 0, []
+    for s in range(0, len(rows), batch_size):
+        chunk = rows[s:s + batch_size]
+        prompts = [tok.apply_chat_template([{"role": "user", "content": r["prompt"]}], tokenize=False,
+                                           add_generation_prompt=True) for r in chunk]
+        enc = tok(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
+        out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tok.pad_token_id,
+                             eos_token_id=tok.eos_token_id)
+        for r, o in zip(chunk, out[:, enc["input_ids"].shape[1]:]):
+            text = tok.decode(o, skip_special_tokens=True)
+            pred = last_boxed(text)
+            ok = pred is not None and pred == str(r["answer"]).replace(" ", "")
+            correct += ok
+            samples.append({"id": r["id"], "pred": pred, "answer": r["answer"], "ok": bool(ok)})
+    return {"accuracy": correct / max(1, len(rows)), "n": len(rows), "samples": samples[:5]}
+
+
+def checkpoint_accuracy(ckpt: str | Path, tokenizer_dir: str | Path, eval_parquet: str | Path, **kw) -> dict:
+    """Export a megatron-ring checkpoint to a temporary HF folder and measure ``answer_accuracy``."""
+    from ..convert.run import mcore_to_hf_checkpoint
+
+    with tempfile.TemporaryDirectory() as td:
+        mcore_to_hf_checkpoint(ckpt, Path(td) / "hf", tokenizer_dir=tokenizer_dir)
+        return answer_accuracy(Path(td) / "hf", eval_parquet, **kw)
