@@ -75,6 +75,8 @@ def load_checkpoint(model: torch.nn.Module, path: str | Path, hf_config: dict[st
         raise ValueError(f"{path}: unknown checkpoint format {meta.get('format')!r} (want {FORMAT})")
     if hf_config is not None:
         check_compatible(path, hf_config)
-    state = dist_checkpointing.load(model.sharded_state_dict(), str(Path(path) / "dist"))
-    model.load_state_dict(state, strict=strict)
+    msd = model.sharded_state_dict()
+    state = dist_checkpointing.load(msd, str(Path(path) / "dist"))
+    # a training checkpoint also holds optimizer state; its common (non-sharded) part comes back too
+    model.load_state_dict({k: v for k, v in state.items() if k in msd}, strict=strict)
     return meta

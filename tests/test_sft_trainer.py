@@ -7,7 +7,7 @@ import subprocess
 
 import pytest
 
-from .conftest import PY, ROOT, free_port
+from .conftest import PY, ROOT, cli, free_port
 
 
 @pytest.fixture(scope="module")
@@ -49,3 +49,7 @@ def test_resume_is_bit_exact(tiny, packed, tmp_path, nproc, extra):
     ckpts = sorted(p.name for p in (tmp_path / "b" / "checkpoints").iterdir())
     assert ckpts == ["iter_0000003", "iter_0000006", "latest"]  # no .tmp left behind
     assert (tmp_path / "a" / "tb").is_dir() and any((tmp_path / "a" / "tb").iterdir())
+    if nproc == 1:  # a training checkpoint (model + optimizer) exports like a converted one
+        cli("convert", "mcore-to-hf", "--ckpt", tmp_path / "b" / "checkpoints" / "iter_0000006",
+            "--out", tmp_path / "hf", "--tokenizer", tiny["hf"])
+        cli("check-hf", tmp_path / "hf")
