@@ -54,6 +54,7 @@ def _cmd_verify(a):
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="megatron-ring", description=__doc__)
     sub = p.add_subparsers(dest="cmd", required=True)
+    sub.add_parser("select", help="entropy-based SFT checkpoint selection: megatron-ring select --help")
     sub.add_parser("sft", help="distillation SFT: megatron-ring sft --recipe sft_distill_tiny --help")
     sub.add_parser("data", help="data curation steps: megatron-ring data <step> --help (same as python -m data_tools)")
 
@@ -99,6 +100,10 @@ def main(argv: list[str] | None = None) -> int:
         from data_tools.__main__ import main as data_main
 
         return data_main(argv[1:])
+    if argv[:1] == ["select"]:
+        from .select.entropy import main as select_main
+
+        return select_main(argv[1:])
     if argv[:1] == ["sft"]:  # under torchrun for several ranks
         from .sft.trainer import main as sft_main
 

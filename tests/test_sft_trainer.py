@@ -53,3 +53,12 @@ def test_resume_is_bit_exact(tiny, packed, tmp_path, nproc, extra):
         cli("convert", "mcore-to-hf", "--ckpt", tmp_path / "b" / "checkpoints" / "iter_0000006",
             "--out", tmp_path / "hf", "--tokenizer", tiny["hf"])
         cli("check-hf", tmp_path / "hf")
+        # entropy-based selection over the run's checkpoints: entropy falls with training
+        r = cli("select", "--run", tmp_path / "b", "--prompts", packed.parents[1] / "rl_stage1" / "4_filtered.parquet",
+                "--tokenizer", tiny["hf"], "--limit", "8", "--max-new-tokens", "24", "--window", "0", "100")
+        sel = json.loads((tmp_path / "b" / "selection" / "selection.json").read_text())
+        ents = [e["entropy"] for e in sel["entries"]]
+        assert [e["checkpoint"] for e in sel["entries"]] == ["iter_0000003", "iter_0000006"]
+        assert ents[1] < ents[0], ents
+        assert (tmp_path / "b" / "checkpoints" / "selected").read_text().strip() == sel["selected"]
+        assert (tmp_path / "b" / "selection" / "selection.png").stat().st_size > 5000 and "inside" in r.stdout
