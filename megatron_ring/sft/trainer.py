@@ -130,6 +130,26 @@ def _load(ckpt: Path, model, optimizer, scheduler) -> dict:
     return ts
 
 
+class StopFlag:
+    """SIGTERM / SIGUSR1 (Slurm preemption, ``scancel``, torchrun forwarding) ask for a checkpoint at the
+    next step boundary; the ranks agree on it with one all-reduce per step."""
+
+    def __init__(self):
+        import signal
+
+        self.requested = False
+        for sig in (signal.SIGTERM, signal.SIGUSR1):
+            signal.signal(sig, self._set)
+
+    def _set(self, signum, frame):
+        self.requested = True
+
+    def agreed(self) -> bool:
+        t = torch.tensor([float(self.requested)])
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return bool(t.item())
+
+
 def train_sft(recipe: Recipe, cfg: SFTConfig) -> list[dict]:
     """Returns the per-step history (loss, lr, grad_norm, tokens, tokens/s) of this run (rank 0 logs)."""
     from megatron.core import parallel_state as ps
@@ -179,6 +199,7 @@ def train_sft(recipe: Recipe, cfg: SFTConfig) -> list[dict]:
         tb = SummaryWriter(str(run / "tb"))
     per_rank = cfg.global_batch_size // dp
     stop = min(total, cfg.max_steps) if cfg.max_steps else total
+    flag = StopFlag()
     while step < stop:
         order = data.order(epoch, recipe.seed)
         while pos < steps_per_epoch and step < stop:
@@ -197,6 +218,11 @@ def train_sft(recipe: Recipe, cfg: SFTConfig) -> list[dict]:
                 for k in ("loss", "grad_norm", "lr", "tokens_per_s"):
                     tb.add_scalar(f"sft/{k}", rec[k], step)
                 print(json.dumps(rec), flush=True)
+            if flag.agreed():
+                stop = step  # preempted: the checkpoint below, then exit; a restart resumes from it
+                if tb is not None:
+                    print(json.dumps({"preempted_at_step": step}), flush=True)
+                break
             if cfg.save_interval and step % cfg.save_interval == 0 and step < stop:
                 _save(run, model, opt, sched, recipe, step, epoch, pos, history)
         if pos >= steps_per_epoch:

@@ -1,0 +1,52 @@
+#!/usr/bin/env bash
+# Shared launcher for the stage scripts (sourced, not run). Under Slurm: one torchrun per node via srun,
+# c10d rendezvous on the first node at a port derived from the job id, and preemption handling: the
+# batch shell traps USR1 (sbatch --signal=B:USR1@N) and SIGTERM, forwards SIGTERM to torchrun (which
+# forwards it to the ranks: the trainer checkpoints at the next step boundary), then requeues the job;
+# the restarted job resumes from `latest`. Without Slurm the same command runs locally under torchrun.
+set -euo pipefail
+REPO=${REPO:-$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)}
+cd "$REPO"
+PY=${PY:-$REPO/.venv/bin/python}
+export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
+
+nproc_per_node() {
+  if [ -n "${NPROC:-}" ]; then echo "$NPROC"; return; fi
+  if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then nvidia-smi -L | wc -l; else echo 1; fi
+}
+
+# run_stage <module args...>: run `python -m megatron_ring.cli <args>` on every rank of the allocation.
+run_stage() {
+  local nproc; nproc=$(nproc_per_node)
+  if [ -n "${SLURM_JOB_ID:-}" ]; then
+    local head port
+    head=$(scontrol show hostnames "${SLURM_JOB_NODELIST}" | head -n 1)
+    port=$((20000 + SLURM_JOB_ID % 20000))
+    echo "[$(date +%T)] job ${SLURM_JOB_ID} (restart ${SLURM_RESTART_COUNT:-0}) on ${SLURM_JOB_NUM_NODES:-1} node(s) x ${nproc}: $*"
+    srun --kill-on-bad-exit=1 --ntasks-per-node=1 "$PY" -m torch.distributed.run \
+      --nnodes="${SLURM_JOB_NUM_NODES:-1}" --nproc-per-node="$nproc" --rdzv-backend=c10d \
+      --rdzv-endpoint="${head}:${port}" --rdzv-id="${SLURM_JOB_ID}" -m megatron_ring.cli "$@" &
+  else
+    echo "[$(date +%T)] no Slurm: running locally on ${nproc} process(es): $*"
+    "$PY" -m torch.distributed.run --standalone --nproc-per-node="$nproc" -m megatron_ring.cli "$@" &
+  fi
+  CHILD=$!
+  trap 'on_preempt' USR1 TERM
+  local rc=0
+  wait "$CHILD" || rc=$?
+  if [ "${PREEMPTED:-0}" = 1 ]; then
+    wait "$CHILD" 2>/dev/null || true   # the ranks are writing their checkpoint
+    if [ -n "${SLURM_JOB_ID:-}" ]; then
+      echo "[$(date +%T)] checkpoint written; requeueing job ${SLURM_JOB_ID}"
+      scontrol requeue "${SLURM_JOB_ID}"
+    fi
+    exit 0
+  fi
+  return $rc
+}
+
+on_preempt() {
+  PREEMPTED=1
+  echo "[$(date +%T)] preemption signal: asking the ranks to checkpoint"
+  kill -TERM "$CHILD" 2>/dev/null || true
+}

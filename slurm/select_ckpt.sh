@@ -1,0 +1,17 @@
+#!/usr/bin/env bash
+#SBATCH --job-name=select_ckpt
+#SBATCH --nodes=1
+#SBATCH --ntasks-per-node=1
+#SBATCH --gpus-per-node=1
+#SBATCH --cpus-per-task=16
+#SBATCH --time=04:00:00
+#SBATCH --output=logs/%x-%j.out
+# Entropy-based selection over an SFT run's checkpoints; writes RUN/selection/* and RUN/checkpoints/selected.
+#   RUN=runs/tiny/sft PROMPTS=runs/tiny/data/rl_stage1/4_filtered.parquet TOKENIZER=runs/tiny/hf_init \
+#   EVAL=runs/tiny/data/eval/math.parquet bash slurm/select_ckpt.sh
+source "$(dirname "${BASH_SOURCE[0]}")/launch.sh"
+mkdir -p logs
+args=(select --run "${RUN:?set RUN}" --prompts "${PROMPTS:?set PROMPTS}" --tokenizer "${TOKENIZER:?set TOKENIZER}"
+      --window "${WINDOW_LO:-0.3}" "${WINDOW_HI:-0.5}")
+[ -n "${EVAL:-}" ] && args+=(--eval "$EVAL")
+"$PY" -m megatron_ring.cli "${args[@]}" ${SELECT_ARGS:-}
