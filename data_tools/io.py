@@ -8,7 +8,7 @@ import sys
 import time
 from collections import Counter
 from pathlib import Path
-from typing import Callable, Iterable, Iterator, Optional
+from typing import Callable, Iterator, Optional
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -120,14 +120,3 @@ def run_filter_step(name: str, src: str | Path, dst: str | Path,
         kept.close()
         removed.close()
     return finish_report(name, src, dst, removed_path(dst), n_in, kept.rows, reasons, t0, **(extra or {}))
-
-
-def chunked(it: Iterable, n: int) -> Iterator[list]:
-    buf = []
-    for x in it:
-        buf.append(x)
-        if len(buf) == n:
-            yield buf
-            buf = []
-    if buf:
-        yield buf

@@ -9,6 +9,7 @@ from collections import Counter
 from pathlib import Path
 
 import pyarrow as pa
+import pyarrow.parquet as pq
 from tqdm import tqdm
 
 from megatron_ring.tokenizer import chat_segments, load_tokenizer
@@ -85,8 +86,7 @@ def pack(src: str | Path, dst: str | Path, tokenizer: str | Path, seq_len: int =
     tok = load_tokenizer(tokenizer)
     packer = Packer(seq_len, tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id, open_rows)
     out = Writer(dst, PACKED_SCHEMA)
-    in_schema = next(iter_batches(src, 1)).schema if num_rows(src) else None
-    removed = Writer(removed_path(dst), (in_schema or pa.schema([])).append(pa.field("reason", pa.string())))
+    removed = Writer(removed_path(dst), pq.ParquetFile(str(src)).schema_arrow.append(pa.field("reason", pa.string())))
     reasons: Counter = Counter()
     n_in = n_packed = tokens = trained = 0
     t0 = time.perf_counter()

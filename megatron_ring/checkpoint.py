@@ -24,11 +24,6 @@ class CheckpointMismatch(ValueError):
     """The recipe's architecture differs from the checkpoint's config.json."""
 
 
-def is_checkpoint(path: str | Path) -> bool:
-    p = Path(path)
-    return (p / "megatron_ring.json").is_file() and (p / "dist").is_dir()
-
-
 def read_meta(path: str | Path) -> dict[str, Any]:
     p = Path(path) / "megatron_ring.json"
     if not p.is_file():
@@ -45,8 +40,10 @@ def check_compatible(path: str | Path, hf_config: dict[str, Any]) -> None:
 
 
 def save_checkpoint(model: torch.nn.Module, path: str | Path, hf_config: dict[str, Any], iteration: int = 0,
-                    parallel: dict[str, Any] | None = None, extra: dict[str, Any] | None = None) -> Path:
-    """Collective: every rank calls it with its model chunk."""
+                    parallel: dict[str, Any] | None = None, extra: dict[str, Any] | None = None,
+                    optimizer=None) -> Path:
+    """Collective: every rank calls it with its model chunk (and its megatron optimizer, to save its
+    state beside the model's)."""
     from megatron.core import dist_checkpointing
 
     p = Path(path)
@@ -55,7 +52,9 @@ def save_checkpoint(model: torch.nn.Module, path: str | Path, hf_config: dict[st
         (p / "dist").mkdir(parents=True, exist_ok=True)
     if dist.is_initialized():
         dist.barrier()
-    dist_checkpointing.save(model.sharded_state_dict(), str(p / "dist"))
+    msd = model.sharded_state_dict()
+    sd = {**msd, "optimizer": optimizer.sharded_state_dict(msd)} if optimizer is not None else msd
+    dist_checkpointing.save(sd, str(p / "dist"))
     if rank0:
         (p / "config.json").write_text(json.dumps(hf_config, indent=2, sort_keys=True) + "\n")
         meta = {"format": FORMAT, "iteration": iteration, "parallel": parallel or {}, **(extra or {})}
@@ -66,8 +65,9 @@ def save_checkpoint(model: torch.nn.Module, path: str | Path, hf_config: dict[st
 
 
 def load_checkpoint(model: torch.nn.Module, path: str | Path, hf_config: dict[str, Any] | None = None,
-                    strict: bool = True) -> dict[str, Any]:
-    """Collective: load a dist checkpoint into this rank's model chunk (any TP/PP/EP layout)."""
+                    strict: bool = True, optimizer=None) -> dict[str, Any]:
+    """Collective: load a dist checkpoint into this rank's model chunk (any TP/PP/EP layout), and into
+    ``optimizer`` when given. Returns the checkpoint's metadata."""
     from megatron.core import dist_checkpointing
 
     meta = read_meta(path)
@@ -76,7 +76,10 @@ def load_checkpoint(model: torch.nn.Module, path: str | Path, hf_config: dict[st
     if hf_config is not None:
         check_compatible(path, hf_config)
     msd = model.sharded_state_dict()
-    state = dist_checkpointing.load(msd, str(Path(path) / "dist"))
+    sd = {**msd, "optimizer": optimizer.sharded_state_dict(msd, is_loading=True)} if optimizer is not None else msd
+    state = dist_checkpointing.load(sd, str(Path(path) / "dist"))
+    if optimizer is not None:
+        optimizer.load_state_dict(state["optimizer"])
     # a training checkpoint also holds optimizer state; its common (non-sharded) part comes back too
     model.load_state_dict({k: v for k, v in state.items() if k in msd}, strict=strict)
     return meta

@@ -73,9 +73,6 @@ class Recipe:
     # Sections owned by later stages (sft, rl, ...) are kept as plain dicts until their loaders read them.
     stages: dict[str, Any] = field(default_factory=dict)
 
-    def replace(self, **sections: Any) -> "Recipe":
-        return dataclasses.replace(self, **sections)
-
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 

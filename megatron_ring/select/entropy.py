@@ -19,17 +19,13 @@ import torch
 def token_entropy(hf_dir: str | Path, prompts: list[str], max_new_tokens: int = 128, seed: int = 0,
                   batch_size: int = 32) -> float:
     """Mean entropy (nats) of p(. | prefix) over every sampled token up to and including EOS."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from ..sft.heldout import encode_chat, load_chat_model
 
-    tok = AutoTokenizer.from_pretrained(str(hf_dir), trust_remote_code=True)
-    tok.padding_side = "left"
-    model = AutoModelForCausalLM.from_pretrained(str(hf_dir), trust_remote_code=True, dtype=torch.float32).eval()
+    tok, model = load_chat_model(hf_dir)
     torch.manual_seed(seed)
     total, count = 0.0, 0
     for s in range(0, len(prompts), batch_size):
-        chat = [tok.apply_chat_template([{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True)
-                for p in prompts[s:s + batch_size]]
-        enc = tok(chat, return_tensors="pt", padding=True, add_special_tokens=False)
+        enc = encode_chat(tok, prompts[s:s + batch_size])
         out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=True, temperature=1.0, top_p=1.0,
                              top_k=0, output_logits=True, return_dict_in_generate=True,
                              pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)

@@ -19,21 +19,32 @@ def last_boxed(text: str) -> str | None:
     return m[-1].strip().replace(" ", "") if m else None
 
 
-@torch.no_grad()
-def answer_accuracy(hf_dir: str | Path, eval_parquet: str | Path, limit: int = 200, max_new_tokens: int = 192,
-                    batch_size: int = 50) -> dict:
+def load_chat_model(hf_dir: str | Path):
+    """(tokenizer padding on the left, fp32 model in eval mode) of an exported HF folder."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(str(hf_dir), trust_remote_code=True)
     tok.padding_side = "left"
     model = AutoModelForCausalLM.from_pretrained(str(hf_dir), trust_remote_code=True, dtype=torch.float32).eval()
+    return tok, model
+
+
+def encode_chat(tok, prompts: list[str]) -> dict:
+    """One user turn per prompt, the assistant turn opened, left-padded into a batch."""
+    chat = [tok.apply_chat_template([{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True)
+            for p in prompts]
+    return tok(chat, return_tensors="pt", padding=True, add_special_tokens=False)
+
+
+@torch.no_grad()
+def answer_accuracy(hf_dir: str | Path, eval_parquet: str | Path, limit: int = 200, max_new_tokens: int = 192,
+                    batch_size: int = 50) -> dict:
+    tok, model = load_chat_model(hf_dir)
     rows = pq.read_table(str(eval_parquet)).to_pylist()[:limit]
     correct, samples = 0, []
     for s in range(0, len(rows), batch_size):
         chunk = rows[s:s + batch_size]
-        prompts = [tok.apply_chat_template([{"role": "user", "content": r["prompt"]}], tokenize=False,
-                                           add_generation_prompt=True) for r in chunk]
-        enc = tok(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
+        enc = encode_chat(tok, [r["prompt"] for r in chunk])
         out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tok.pad_token_id,
                              eos_token_id=tok.eos_token_id)
         for r, o in zip(chunk, out[:, enc["input_ids"].shape[1]:]):

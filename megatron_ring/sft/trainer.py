@@ -16,6 +16,7 @@ import pyarrow.parquet as pq
 import torch
 import torch.distributed as dist
 
+from ..checkpoint import check_compatible, load_checkpoint, save_checkpoint
 from ..config.recipe import Recipe, _from_dict, load_recipe
 from .data import collate, packed_row_to_sample
 
@@ -83,30 +84,22 @@ def _set_rng_state(st: dict) -> None:
 
 def _save(run: Path, model, optimizer, scheduler, recipe: Recipe, step: int, epoch: int, pos: int, history: list) -> Path:
     """Collective. Everything goes to ``iter_N.tmp`` first; rank 0 renames it and moves ``latest``."""
-    from megatron.core import dist_checkpointing
-
     rank = dist.get_rank()
     final = run / "checkpoints" / f"iter_{step:07d}"
     tmp = final.with_name(final.name + ".tmp")
     if rank == 0:
         shutil.rmtree(tmp, ignore_errors=True)
-        (tmp / "dist").mkdir(parents=True)
     dist.barrier()
-    msd = model.sharded_state_dict()
-    dist_checkpointing.save({**msd, "optimizer": optimizer.sharded_state_dict(msd)}, str(tmp / "dist"))
+    save_checkpoint(model, tmp, recipe.hf_config, iteration=step, parallel=recipe.parallel.sizes(),
+                    extra={"epoch": epoch, "pos": pos, "recipe": recipe.name, "history": history}, optimizer=optimizer)
     torch.save({"scheduler": scheduler.state_dict(), "rng": _rng_state(), "step": step, "epoch": epoch,
                 "pos": pos}, tmp / f"trainer_rank{rank:05d}.pt")
     dist.barrier()
     if rank == 0:
-        (tmp / "config.json").write_text(json.dumps(recipe.hf_config, indent=2, sort_keys=True) + "\n")
-        meta = {"format": "megatron-ring/1", "iteration": step, "epoch": epoch, "pos": pos,
-                "parallel": recipe.parallel.sizes(), "recipe": recipe.name, "history": history}
-        (tmp / "megatron_ring.json").write_text(json.dumps(meta, indent=2) + "\n")
         shutil.rmtree(final, ignore_errors=True)
         tmp.rename(final)
-        latest = run / "checkpoints" / "latest"
         (run / "checkpoints" / "latest.tmp").write_text(final.name + "\n")
-        os.replace(run / "checkpoints" / "latest.tmp", latest)
+        os.replace(run / "checkpoints" / "latest.tmp", run / "checkpoints" / "latest")
     dist.barrier()
     return final
 
@@ -116,18 +109,13 @@ def latest_checkpoint(run: str | Path) -> Optional[Path]:
     return p.parent / p.read_text().strip() if p.exists() else None
 
 
-def _load(ckpt: Path, model, optimizer, scheduler) -> dict:
-    from megatron.core import dist_checkpointing
-
-    msd = model.sharded_state_dict()
-    state = dist_checkpointing.load({**msd, "optimizer": optimizer.sharded_state_dict(msd, is_loading=True)},
-                                    str(ckpt / "dist"))
-    optimizer.load_state_dict(state.pop("optimizer"))
-    model.load_state_dict(state)
+def _load(ckpt: Path, model, optimizer, scheduler) -> tuple[dict, dict]:
+    """(this rank's trainer state, the checkpoint metadata) after restoring model, optimizer, scheduler, RNG."""
+    meta = load_checkpoint(model, ckpt, optimizer=optimizer)
     ts = torch.load(ckpt / f"trainer_rank{dist.get_rank():05d}.pt", weights_only=False)
     scheduler.load_state_dict(ts["scheduler"])
     _set_rng_state(ts["rng"])
-    return ts
+    return ts, meta
 
 
 class StopFlag:
@@ -155,7 +143,6 @@ def train_sft(recipe: Recipe, cfg: SFTConfig) -> list[dict]:
     from megatron.core import parallel_state as ps
     from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
-    from ..checkpoint import check_compatible, load_checkpoint
     from ..model.build import build_model
     from ..parallel.dist import init_distributed
     from ..training.core import OptimConfig, build_optimizer, train_step, wrap_ddp
@@ -189,9 +176,10 @@ def train_sft(recipe: Recipe, cfg: SFTConfig) -> list[dict]:
     step = epoch = pos = 0
     history: list[dict] = []
     if resume is not None:
-        ts = _load(resume, model, opt, sched)
+        ts, meta = _load(resume, model, opt, sched)
         step, epoch, pos = ts["step"], ts["epoch"], ts["pos"]
-        history = json.loads((resume / "megatron_ring.json").read_text()).get("history", [])
+        history = meta.get("history", [])
+    saved_at = step
     tb = None
     if dist.get_rank() == 0:
         from torch.utils.tensorboard import SummaryWriter
@@ -225,10 +213,12 @@ def train_sft(recipe: Recipe, cfg: SFTConfig) -> list[dict]:
                 break
             if cfg.save_interval and step % cfg.save_interval == 0 and step < stop:
                 _save(run, model, opt, sched, recipe, step, epoch, pos, history)
+                saved_at = step
         if pos >= steps_per_epoch:
             epoch, pos = epoch + 1, 0
             _save(run, model, opt, sched, recipe, step, epoch, pos, history)
-    if latest_checkpoint(run) is None or json.loads((latest_checkpoint(run) / "megatron_ring.json").read_text())["iteration"] != step:
+            saved_at = step
+    if saved_at != step or latest_checkpoint(run) is None:
         _save(run, model, opt, sched, recipe, step, epoch, pos, history)
     if tb is not None:
         tb.close()
