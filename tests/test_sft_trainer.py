@@ -30,6 +30,14 @@ def _sft(nproc, out, packed, init, max_steps, *extra):
     assert r.returncode == 0, r.stderr[-4000:]
 
 
+def _scalars(tb_dir) -> dict:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    ea = EventAccumulator(str(tb_dir))
+    ea.Reload()
+    return {t: [(e.step, e.value) for e in ea.Scalars(t)] for t in ea.Tags()["scalars"]}
+
+
 def _history(out):
     latest = (out / "checkpoints" / "latest").read_text().strip()
     return json.loads((out / "checkpoints" / latest / "megatron_ring.json").read_text())["history"]
@@ -48,7 +56,11 @@ def test_resume_is_bit_exact(tiny, packed, tmp_path, nproc, extra):
     assert a[-1]["loss"] < a[0]["loss"]
     ckpts = sorted(p.name for p in (tmp_path / "b" / "checkpoints").iterdir())
     assert ckpts == ["iter_0000003", "iter_0000006", "latest"]  # no .tmp left behind
-    assert (tmp_path / "a" / "tb").is_dir() and any((tmp_path / "a" / "tb").iterdir())
+    tb = _scalars(tmp_path / "a" / "tb")
+    assert [v for _, v in tb["sft/loss"]] == pytest.approx([h["loss"] for h in a], rel=1e-6)
+    for layer in range(4):  # MoE balance per layer (aux loss / coeff: 1.0 = balanced; 8 experts top-2 -> >= 1)
+        bal = [v for _, v in tb[f"moe/load_balancing_loss_layer_{layer}"]]
+        assert len(bal) == 6 and all(0.99 < v < 8 for v in bal), bal
     if nproc == 1:  # a training checkpoint (model + optimizer) exports like a converted one
         cli("convert", "mcore-to-hf", "--ckpt", tmp_path / "b" / "checkpoints" / "iter_0000006",
             "--out", tmp_path / "hf", "--tokenizer", tiny["hf"])

@@ -145,7 +145,7 @@ def train_sft(recipe: Recipe, cfg: SFTConfig) -> list[dict]:
 
     from ..model.build import build_model
     from ..parallel.dist import init_distributed
-    from ..training.core import OptimConfig, build_optimizer, train_step, wrap_ddp
+    from ..training.core import OptimConfig, build_optimizer, report_moe_metrics, train_step, wrap_ddp
 
     run = Path(cfg.out)
     resume = latest_checkpoint(run)
@@ -201,6 +201,7 @@ def train_sft(recipe: Recipe, cfg: SFTConfig) -> list[dict]:
             rec = {"step": step, "epoch": epoch, "loss": out["loss"], "grad_norm": out["grad_norm"],
                    "lr": opt.param_groups[0]["lr"], "tokens": out["tokens"],
                    "tokens_per_s": out["tokens"] / (time.perf_counter() - t0)}
+            report_moe_metrics([ddp], len(mbs), step, tb if step % cfg.log_interval == 0 else None)
             history.append(rec)
             if tb is not None and step % cfg.log_interval == 0:
                 for k in ("loss", "grad_norm", "lr", "tokens_per_s"):

@@ -92,3 +92,22 @@ def train_step(chunks: list[torch.nn.Module], optimizer, micro_batches: Iterable
         torch.distributed.all_reduce(loss, group=ps.get_pipeline_model_parallel_group())
     return {"loss": (loss[0] / loss[1].clamp(min=1)).item(), "tokens": int(loss[1].item()),
             "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"), "update_ok": bool(update_ok)}
+
+
+
+MOE_METRICS = ["load_balancing_loss", "z_loss"]
+
+
+def report_moe_metrics(chunks: list[torch.nn.Module], num_microbatches: int, step: int, writer=None) -> str:
+    """Collective (every rank calls it once per step). megatron's router records each MoE layer's aux
+    balance loss and z-loss during the forward pass (divided by their coefficients: 1.0 = perfectly balanced
+    for the switch aux loss); megatron's tracker reduces them over PP/TP/DP and writes ``load_balancing_loss``,
+    ``z_loss`` and ``moe/<metric>_layer_<i>`` scalars to TensorBoard (rank 0 passes its writer)."""
+    from megatron.core.transformer.moe.moe_logging import get_moe_metrics_tracker
+
+    cfg = chunks[0].config
+    if not getattr(cfg, "num_moe_experts", None):
+        return ""
+    return get_moe_metrics_tracker().report(
+        loss_scale=1.0 / max(num_microbatches, 1), iteration=step, writer=writer, per_layer_logging=True,
+        force_initialize=True, track_names=MOE_METRICS, num_layers=cfg.num_layers)
