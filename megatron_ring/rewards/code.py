@@ -1,0 +1,37 @@
+"""The code reward: the last fenced program of the answer (after the reasoning) runs in the sandbox on
+every test case; reward 1 only if all pass (outputs compared line by line, trailing spaces ignored)."""
+from __future__ import annotations
+
+import re
+
+from . import Reward
+from .sandbox import Sandbox
+
+_FENCE = re.compile(r"```(?:python|py|python3)?[ \t]*\n(.*?)```", re.S)
+
+
+def extract_program(response: str) -> str | None:
+    blocks = _FENCE.findall(response.split("</think>")[-1])
+    return blocks[-1] if blocks else None
+
+
+def _same(out: str, expected: str) -> bool:
+    norm = lambda s: [ln.rstrip() for ln in s.strip().splitlines()]  # noqa: E731
+    return norm(out) == norm(expected)
+
+
+def code_reward(response: str, test_cases: list[dict], sandbox: Sandbox, truncated: bool = False) -> Reward:
+    if truncated:
+        return Reward(0.0, "truncated")
+    program = extract_program(response)
+    if program is None:
+        return Reward(0.0, "no_program")
+    if not test_cases:
+        return Reward(0.0, "no_test_cases")
+    for i, case in enumerate(test_cases):
+        r = sandbox.run(program, case.get("input", ""))
+        if r.status != "ok":
+            return Reward(0.0, f"test_{i}:{r.status}")
+        if not _same(r.stdout, case.get("output", "")):
+            return Reward(0.0, f"test_{i}:wrong_output")
+    return Reward(1.0, "all_tests_passed")

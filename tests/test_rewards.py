@@ -1,0 +1,103 @@
+"""Rewards: Math-Verify on the boxed answer, and the code sandbox against hostile programs — each gets
+reward 0 with a reason, the host process survives, nothing is left running or written outside."""
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from megatron_ring.rewards import Reward, RewardPool, score
+from megatron_ring.rewards.sandbox import Sandbox, SandboxLimits
+
+from .conftest import PY, ROOT
+
+
+def test_math_reward_forms():
+    ok = lambda resp, ans: score({"domain": "math", "response": resp, "answer": ans})  # noqa: E731
+    assert ok("<think>2+2</think>so \\boxed{4}.", "4") == Reward(1.0, "correct")
+    assert ok("<think>...</think>\\boxed{\\frac{1}{2}}", "0.5").value == 1.0
+    assert ok("<think>...</think>\\boxed{x = -3}", "-3").value == 1.0
+    assert ok("<think>\\boxed{7}</think>\\boxed{\\dfrac{6}{4}}", "3/2").value == 1.0  # the last box after </think>
+    assert ok("<think>...</think>\\boxed{5}", "4") == Reward(0.0, "wrong_answer")
+    assert ok("<think>\\boxed{4}</think> no box here", "4") == Reward(0.0, "no_boxed_answer")
+    assert score({"domain": "science", "response": "\\boxed{12}", "answer": "12", "truncated": True}) == \
+        Reward(0.0, "truncated")
+
+
+PROG = "```python\nn = int(input())\nprint(n * 3 + 1)\n```"
+TESTS = [{"input": "2\n", "output": "7\n"}, {"input": "-5\n", "output": "-14\n"}]
+
+
+@pytest.fixture(scope="module")
+def sandbox():
+    return Sandbox(SandboxLimits(cpu_seconds=1, wall_seconds=3.0, memory_bytes=256 << 20, file_bytes=1 << 16,
+                                 processes=16))
+
+
+def test_code_reward_all_tests_must_pass(sandbox):
+    assert score({"domain": "code", "response": "<think>easy</think>" + PROG, "test_cases": TESTS}, sandbox) == \
+        Reward(1.0, "all_tests_passed")
+    wrong = PROG.replace("+ 1", "+ (1 if n > 0 else 0)")
+    assert score({"domain": "code", "response": wrong, "test_cases": TESTS}, sandbox) == \
+        Reward(0.0, "test_1:wrong_output")
+    assert score({"domain": "code", "response": "no code", "test_cases": TESTS}, sandbox).reason == "no_program"
+
+
+HOSTILE = {
+    "fork_bomb": ("import os\nwhile True:\n    try:\n        os.fork()\n    except OSError:\n        pass", {"timeout", "cpu_limit"}),
+    "memory_hog": ("x = bytearray(4 << 30)\nprint(len(x))", {"memory_limit"}),
+    "infinite_loop": ("while True:\n    pass", {"cpu_limit"}),
+    "sleeper": ("import time\ntime.sleep(60)", {"timeout"}),
+    "huge_output": ("import sys\nwhile True:\n    sys.stdout.write('x' * 65536)", {"output_limit"}),
+    "write_outside": ("open({path!r}, 'w').write('pwned')\nprint(-14)", {"runtime_error"}),
+    "write_tmp": ("open('/tmp/mr_sandbox_pwned', 'w').write('x')\nprint(7)", {"wrong_output"}),
+    "socket": ("import socket\nsocket.create_connection(('1.1.1.1', 80), timeout=2)\nprint(7)", {"runtime_error"}),
+    "kill_parent": ("import os, signal\nos.kill(os.getppid(), signal.SIGKILL)\nos.kill(1, signal.SIGKILL)\nprint(7)",
+                    {"wrong_output", "runtime_error", "killed", "ok"}),
+}
+
+
+@pytest.mark.parametrize("name", list(HOSTILE))
+def test_hostile_programs_score_zero_and_leave_nothing(sandbox, name, tmp_path):
+    src, reasons = HOSTILE[name]
+    target = tmp_path / "pwned"
+    src = src.format(path=str(target))
+    t0 = time.time()
+    r = score({"domain": "code", "response": f"```python\n{src}\n```", "test_cases": TESTS}, sandbox)
+    assert r.value == 0.0 and r.reason.split(":", 1)[1] in reasons, r
+    assert time.time() - t0 < 3.0 + 5  # the wall limit (+ start-up) bounds every run
+    assert not target.exists() and not Path("/tmp/mr_sandbox_pwned").exists()
+    if os.geteuid() == 0:  # programs run as nobody: none may survive their run
+        left = subprocess.run(["pgrep", "-u", "nobody"], capture_output=True, text=True).stdout.split()
+        assert left == [], left
+    assert score({"domain": "code", "response": PROG, "test_cases": TESTS}, sandbox).value == 1.0  # still works
+
+
+def test_network_is_really_absent(sandbox):
+    r = sandbox.run("import socket\ns = socket.socket()\ns.bind(('127.0.0.1', 0))\n"
+                    "print(sorted(n for _, n in socket.if_nameindex())))")
+    assert r.status == "ok" and r.stdout.strip() == "['lo']", r
+
+
+def test_refuses_without_namespaces_unless_unsafe(tmp_path):
+    """With no `unshare` on PATH the sandbox refuses to start; allow_unsafe runs with limits only."""
+    code = ("from megatron_ring.rewards.sandbox import Sandbox, SandboxUnavailable\n"
+            "try:\n    Sandbox()\n    print('started')\nexcept SandboxUnavailable as e:\n    print('refused:', e)\n"
+            "sb = Sandbox(allow_unsafe=True)\nprint('unsafe', sb.isolated, sb.run('print(6*7)').stdout.strip())\n")
+    r = subprocess.run([PY, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60,
+                       env=dict(os.environ, PATH=str(tmp_path)))
+    assert "refused: cannot create network/mount/PID namespaces" in r.stdout, r.stdout + r.stderr
+    assert "unsafe False 42" in r.stdout
+
+
+def test_pool_scores_a_mixed_batch():
+    jobs = [{"domain": "math", "response": "\\boxed{4}", "answer": "4"},
+            {"domain": "code", "response": PROG, "test_cases": TESTS},
+            {"domain": "code", "response": "```python\nwhile True: pass\n```", "test_cases": TESTS},
+            {"domain": "other", "response": "hi"}]
+    with RewardPool(workers=2, limits=SandboxLimits(cpu_seconds=1, wall_seconds=3.0)) as pool:
+        out = pool.map(jobs)
+    assert [r.value for r in out] == [1.0, 1.0, 0.0, 0.0]
+    assert out[2].reason == "test_0:cpu_limit" and out[3].reason == "no_reward_for_domain:other"
