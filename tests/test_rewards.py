@@ -77,7 +77,7 @@ def test_hostile_programs_score_zero_and_leave_nothing(sandbox, name, tmp_path):
 
 def test_network_is_really_absent(sandbox):
     r = sandbox.run("import socket\ns = socket.socket()\ns.bind(('127.0.0.1', 0))\n"
-                    "print(sorted(n for _, n in socket.if_nameindex())))")
+                    "print(sorted(n for _, n in socket.if_nameindex()))")
     assert r.status == "ok" and r.stdout.strip() == "['lo']", r
 
 
