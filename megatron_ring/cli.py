@@ -104,6 +104,14 @@ def main(argv: list[str] | None = None) -> int:
         from .select.entropy import main as select_main
 
         return select_main(argv[1:])
+    if argv[:1] == ["rl"]:  # under torchrun for several ranks
+        from .rl.trainer import main as rl_main
+
+        return rl_main(argv[1:])
+    if argv[:1] == ["rl-plot"]:
+        from .rl.plot import main as plot_main
+
+        return plot_main(argv[1:])
     if argv[:1] == ["sft"]:  # under torchrun for several ranks
         from .sft.trainer import main as sft_main
 

@@ -5,8 +5,6 @@ scheduler, data position, RNG). Runs under torchrun/srun or as one process."""
 from __future__ import annotations
 
 import json
-import os
-import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,8 +14,9 @@ import pyarrow.parquet as pq
 import torch
 import torch.distributed as dist
 
-from ..checkpoint import check_compatible, load_checkpoint, save_checkpoint
+from ..checkpoint import check_compatible, load_checkpoint
 from ..config.recipe import Recipe, _from_dict, load_recipe
+from ..training.state import StopFlag, latest_checkpoint, load_training_state, save_training_state
 from .data import collate, packed_row_to_sample
 
 
@@ -64,80 +63,6 @@ class PackedDataset:
         return torch.randperm(len(self), generator=torch.Generator().manual_seed(seed * 1000 + epoch)).tolist()
 
 
-def _rng_state() -> dict:
-    from megatron.core.tensor_parallel.random import get_cuda_rng_tracker
-
-    st = {"torch": torch.get_rng_state(), "tracker": get_cuda_rng_tracker().get_states()}
-    if torch.cuda.is_available():
-        st["cuda"] = torch.cuda.get_rng_state()
-    return st
-
-
-def _set_rng_state(st: dict) -> None:
-    from megatron.core.tensor_parallel.random import get_cuda_rng_tracker
-
-    torch.set_rng_state(st["torch"])
-    get_cuda_rng_tracker().set_states(st["tracker"])
-    if "cuda" in st and torch.cuda.is_available():
-        torch.cuda.set_rng_state(st["cuda"])
-
-
-def _save(run: Path, model, optimizer, scheduler, recipe: Recipe, step: int, epoch: int, pos: int, history: list) -> Path:
-    """Collective. Everything goes to ``iter_N.tmp`` first; rank 0 renames it and moves ``latest``."""
-    rank = dist.get_rank()
-    final = run / "checkpoints" / f"iter_{step:07d}"
-    tmp = final.with_name(final.name + ".tmp")
-    if rank == 0:
-        shutil.rmtree(tmp, ignore_errors=True)
-    dist.barrier()
-    save_checkpoint(model, tmp, recipe.hf_config, iteration=step, parallel=recipe.parallel.sizes(),
-                    extra={"epoch": epoch, "pos": pos, "recipe": recipe.name, "history": history}, optimizer=optimizer)
-    torch.save({"scheduler": scheduler.state_dict(), "rng": _rng_state(), "step": step, "epoch": epoch,
-                "pos": pos}, tmp / f"trainer_rank{rank:05d}.pt")
-    dist.barrier()
-    if rank == 0:
-        shutil.rmtree(final, ignore_errors=True)
-        tmp.rename(final)
-        (run / "checkpoints" / "latest.tmp").write_text(final.name + "\n")
-        os.replace(run / "checkpoints" / "latest.tmp", run / "checkpoints" / "latest")
-    dist.barrier()
-    return final
-
-
-def latest_checkpoint(run: str | Path) -> Optional[Path]:
-    p = Path(run) / "checkpoints" / "latest"
-    return p.parent / p.read_text().strip() if p.exists() else None
-
-
-def _load(ckpt: Path, model, optimizer, scheduler) -> tuple[dict, dict]:
-    """(this rank's trainer state, the checkpoint metadata) after restoring model, optimizer, scheduler, RNG."""
-    meta = load_checkpoint(model, ckpt, optimizer=optimizer)
-    ts = torch.load(ckpt / f"trainer_rank{dist.get_rank():05d}.pt", weights_only=False)
-    scheduler.load_state_dict(ts["scheduler"])
-    _set_rng_state(ts["rng"])
-    return ts, meta
-
-
-class StopFlag:
-    """SIGTERM / SIGUSR1 (Slurm preemption, ``scancel``, torchrun forwarding) ask for a checkpoint at the
-    next step boundary; the ranks agree on it with one all-reduce per step."""
-
-    def __init__(self):
-        import signal
-
-        self.requested = False
-        for sig in (signal.SIGTERM, signal.SIGUSR1):
-            signal.signal(sig, self._set)
-
-    def _set(self, signum, frame):
-        self.requested = True
-
-    def agreed(self) -> bool:
-        t = torch.tensor([float(self.requested)])
-        dist.all_reduce(t, op=dist.ReduceOp.MAX)
-        return bool(t.item())
-
-
 def train_sft(recipe: Recipe, cfg: SFTConfig) -> list[dict]:
     """Returns the per-step history (loss, lr, grad_norm, tokens, tokens/s) of this run (rank 0 logs)."""
     from megatron.core import parallel_state as ps
@@ -176,7 +101,7 @@ def train_sft(recipe: Recipe, cfg: SFTConfig) -> list[dict]:
     step = epoch = pos = 0
     history: list[dict] = []
     if resume is not None:
-        ts, meta = _load(resume, model, opt, sched)
+        ts, meta = load_training_state(resume, model, opt, sched)
         step, epoch, pos = ts["step"], ts["epoch"], ts["pos"]
         history = meta.get("history", [])
     saved_at = step
@@ -213,14 +138,14 @@ def train_sft(recipe: Recipe, cfg: SFTConfig) -> list[dict]:
                     print(json.dumps({"preempted_at_step": step}), flush=True)
                 break
             if cfg.save_interval and step % cfg.save_interval == 0 and step < stop:
-                _save(run, model, opt, sched, recipe, step, epoch, pos, history)
+                save_training_state(run, model, opt, sched, recipe, step, {"epoch": epoch, "pos": pos}, history)
                 saved_at = step
         if pos >= steps_per_epoch:
             epoch, pos = epoch + 1, 0
-            _save(run, model, opt, sched, recipe, step, epoch, pos, history)
+            save_training_state(run, model, opt, sched, recipe, step, {"epoch": epoch, "pos": pos}, history)
             saved_at = step
     if saved_at != step or latest_checkpoint(run) is None:
-        _save(run, model, opt, sched, recipe, step, epoch, pos, history)
+        save_training_state(run, model, opt, sched, recipe, step, {"epoch": epoch, "pos": pos}, history)
     if tb is not None:
         tb.close()
     return history

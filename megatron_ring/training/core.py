@@ -72,8 +72,11 @@ def lm_forward_step(data_iter, model):
 
 
 def train_step(chunks: list[torch.nn.Module], optimizer, micro_batches: Iterable[dict], num_microbatches: int,
-               seq_length: int, micro_batch_size: int, forward_step: Callable = lm_forward_step) -> dict:
-    """One optimizer step. Returns {'loss': global token-mean loss, 'grad_norm', 'tokens'}."""
+               seq_length: int, micro_batch_size: int, forward_step: Callable = lm_forward_step,
+               report_keys: tuple[str, ...] = ("lm loss",)) -> dict:
+    """One optimizer step. Returns 'grad_norm' and, for each reported [sum, count] pair of the loss
+    function (``report_keys``), sum/count over the global batch on every rank: for the LM loss 'loss'
+    (the global token mean) and 'tokens'."""
     for c in chunks:
         c.zero_grad_buffer()
     optimizer.zero_grad()
@@ -82,18 +85,23 @@ def train_step(chunks: list[torch.nn.Module], optimizer, micro_batches: Iterable
         num_microbatches=num_microbatches, seq_length=seq_length, micro_batch_size=micro_batch_size,
         forward_only=False)
     update_ok, grad_norm, _ = optimizer.step()
-    loss = torch.zeros(2)
+    # every reported [sum, count] pair, summed over micro-batches and DP ranks, broadcast over PP
+    keys = list(report_keys)
+    sums = torch.zeros(len(keys), 2)
     if ps.is_pipeline_last_stage(ignore_virtual=True):
         for s in stats:
-            loss += s["lm loss"].float().cpu()
-    # make the loss visible on every rank: sum over DP (tokens differ per rank), broadcast over PP
-    torch.distributed.all_reduce(loss, group=ps.get_data_parallel_group())
+            for i, k in enumerate(keys):
+                sums[i] += s[k].float().cpu()
+    torch.distributed.all_reduce(sums, group=ps.get_data_parallel_group())
     if ps.get_pipeline_model_parallel_world_size() > 1:
-        torch.distributed.all_reduce(loss, group=ps.get_pipeline_model_parallel_group())
-    return {"loss": (loss[0] / loss[1].clamp(min=1)).item(), "tokens": int(loss[1].item()),
-            "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"), "update_ok": bool(update_ok)}
-
-
+        torch.distributed.all_reduce(sums, group=ps.get_pipeline_model_parallel_group())
+    out = {"grad_norm": float(grad_norm) if grad_norm is not None else float("nan"), "update_ok": bool(update_ok)}
+    for i, k in enumerate(keys):
+        out[k.replace(" ", "_")] = (sums[i, 0] / sums[i, 1].clamp(min=1e-12)).item()
+        out[k.replace(" ", "_") + "_count"] = sums[i, 1].item()
+    if "lm_loss" in out:  # the SFT/LM names
+        out["loss"], out["tokens"] = out.pop("lm_loss"), int(out.pop("lm_loss_count"))
+    return out
 
 MOE_METRICS = ["load_balancing_loss", "z_loss"]
 

@@ -1,0 +1,75 @@
+"""Typed RL stage configuration (``stages.rl`` of a recipe; CLI flags override)."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+from ..config.recipe import Recipe, _from_dict
+
+
+@dataclass
+class RLConfig:
+    prompts: str = "runs/tiny/data/rl_stage1/4_filtered.parquet"
+    init: str = "runs/tiny/sft"  # a checkpoint, or a run dir: its checkpoints/selected, else checkpoints/latest
+    tokenizer: str = "runs/tiny/data/tokenizer"
+    out: str = "runs/tiny/rl_stage1"
+    steps: int = 40
+    max_steps: Optional[int] = None  # stop (with a checkpoint) after this many steps; a rerun continues
+    prompts_per_step: int = 16
+    samples_per_prompt: int = 8  # K
+    max_new_tokens: int = 192  # ling_lite: 24576 (stage 1) / 32768 (stage 2)
+    temperature: float = 1.0
+    top_p: float = 1.0
+    mode: str = "c3po"  # c3po: fixed token budget Φ per DP rank | grpo: every generated token
+    loss_agg: Optional[str] = None  # c3po | token-mean | seq-mean-token-mean (default: c3po / seq-mean-token-mean)
+    token_budget: int = 8192  # Φ, per data-parallel rank
+    mini_batches: int = 1  # optimizer steps per RL step (cut from the kept tokens by token count)
+    max_tokens_per_microbatch: int = 4096
+    clip_eps: float = 0.2
+    kl_coef: float = 1e-3  # β
+    kl_estimator: str = "k3"
+    entropy_coef: float = 5e-4  # α_ent
+    lr: float = 3e-6
+    lr_warmup_steps: int = 0
+    weight_decay: float = 0.01
+    clip_grad: float = 1.0
+    tis_cap: Optional[float] = None  # truncated importance sampling cap C (None: off)
+    engine: str = "inprocess"  # inprocess | sglang
+    sglang_urls: list = field(default_factory=list)
+    sglang_colocated: bool = False
+    rollout_batch_size: int = 64
+    reward_workers: int = 2
+    sandbox_unsafe: bool = False
+    eval_sets: list = field(default_factory=lambda: ["runs/tiny/data/eval/math.parquet"])
+    eval_limit: int = 200
+    eval_interval: int = 10  # steps; 0: only at the start and the end
+    save_interval: int = 10
+
+    def __post_init__(self):
+        if self.mode not in ("c3po", "grpo"):
+            raise ValueError(f"mode {self.mode!r}: expected 'c3po' or 'grpo'")
+        if self.loss_agg is None:
+            self.loss_agg = "c3po" if self.mode == "c3po" else "seq-mean-token-mean"
+        if self.loss_agg == "c3po" and self.mode != "c3po":
+            raise ValueError("loss_agg 'c3po' (1/Φ) needs mode 'c3po' (the token budget)")
+
+
+def rl_config(recipe: Recipe, **overrides) -> RLConfig:
+    data = dict(recipe.stages.get("rl", {}))
+    data.update({k: v for k, v in overrides.items() if v is not None})
+    return _from_dict(RLConfig, data, f"recipe {recipe.name}: stages.rl")
+
+
+def resolve_start(path: str | Path) -> Path:
+    """A checkpoint dir, or a run dir whose ``checkpoints/selected`` (entropy selection) or
+    ``checkpoints/latest`` pointer names one."""
+    p = Path(path)
+    for ptr in ("selected", "latest"):
+        f = p / "checkpoints" / ptr
+        if f.exists():
+            return f.parent / f.read_text().strip()
+    if (p / "megatron_ring.json").exists():
+        return p
+    raise FileNotFoundError(f"{p}: not a checkpoint and no checkpoints/selected or checkpoints/latest inside "
+                            "(run the SFT stage and `megatron-ring select` first)")

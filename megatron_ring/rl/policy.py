@@ -1,0 +1,133 @@
+"""The policy side of the RL step on megatron-core: rollouts -> fixed-shape micro-batches cut by token
+count, per-token log-probs and entropy under any TP/SP/EP/PP (vocab-parallel, differentiable), and the
+forward step whose loss is ``c3po.policy_loss_terms`` weighted per the chosen aggregation."""
+from __future__ import annotations
+
+import torch
+from megatron.core import parallel_state as ps
+from megatron.core.pipeline_parallel import get_forward_backward_func
+from megatron.core.tensor_parallel import vocab_parallel_cross_entropy
+from megatron.core.tensor_parallel.mappings import reduce_from_tensor_model_parallel_region
+
+from ..model.inference import position_ids_for
+from .c3po import policy_loss_terms
+
+PER_TOKEN = ("adv", "weight", "rollout_logp", "old_logp", "ref_logp")
+
+
+def vocab_parallel_entropy(logits: torch.Tensor) -> torch.Tensor:
+    """H = logsumexp(z) - E_p[z] over the full vocabulary when each TP rank holds a vocab slice."""
+    m = logits.detach().max(-1, keepdim=True).values
+    if ps.get_tensor_model_parallel_world_size() > 1:
+        torch.distributed.all_reduce(m, op=torch.distributed.ReduceOp.MAX, group=ps.get_tensor_model_parallel_group())
+    e = (logits - m).exp()
+    s = reduce_from_tensor_model_parallel_region(e.sum(-1, keepdim=True))
+    ez = reduce_from_tensor_model_parallel_region((e * logits).sum(-1, keepdim=True))
+    return (m + s.log() - ez / s).squeeze(-1)
+
+
+def token_logprobs(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """log π(label) from vocab-parallel logits (megatron's CE modifies its input in place: give it a copy)."""
+    return -vocab_parallel_cross_entropy(logits.float().clone(), labels)
+
+
+def make_microbatches(seqs: list[dict], max_tokens: int, seq_multiple: int = 1) -> list[dict]:
+    """``seqs``: {prompt_ids, response_ids (kept prefix), adv, weight, rollout_logp[, old_logp, ref_logp]}.
+    All micro-batches of a step share one padded length S (pipeline stages exchange fixed shapes);
+    each holds max(1, max_tokens // S) sequences. Loss positions are those that predict a kept response
+    token; per-token fields are aligned to label positions."""
+    if not seqs:
+        return []
+    S = max(len(s["prompt_ids"]) + len(s["response_ids"]) for s in seqs)
+    S += (-S) % seq_multiple
+    per = min(max(1, max_tokens // S), len(seqs))  # every micro-batch has `per` rows (fixed PP shapes)
+    out = []
+    for i in range(0, len(seqs), per):
+        chunk = seqs[i:i + per]
+        b = {"tokens": torch.zeros(per, S, dtype=torch.long), "labels": torch.zeros(per, S, dtype=torch.long),
+             "loss_mask": torch.zeros(per, S)}
+        for k in PER_TOKEN:
+            if k in chunk[0]:
+                b[k] = torch.zeros(per, S)
+        for j, s in enumerate(chunk):
+            p, r = s["prompt_ids"], s["response_ids"]
+            seq = torch.tensor(p + r, dtype=torch.long)
+            b["tokens"][j, :len(seq)] = seq
+            b["labels"][j, :len(seq) - 1] = seq[1:]
+            lo, hi = len(p) - 1, len(p) - 1 + len(r)  # positions whose label is a response token
+            b["loss_mask"][j, lo:hi] = 1.0
+            b["adv"][j, lo:hi] = float(s["adv"])
+            b["weight"][j, lo:hi] = float(s["weight"])
+            for k in ("rollout_logp", "old_logp", "ref_logp"):
+                if k in s:
+                    b[k][j, lo:hi] = torch.as_tensor(s[k][:len(r)], dtype=torch.float32)
+        b["position_ids"] = position_ids_for(b["tokens"])
+        out.append(b)
+    return out
+
+
+def empty_like(mb: dict) -> dict:
+    """A micro-batch with no loss tokens (keeps the micro-batch count equal across DP/EP ranks)."""
+    return {k: torch.zeros_like(v) if k != "position_ids" else v for k, v in mb.items()}
+
+
+def rl_forward_step(cfg: dict):
+    """A megatron forward_step: the C3PO/GRPO loss of one micro-batch. ``cfg``: clip_eps, kl_coef, kl_kind,
+    entropy_coef, temperature, tis_cap (None: off), denominators (an iterator of the per-micro-batch share
+    of the loss denominator)."""
+
+    def step(data_iter, model):
+        b = next(data_iter)
+        logits = model(b["tokens"], b["position_ids"], None)
+
+        def loss_func(logits):
+            z = logits.float() / cfg["temperature"]
+            logp = token_logprobs(z, b["labels"])
+            ent = vocab_parallel_entropy(z)
+            mask = b["loss_mask"]
+            old = b["old_logp"] if "old_logp" in b else logp.detach()
+            tis = None
+            if cfg.get("tis_cap"):
+                tis = torch.clamp(torch.exp(old - b["rollout_logp"]), max=cfg["tis_cap"]) * mask
+            t = policy_loss_terms(logp, old, b.get("ref_logp"), b["adv"], clip_eps=cfg["clip_eps"],
+                                  kl_coef=cfg["kl_coef"] if "ref_logp" in b else 0.0, kl_kind=cfg["kl_kind"],
+                                  entropy=ent, entropy_coef=cfg["entropy_coef"], tis_weight=tis)
+            w = b["weight"] * mask
+            n = mask.sum()
+            denom = torch.tensor(int(round(next(cfg["denominators"]))), dtype=torch.int)
+            mismatch = ((logp.detach() - b["rollout_logp"]).abs() * mask).sum()
+            report = {"pg loss": torch.stack([(t["loss"].detach() * w).sum(), denom.float()]),
+                      "kl": torch.stack([(t["kl"] * mask).sum(), n]),
+                      "entropy": torch.stack([(t["entropy"] * mask).sum(), n]),
+                      "clipfrac": torch.stack([(t["clipped"] * mask).sum(), n]),
+                      "logp_mismatch": torch.stack([mismatch, n])}
+            return (t["loss"] * w).sum(), denom, report
+
+        return logits, loss_func
+
+    return step
+
+
+@torch.no_grad()
+def score_logprobs(model: torch.nn.Module, mbs: list[dict], temperature: float = 1.0) -> list[torch.Tensor] | None:
+    """Per-token log-probs [b, S] of each micro-batch (forward only; the old policy or the reference).
+    Returns None on pipeline stages other than the last."""
+    got: list[torch.Tensor] = []
+
+    def step(data_iter, chunk):
+        b = next(data_iter)
+        out = chunk(b["tokens"], b["position_ids"], None)
+
+        def keep(logits):
+            got.append(token_logprobs(logits.float() / temperature, b["labels"]))
+            return logits.new_zeros(()), {}
+
+        return out, keep
+
+    was = model.training
+    model.eval()
+    get_forward_backward_func()(forward_step_func=step, data_iterator=iter(mbs), model=[model],
+                                num_microbatches=len(mbs), seq_length=mbs[0]["tokens"].shape[1],
+                                micro_batch_size=mbs[0]["tokens"].shape[0], forward_only=True)
+    model.train(was)
+    return got if ps.is_pipeline_last_stage(ignore_virtual=True) else None

@@ -1,0 +1,124 @@
+"""Rollout engines behind one small interface: ``generate`` K sampled responses per prompt with their
+log-probs, ``update_weights`` from the trainer's HF-named tensors after every step, ``health``.
+
+``InProcessEngine`` is the CPU / test engine: the exported HF model (``BailingMoeForCausalLM``, our modeling
+code) in the trainer's process, KV-cached sampling with temperature / top-p. It receives weights through the
+same HF-named tensor path as SGLang's ``update_weights_from_tensor``, so the weight sync and the
+train/rollout log-prob mismatch are exercised on CPU exactly as on a GPU cluster. ``SGLangEngine`` lives in
+``sglang_engine.py``."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import torch
+
+
+@dataclass
+class SamplingParams:
+    max_new_tokens: int = 256
+    temperature: float = 1.0
+    top_p: float = 1.0
+    seed: int = 0
+
+
+@dataclass
+class Rollout:
+    prompt_index: int  # which prompt of the step (responses of one prompt are adjacent)
+    prompt_ids: list[int]
+    response_ids: list[int]  # including the stop token when it stopped
+    logprobs: list[float]  # the engine's log-prob of each response token (temperature-scaled)
+    finish_reason: str  # "stop" | "length"
+    text: str = ""
+    reward: float = 0.0
+    reward_reason: str = ""
+    extra: dict = field(default_factory=dict)
+
+
+class RolloutEngine(Protocol):
+    def generate(self, prompts: list[list[int]], n: int, sp: SamplingParams) -> list[Rollout]: ...
+
+    def update_weights(self, hf_state: dict[str, torch.Tensor], version: int) -> None: ...
+
+    def health(self) -> bool: ...
+
+
+class InProcessEngine:
+    def __init__(self, hf_config: dict, tokenizer, batch_size: int = 64):
+        from ..hf.configuration_bailing_moe import BailingMoeConfig
+        from ..hf.modeling_bailing_moe import BailingMoeForCausalLM
+
+        cfg = BailingMoeConfig(**{k: v for k, v in hf_config.items() if k not in ("architectures", "auto_map")})
+        self.model = BailingMoeForCausalLM(cfg).float().eval()
+        self.tok, self.batch_size, self.version = tokenizer, batch_size, -1
+        self.eos = hf_config.get("eos_token_id")
+        self.pad = hf_config.get("pad_token_id", self.eos)
+
+    def update_weights(self, hf_state: dict[str, torch.Tensor], version: int) -> None:
+        missing, unexpected = self.model.load_state_dict(hf_state, strict=False)
+        if missing or unexpected:  # never serve a half-updated model (SGLang would silently skip names)
+            raise RuntimeError(f"weight sync: missing {missing[:4]}, unexpected {unexpected[:4]}")
+        self.version = version
+
+    def health(self) -> bool:
+        return self.version >= 0
+
+    @torch.no_grad()
+    def generate(self, prompts: list[list[int]], n: int, sp: SamplingParams) -> list[Rollout]:
+        jobs = [(i, p) for i, p in enumerate(prompts) for _ in range(n)]
+        out: list[Rollout] = []
+        gen = torch.Generator().manual_seed(sp.seed)
+        for s in range(0, len(jobs), self.batch_size):
+            out += self._batch(jobs[s:s + self.batch_size], sp, gen)
+        return out
+
+    def _batch(self, jobs, sp: SamplingParams, gen: torch.Generator) -> list[Rollout]:
+        """Left-padded batch, KV-cached decode, temperature/top-p sampling from our own generator."""
+        B, L = len(jobs), max(len(p) for _, p in jobs)
+        ids = torch.full((B, L), self.pad, dtype=torch.long)
+        att = torch.zeros((B, L), dtype=torch.long)
+        for b, (_, p) in enumerate(jobs):
+            ids[b, L - len(p):], att[b, L - len(p):] = torch.tensor(p), 1
+        pos = (att.cumsum(-1) - 1).clamp(min=0)
+        out = self.model(input_ids=ids, attention_mask=att, position_ids=pos, use_cache=True, logits_to_keep=1)
+        past, logits = out.past_key_values, out.logits[:, -1]
+        toks, lps = [], []
+        done = torch.zeros(B, dtype=torch.bool)
+        for t in range(sp.max_new_tokens):
+            if sp.temperature > 0:
+                logp = torch.log_softmax(logits.float() / sp.temperature, -1)
+                nxt = _sample(logp, sp.top_p, gen)
+            else:  # greedy (evaluation)
+                logp = torch.log_softmax(logits.float(), -1)
+                nxt = logp.argmax(-1)
+            nxt = torch.where(done, torch.full_like(nxt, self.pad), nxt)
+            toks.append(nxt)
+            lps.append(logp.gather(-1, nxt[:, None])[:, 0])
+            done |= nxt == self.eos
+            if bool(done.all()) or t == sp.max_new_tokens - 1:
+                break
+            att = torch.cat([att, torch.ones((B, 1), dtype=torch.long)], 1)
+            pos = pos[:, -1:] + 1
+            out = self.model(input_ids=nxt[:, None], attention_mask=att, position_ids=pos, past_key_values=past,
+                             use_cache=True)
+            past, logits = out.past_key_values, out.logits[:, -1]
+        T, L_ = torch.stack(toks, 1), torch.stack(lps, 1)
+        res = []
+        for b, (i, p) in enumerate(jobs):
+            row = T[b].tolist()
+            end = row.index(self.eos) + 1 if self.eos in row else len(row)
+            resp = row[:end]
+            res.append(Rollout(i, list(p), resp, L_[b, :end].tolist(), "stop" if self.eos in resp else "length",
+                               text=self.tok.decode(resp, skip_special_tokens=True)))
+        return res
+
+
+def _sample(logp: torch.Tensor, top_p: float, gen: torch.Generator) -> torch.Tensor:
+    probs = logp.exp()
+    if top_p < 1.0:
+        sp, si = probs.sort(-1, descending=True)
+        keep = sp.cumsum(-1) - sp < top_p  # the smallest prefix whose mass reaches top_p
+        sp = sp * keep
+        choice = torch.multinomial(sp / sp.sum(-1, keepdim=True), 1, generator=gen)
+        return si.gather(-1, choice)[:, 0]
+    return torch.multinomial(probs, 1, generator=gen)[:, 0]

@@ -1,0 +1,307 @@
+"""The RL stage driver (``megatron-ring rl``): builds the policy (megatron-core, DDP, AdamW), the frozen
+reference, the rollout engine and the reward pool; runs ``step.rl_step`` with held-out evaluation,
+metrics (TensorBoard + metrics.jsonl), atomic checkpoints and exact resume (prompt order and sampling
+seeds are functions of the step; model, optimizer, scheduler and RNG come from the checkpoint)."""
+from __future__ import annotations
+
+import json
+from collections import defaultdict
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state as ps
+
+from ..checkpoint import check_compatible, load_checkpoint
+from ..config.recipe import Recipe, load_recipe
+from ..training.state import StopFlag, latest_checkpoint, load_training_state, save_training_state
+from .config import RLConfig, resolve_start, rl_config
+from .policy import empty_like, make_microbatches, rl_forward_step, score_logprobs
+from .rollout import SamplingParams
+from .step import as_tensor, rl_step
+
+REPORT = ("pg loss", "kl", "entropy", "clipfrac", "logp_mismatch")
+
+
+class RLState:
+    def __init__(self, recipe: Recipe, cfg: RLConfig):
+        from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+
+        from ..model.build import build_model
+        from ..parallel.dist import init_distributed
+        from ..tokenizer.tiny import load_tokenizer
+        from ..training.core import OptimConfig, build_optimizer, wrap_ddp
+
+        self.recipe, self.cfg, self.run = recipe, cfg, Path(cfg.out)
+        self.resume = latest_checkpoint(self.run)
+        self.start = resolve_start(cfg.init)
+        check_compatible(self.resume or self.start, recipe.hf_config)  # refuse before building anything
+        init_distributed(recipe.parallel, recipe.seed)
+        self.rank0 = dist.get_rank() == 0
+        self.policy = build_model(recipe)
+        if self.resume is None:
+            load_checkpoint(self.policy, self.start, recipe.hf_config)
+        self.ddp = wrap_ddp(self.policy)
+        self.opt = build_optimizer([self.ddp], OptimConfig(lr=cfg.lr, min_lr=cfg.lr, weight_decay=cfg.weight_decay,
+                                                           clip_grad=cfg.clip_grad))
+        n_opt = cfg.steps * cfg.mini_batches
+        self.sched = OptimizerParamScheduler(
+            self.opt, init_lr=0.0 if cfg.lr_warmup_steps else cfg.lr, max_lr=cfg.lr, min_lr=cfg.lr,
+            lr_warmup_steps=cfg.lr_warmup_steps * cfg.mini_batches, lr_decay_steps=n_opt, lr_decay_style="constant",
+            start_wd=cfg.weight_decay, end_wd=cfg.weight_decay, wd_incr_steps=n_opt, wd_incr_style="constant")
+        self.ref = None
+        if cfg.kl_coef:
+            self.ref = build_model(recipe)
+            load_checkpoint(self.ref, self.start, recipe.hf_config)
+            self.ref.requires_grad_(False)
+        self.step, self.history = 0, []
+        if self.resume is not None:
+            ts, meta = load_training_state(self.resume, self.policy, self.opt, self.sched)
+            self.step, self.history = ts["step"], meta.get("history", [])
+        self.tok = load_tokenizer(cfg.tokenizer)
+        self.rows = pq.read_table(cfg.prompts).to_pylist()
+        if len(self.rows) < cfg.prompts_per_step:
+            raise ValueError(f"{cfg.prompts}: {len(self.rows)} prompts < prompts_per_step {cfg.prompts_per_step}")
+        self.dp, self.dpr = ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
+        self.tp = ps.get_tensor_model_parallel_world_size()
+        self.engine = self.pool = None
+        if self.rank0:
+            self.engine, self.pool = self._engine(), self._rewards()
+        self.sync_weights(self.step)
+
+    # --- rollout side (rank 0) -------------------------------------------------------------------------
+    def _engine(self):
+        if self.cfg.engine == "sglang":
+            from .sglang_engine import SGLangEngine
+
+            return SGLangEngine(self.cfg.sglang_urls, self.recipe.hf_config, self.tok, self.cfg.sglang_colocated,
+                                str(self.run / "weight_sync"))
+        from .rollout import InProcessEngine
+
+        return InProcessEngine(self.recipe.hf_config, self.tok, self.cfg.rollout_batch_size)
+
+    def _rewards(self):
+        from ..rewards import RewardPool
+
+        return RewardPool(self.cfg.reward_workers, allow_unsafe=self.cfg.sandbox_unsafe)
+
+    def encode(self, rows: list[dict]) -> list[list[int]]:
+        return [self.tok.apply_chat_template([{"role": "user", "content": r["prompt"]}], tokenize=True,
+                                             add_generation_prompt=True, return_dict=False) for r in rows]
+
+    def prompts_for(self, step: int) -> list[dict]:
+        """The step's prompts: consecutive slices of a seeded permutation per pass over the prompt set."""
+        P, n = self.cfg.prompts_per_step, len(self.rows)
+        per_epoch = n // P
+        epoch, k = divmod(step, per_epoch)
+        order = torch.randperm(n, generator=torch.Generator().manual_seed(self.recipe.seed * 7919 + epoch)).tolist()
+        return [self.rows[i] for i in order[k * P:(k + 1) * P]]
+
+    def generate(self, prompts: list[dict], step: int):
+        obj = [None]
+        if self.rank0:
+            sp = SamplingParams(self.cfg.max_new_tokens, self.cfg.temperature, self.cfg.top_p,
+                                seed=self.recipe.seed * 1_000_003 + step)
+            obj = [self.engine.generate(self.encode(prompts), self.cfg.samples_per_prompt, sp)]
+        dist.broadcast_object_list(obj, src=0)
+        return obj[0]
+
+    def score(self, prompts: list[dict], rollouts) -> torch.Tensor:
+        obj = [None]
+        if self.rank0:
+            K = self.cfg.samples_per_prompt
+            jobs = [{"domain": prompts[r.prompt_index]["domain"], "response": r.text,
+                     "answer": prompts[r.prompt_index].get("answer"),
+                     "test_cases": prompts[r.prompt_index].get("test_cases"), "truncated": r.finish_reason == "length"}
+                    for r in rollouts]
+            rewards = self.pool.map(jobs)
+            assert len(rewards) == len(prompts) * K
+            obj = [[(x.value, x.reason) for x in rewards]]
+        dist.broadcast_object_list(obj, src=0)
+        for r, (v, why) in zip(rollouts, obj[0]):
+            r.reward, r.reward_reason = v, why
+        return as_tensor([v for v, _ in obj[0]])
+
+    # --- policy side (every rank) ------------------------------------------------------------------------
+    def my_groups(self, rollouts, adv: torch.Tensor) -> list:
+        K = self.cfg.samples_per_prompt
+        return [(r, float(a)) for i, (r, a) in enumerate(zip(rollouts, adv.tolist())) if (i // K) % self.dp == self.dpr]
+
+    @staticmethod
+    def sequences(mine: list, kept: list[int], weights: list[float]) -> list[dict]:
+        return [{"prompt_ids": r.prompt_ids, "response_ids": r.response_ids[:k], "adv": a, "weight": w,
+                 "rollout_logp": r.logprobs[:k]} for (r, a), k, w in zip(mine, kept, weights) if k > 0]
+
+    def _minibatches(self, seqs: list[dict]) -> list[list[dict]]:
+        """Contiguous parts of (nearly) equal token count."""
+        n = self.cfg.mini_batches
+        total = sum(len(s["response_ids"]) for s in seqs)
+        parts, acc = [[] for _ in range(n)], 0
+        for s in seqs:
+            parts[min(n - 1, int(acc * n / max(total, 1)))].append(s)
+            acc += len(s["response_ids"])
+        return parts
+
+    def add_reference_logprobs(self, seqs: list[dict]) -> None:
+        self.minis = []
+        for part in self._minibatches(seqs):
+            mbs = make_microbatches(part, self.cfg.max_tokens_per_microbatch, seq_multiple=self.tp)
+            mbs = self._equalize(mbs)
+            if self.ref is not None:
+                for b, lp in zip(mbs, score_logprobs(self.ref, mbs, self.cfg.temperature) or []):
+                    b["ref_logp"] = lp
+            if self.cfg.mini_batches > 1 or self.cfg.tis_cap:  # π_old before any update of this step
+                for b, lp in zip(mbs, score_logprobs(self.policy, mbs, self.cfg.temperature) or []):
+                    b["old_logp"] = lp
+            self.minis.append((mbs, part))
+
+    def _equalize(self, mbs: list[dict]) -> list[dict]:
+        """Every DP rank runs the same number of micro-batches (EP all-to-alls pair them up)."""
+        n = torch.tensor([float(len(mbs))])
+        dist.all_reduce(n, op=dist.ReduceOp.MAX, group=ps.get_data_parallel_group())
+        if not mbs:
+            S = max(self.tp, 2)
+            mbs = [{"tokens": torch.zeros(1, S, dtype=torch.long), "labels": torch.zeros(1, S, dtype=torch.long),
+                    "loss_mask": torch.zeros(1, S), "position_ids": torch.arange(S)[None], "adv": torch.zeros(1, S),
+                    "weight": torch.zeros(1, S), "rollout_logp": torch.zeros(1, S)}]
+            return mbs + [empty_like(mbs[0]) for _ in range(int(n.item()) - 1)]
+        return mbs + [empty_like(mbs[0]) for _ in range(int(n.item()) - len(mbs))]
+
+    def _denominator(self, part: list[dict], all_seqs: int) -> float:
+        c = self.cfg
+        if c.loss_agg == "c3po":
+            return c.token_budget / c.mini_batches
+        if c.loss_agg == "token-mean":
+            return float(sum(len(s["response_ids"]) for s in part))
+        return float(len(part))
+
+    def update(self, seqs: list[dict], denom: float) -> dict:
+        from ..training.core import report_moe_metrics, train_step
+
+        agg: dict[str, list] = defaultdict(list)
+        for mbs, part in self.minis:
+            d = self._denominator(part, len(seqs))
+            fcfg = {"clip_eps": self.cfg.clip_eps, "kl_coef": self.cfg.kl_coef, "kl_kind": self.cfg.kl_estimator,
+                    "entropy_coef": self.cfg.entropy_coef, "temperature": self.cfg.temperature,
+                    "tis_cap": self.cfg.tis_cap, "denominators": iter([d] + [0.0] * (len(mbs) - 1))}
+            out = train_step([self.ddp], self.opt, mbs, len(mbs), mbs[0]["tokens"].shape[1], mbs[0]["tokens"].shape[0],
+                             forward_step=rl_forward_step(fcfg), report_keys=REPORT)
+            self.sched.step(increment=1)
+            report_moe_metrics([self.ddp], len(mbs), self.step + 1, self.tb)
+            for k, v in out.items():
+                agg[k].append(v)
+        res = {k: sum(v) / len(v) for k, v in agg.items() if not k.endswith("_count") and k != "update_ok"}
+        res["lr"] = self.opt.param_groups[0]["lr"]
+        return res
+
+    def sync_weights(self, version: int) -> None:
+        from .sync import gather_hf_state
+
+        state = gather_hf_state(self.policy, self.recipe.hf_config, self.run / "scratch")
+        if self.rank0:
+            self.engine.update_weights(state, version)
+            if not self.engine.health():
+                raise RuntimeError("rollout engine unhealthy after the weight sync")
+
+    def rollout_metrics(self, rollouts, rewards: torch.Tensor, lengths: list[int], kept: list[int]) -> dict:
+        m = {"reward/mean": float(rewards.mean()), "response_length": sum(len(r.response_ids) for r in rollouts) / len(rollouts),
+             "truncated": sum(r.finish_reason == "length" for r in rollouts) / len(rollouts)}
+        by = defaultdict(list)
+        prompts = self._last_prompts
+        for r in rollouts:
+            by[prompts[r.prompt_index]["domain"]].append(r.reward)
+        for d, v in by.items():
+            m[f"reward/{d}"] = sum(v) / len(v)
+        t = torch.tensor([float(sum(lengths)), float(sum(kept))])
+        dist.all_reduce(t, group=ps.get_data_parallel_group())
+        m["tokens/generated"], m["tokens/kept"] = t.tolist()
+        return m
+
+    # --- evaluation, checkpoints, the loop ----------------------------------------------------------------
+    def evaluate(self) -> dict:
+        """Greedy held-out accuracy of the current weights (the rollout engine's copy) per eval set."""
+        out = {}
+        if self.rank0:
+            for path in self.cfg.eval_sets:
+                rows = pq.read_table(path).to_pylist()[: self.cfg.eval_limit]
+                rs = self.engine.generate(self.encode(rows), 1, SamplingParams(self.cfg.max_new_tokens, 0.0))
+                jobs = [{"domain": rows[r.prompt_index]["domain"], "response": r.text, "answer": rows[r.prompt_index].get("answer"),
+                         "test_cases": rows[r.prompt_index].get("test_cases"), "truncated": r.finish_reason == "length"}
+                        for r in rs]
+                out[f"eval/{Path(path).stem}"] = sum(x.value for x in self.pool.map(jobs)) / max(len(rows), 1)
+        obj = [out]
+        dist.broadcast_object_list(obj, src=0)
+        return obj[0]
+
+
+def train_rl(recipe: Recipe, cfg: RLConfig) -> list[dict]:
+    s = RLState(recipe, cfg)
+    s.tb = None
+    if s.rank0:
+        from torch.utils.tensorboard import SummaryWriter
+
+        s.tb = SummaryWriter(str(s.run / "tb"))
+    stop = min(cfg.steps, cfg.max_steps) if cfg.max_steps else cfg.steps
+    flag = StopFlag()
+    if s.step == 0:
+        s.history.append({"step": 0, **s.evaluate()})
+        _log(s, s.history[-1])
+    while s.step < stop:
+        s._last_prompts = s.prompts_for(s.step)
+        rec = {"step": s.step + 1, **rl_step(s, s.step)}
+        s.step += 1
+        if cfg.eval_interval and s.step % cfg.eval_interval == 0 or s.step == cfg.steps:
+            rec.update(s.evaluate())
+        s.history.append(rec)
+        _log(s, rec)
+        preempted = flag.agreed()
+        if preempted or s.step == stop or (cfg.save_interval and s.step % cfg.save_interval == 0):
+            save_training_state(s.run, s.policy, s.opt, s.sched, recipe, s.step, {"pos": s.step}, s.history)
+        if preempted:
+            if s.rank0:
+                print(json.dumps({"preempted_at_step": s.step}), flush=True)
+            break
+    if s.rank0:
+        s.tb.close()
+        s.pool.close()
+        (s.run / "metrics.jsonl").write_text("".join(json.dumps(h) + "\n" for h in s.history))
+    return s.history
+
+
+def _log(s: RLState, rec: dict) -> None:
+    if not s.rank0:
+        return
+    for k, v in rec.items():
+        if k != "step" and isinstance(v, (int, float)):
+            s.tb.add_scalar(k if "/" in k else f"rl/{k}", v, rec["step"])
+    s.tb.flush()
+    print(json.dumps({k: round(v, 5) if isinstance(v, float) else v for k, v in rec.items()}), flush=True)
+
+
+def main(argv=None) -> int:
+    import argparse
+
+    ap = argparse.ArgumentParser(prog="megatron-ring rl")
+    ap.add_argument("--recipe", default="rl_stage1_tiny")
+    for f in ("prompts", "init", "out", "tokenizer", "mode", "loss_agg", "engine"):
+        ap.add_argument(f"--{f.replace('_', '-')}", dest=f)
+    for f in ("steps", "max_steps", "prompts_per_step", "samples_per_prompt", "max_new_tokens", "token_budget",
+              "mini_batches", "eval_interval", "eval_limit", "save_interval", "reward_workers"):
+        ap.add_argument(f"--{f.replace('_', '-')}", dest=f, type=int)
+    for f in ("lr", "kl_coef", "entropy_coef", "temperature", "top_p", "tis_cap"):
+        ap.add_argument(f"--{f.replace('_', '-')}", dest=f, type=float)
+    ap.add_argument("--eval-sets", nargs="*")
+    ap.add_argument("--sglang-urls", nargs="*")
+    ap.add_argument("--sandbox-unsafe", action="store_true", default=None)
+    ap.add_argument("--tp", type=int)
+    ap.add_argument("--ep", type=int)
+    ap.add_argument("--pp", type=int)
+    a = ap.parse_args(argv)
+    par = {k: v for k, v in {"tensor_model_parallel_size": a.tp, "expert_model_parallel_size": a.ep,
+                             "pipeline_model_parallel_size": a.pp}.items() if v}
+    recipe = load_recipe(a.recipe, {"parallel": par} if par else None)
+    skip = {"recipe", "tp", "ep", "pp"}
+    cfg = rl_config(recipe, **{k: v for k, v in vars(a).items() if k not in skip})
+    train_rl(recipe, cfg)
+    return 0

@@ -1,0 +1,1 @@
+"""Serving: HF export, SGLang launch, the CPU OpenAI-compatible server and the Gradio chat demo."""

@@ -1,0 +1,94 @@
+"""SGLang for Ring-lite / Ling-lite (GPU only): the launch command line, a health wait, and shutdown.
+Used by the RL rollout engine (``megatron_ring.rl.sglang_engine``) and by ``slurm/serve.sh``."""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from dataclasses import dataclass, field
+
+
+@dataclass
+class SGLangServer:
+    model_path: str
+    host: str = "127.0.0.1"
+    port: int = 30000
+    tp_size: int = 1
+    ep_size: int = 1
+    dp_size: int = 1
+    context_length: int | None = None  # Ring-lite: 32768
+    mem_fraction_static: float | None = None
+    reasoning_parser: str | None = None  # "deepseek-r1" splits <think>...</think> into reasoning_content
+    api_key: str | None = None
+    served_model_name: str | None = None
+    dtype: str = "auto"
+    enable_memory_saver: bool = False  # RL colocated with the trainer: release/resume memory between phases
+    extra: list[str] = field(default_factory=list)
+
+    def command(self, python: str = sys.executable) -> list[str]:
+        cmd = [python, "-m", "sglang.launch_server", "--model-path", self.model_path, "--host", self.host,
+               "--port", str(self.port), "--tp-size", str(self.tp_size), "--trust-remote-code", "--dtype", self.dtype]
+        if self.ep_size > 1:
+            cmd += ["--ep-size", str(self.ep_size)]
+        if self.dp_size > 1:
+            cmd += ["--dp-size", str(self.dp_size)]
+        if self.context_length:
+            cmd += ["--context-length", str(self.context_length)]
+        if self.mem_fraction_static:
+            cmd += ["--mem-fraction-static", str(self.mem_fraction_static)]
+        if self.reasoning_parser:
+            cmd += ["--reasoning-parser", self.reasoning_parser]
+        if self.api_key:
+            cmd += ["--api-key", self.api_key]
+        if self.served_model_name:
+            cmd += ["--served-model-name", self.served_model_name]
+        if self.enable_memory_saver:
+            cmd += ["--enable-memory-saver"]
+        return cmd + list(self.extra)
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.host}:{self.port}"
+
+
+def healthy(url: str, timeout: float = 5.0) -> bool:
+    try:
+        with urllib.request.urlopen(url.rstrip("/") + "/health", timeout=timeout) as r:
+            return r.status == 200
+    except OSError:
+        return False
+
+
+def wait_healthy(url: str, proc: subprocess.Popen | None = None, timeout: float = 1800.0) -> None:
+    t0 = time.time()
+    while time.time() - t0 < timeout:
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"sglang server exited with code {proc.returncode} before becoming healthy")
+        if healthy(url):
+            return
+        time.sleep(2.0)
+    raise TimeoutError(f"sglang server at {url} not healthy after {timeout:.0f} s")
+
+
+def launch(server: SGLangServer, log_path: str | None = None, wait: bool = True) -> subprocess.Popen:
+    log = open(log_path, "ab") if log_path else subprocess.DEVNULL
+    proc = subprocess.Popen(server.command(), stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+                            env=dict(os.environ))
+    if wait:
+        wait_healthy(server.url, proc)
+    return proc
+
+
+def shutdown(proc: subprocess.Popen, grace: float = 30.0) -> None:
+    """SIGTERM the server's process group (it has scheduler/detokenizer children), SIGKILL after ``grace``."""
+    if proc.poll() is not None:
+        return
+    os.killpg(proc.pid, signal.SIGTERM)
+    try:
+        proc.wait(grace)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
