@@ -109,7 +109,7 @@ class InProcessEngine:
             end = row.index(self.eos) + 1 if self.eos in row else len(row)
             resp = row[:end]
             res.append(Rollout(i, list(p), resp, L_[b, :end].tolist(), "stop" if self.eos in resp else "length",
-                               text=self.tok.decode(resp, skip_special_tokens=True)))
+                               text=self.tok.decode([x for x in resp if x != self.eos], skip_special_tokens=False)))
         return res
 
 

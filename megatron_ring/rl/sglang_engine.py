@@ -38,7 +38,7 @@ def parse_generate(out: list[dict], prompts: list[list[int]], n: int, tokenizer=
         fr = meta.get("finish_reason") or {}
         res.append(Rollout(i, list(prompts[i]), list(ids), [float(t[0]) for t in lps],
                            "length" if fr.get("type") == "length" else "stop",
-                           text=o.get("text") if tokenizer is None else tokenizer.decode(ids, skip_special_tokens=True)))
+                           text=o.get("text") if tokenizer is None else tokenizer.decode(ids, skip_special_tokens=False)))
     return res
 
 

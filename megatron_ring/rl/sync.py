@@ -1,7 +1,8 @@
 """Trainer -> rollout engine weight sync: the policy's weights as HF-named tensors (the names SGLang's
 ``bailing_moe`` loader reads), gathered on rank 0. With no model parallelism the full model is on every
 rank and the mapping runs in memory; otherwise the shards go through a megatron dist checkpoint (the
-always-works path, also SGLang's from-disk fallback) and rank 0 reads it back as plain full tensors."""
+always-works path, also SGLang's from-disk fallback), which rank 0 converts to an HF folder in a separate
+single-process converter (the full model never has to fit one trainer rank's parallel state)."""
 from __future__ import annotations
 
 import shutil
@@ -13,7 +14,7 @@ import torch.distributed as dist
 from megatron.core import parallel_state as ps
 
 from ..checkpoint import save_checkpoint
-from ..convert.mapping import _canonical, mcore_to_hf
+from ..convert.mapping import mcore_to_hf
 from ..convert.run import full_state
 
 
@@ -27,21 +28,33 @@ def gather_hf_state(model: torch.nn.Module, hf_config: dict, scratch: str | Path
     """Collective. The HF-named full state on rank 0 (None elsewhere)."""
     if model_parallel_size() == 1:
         return mcore_to_hf(full_state(model), hf_config) if dist.get_rank() == 0 else None
-    from megatron.core.dist_checkpointing import load_plain_tensors
+    import subprocess
+    import sys
+
+    from ..convert.hf_io import read_hf_state
 
     base = Path(scratch or tempfile.gettempdir())
-    path = base / "weight_sync"
+    path, hf_path = base / "weight_sync", base / "weight_sync_hf"
     if dist.get_rank() == 0:
         shutil.rmtree(path, ignore_errors=True)
     dist.barrier()
     save_checkpoint(model, path, hf_config)
     state = None
     if dist.get_rank() == 0:
-        plain = load_plain_tensors(str(path / "dist"))
-        state = mcore_to_hf({_canonical(k): v for k, v in plain.items() if _is_param(k)}, hf_config)
+        r = subprocess.run([sys.executable, "-m", "megatron_ring.cli", "convert", "mcore-to-hf", "--ckpt", str(path),
+                            "--out", str(hf_path)], capture_output=True, text=True, env=_single_process_env())
+        if r.returncode != 0:
+            raise RuntimeError(f"weight sync: converting {path} failed:\n{r.stderr[-3000:]}")
+        state = read_hf_state(hf_path)
     dist.barrier()
     return state
 
 
-def _is_param(name: str) -> bool:
-    return not (name.endswith("_extra_state") or "optimizer" in name)
+def _single_process_env() -> dict:
+    """Our environment without the launcher's rank variables (the converter must not join this job)."""
+    import os
+
+    drop = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "SLURM_PROCID",
+            "SLURM_NTASKS")
+    prefixes = ("TORCHELASTIC_", "GROUP_", "ROLE_")  # e.g. TORCHELASTIC_USE_AGENT_STORE would join the agent's store
+    return {k: v for k, v in os.environ.items() if k not in drop and not k.startswith(prefixes)}
