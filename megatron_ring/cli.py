@@ -9,7 +9,14 @@ import sys
 def _cmd_recipes(a):
     from .config import list_recipes, load_recipe
 
-    if a.name:
+    if a.get:  # one value by dotted path, e.g. stages.rl.engine (for shell scripts)
+        v = load_recipe(a.get[0]).to_dict()
+        for part in a.get[1].split("."):
+            if not isinstance(v, dict) or part not in v:
+                raise ValueError(f"recipe {a.get[0]}: no {a.get[1]}")
+            v = v[part]
+        print(v if not isinstance(v, (dict, list)) else json.dumps(v))
+    elif a.name:
         print(json.dumps(load_recipe(a.name).to_dict(), indent=2))
     else:
         print("\n".join(list_recipes()))
@@ -55,11 +62,15 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="megatron-ring", description=__doc__)
     sub = p.add_subparsers(dest="cmd", required=True)
     sub.add_parser("select", help="entropy-based SFT checkpoint selection: megatron-ring select --help")
+    sub.add_parser("rl", help="C3PO RL stage: megatron-ring rl --recipe rl_stage1_tiny --help")
+    sub.add_parser("rollouts", help="sample+score K responses per prompt (input of data_tools difficulty)")
+    sub.add_parser("rl-plot", help="Fig. 7-style panels of RL runs")
     sub.add_parser("sft", help="distillation SFT: megatron-ring sft --recipe sft_distill_tiny --help")
     sub.add_parser("data", help="data curation steps: megatron-ring data <step> --help (same as python -m data_tools)")
 
     s = sub.add_parser("recipes", help="list recipes, or print one")
     s.add_argument("name", nargs="?")
+    s.add_argument("--get", nargs=2, metavar=("RECIPE", "KEY"), help="print one value, e.g. rl_stage1_tiny stages.rl.out")
     s.set_defaults(fn=_cmd_recipes)
 
     s = sub.add_parser("init", help="write a randomly initialised HF checkpoint (+ tokenizer) for a recipe")
@@ -108,6 +119,10 @@ def main(argv: list[str] | None = None) -> int:
         from .rl.trainer import main as rl_main
 
         return rl_main(argv[1:])
+    if argv[:1] == ["rollouts"]:
+        from .rl.rollout_stats import main as rollouts_main
+
+        return rollouts_main(argv[1:])
     if argv[:1] == ["rl-plot"]:
         from .rl.plot import main as plot_main
 

@@ -92,3 +92,41 @@ def shutdown(proc: subprocess.Popen, grace: float = 30.0) -> None:
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
+
+
+def main(argv=None) -> int:
+    """``python -m serving.sglang --model-path P [--port N --tp-size T ...]``: run one server in the
+    foreground until SIGTERM (what slurm/serve.sh and slurm/rl_stage*.sh start on each node)."""
+    import argparse
+
+    ap = argparse.ArgumentParser(prog="python -m serving.sglang")
+    ap.add_argument("--model-path", required=True)
+    ap.add_argument("--host", default="0.0.0.0")
+    ap.add_argument("--port", type=int, default=30000)
+    ap.add_argument("--tp-size", type=int, default=1)
+    ap.add_argument("--ep-size", type=int, default=1)
+    ap.add_argument("--dp-size", type=int, default=1)
+    ap.add_argument("--context-length", type=int)
+    ap.add_argument("--mem-fraction-static", type=float)
+    ap.add_argument("--reasoning-parser")
+    ap.add_argument("--api-key")
+    ap.add_argument("--served-model-name")
+    ap.add_argument("--enable-memory-saver", action="store_true")
+    ap.add_argument("--print-command", action="store_true", help="print the sglang command line and exit")
+    a = ap.parse_args(argv)
+    srv = SGLangServer(**{k: v for k, v in vars(a).items() if k != "print_command"})
+    if a.print_command:
+        print(" ".join(srv.command()))
+        return 0
+    proc = launch(srv, wait=False)
+    signal.signal(signal.SIGTERM, lambda *_: shutdown(proc))
+    try:
+        wait_healthy(f"http://127.0.0.1:{srv.port}", proc)
+        print(f"sglang healthy at {srv.url}", flush=True)
+        return proc.wait()
+    finally:
+        shutdown(proc)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -50,3 +50,29 @@ on_preempt() {
   echo "[$(date +%T)] preemption signal: asking the ranks to checkpoint"
   kill -TERM "$CHILD" 2>/dev/null || true
 }
+
+# run_rl_stage <rl flags...>: the RL trainer, plus SGLang rollout servers on this allocation when the
+# recipe's engine is sglang (GPU nodes): ROLLOUT_GPUS per node serve, the rest train.
+run_rl_stage() {
+  local engine
+  engine=$("$PY" -m megatron_ring.cli recipes --get "$RECIPE" stages.rl.engine 2>/dev/null || echo inprocess)
+  if [ "$engine" != "sglang" ]; then
+    run_stage rl --recipe "$RECIPE" "$@"
+    return
+  fi
+  local gpus rollout urls=() start hf
+  gpus=$(nproc_per_node); rollout=${ROLLOUT_GPUS:-4}
+  start=$("$PY" -m megatron_ring.cli recipes --get "$RECIPE" stages.rl.init)
+  hf="${SGLANG_MODEL:-$("$PY" -m megatron_ring.cli recipes --get "$RECIPE" stages.rl.out)/rollout_init_hf}"
+  [ -f "$hf/config.json" ] || "$PY" -m megatron_ring.cli convert mcore-to-hf --ckpt "$start" --out "$hf" \
+    --tokenizer "$("$PY" -m megatron_ring.cli recipes --get "$RECIPE" stages.rl.tokenizer)" --dtype bf16
+  local port=$((30000 + ${SLURM_JOB_ID:-0} % 20000))
+  for host in $(scontrol show hostnames "${SLURM_JOB_NODELIST:-localhost}" 2>/dev/null || echo localhost); do
+    local devs; devs=$(seq -s, $((gpus - rollout)) $((gpus - 1)))
+    srun --overlap --nodes=1 --ntasks=1 -w "$host" env CUDA_VISIBLE_DEVICES="$devs" \
+      "$PY" -m serving.sglang --model-path "$hf" --port "$port" --tp-size "$rollout" --enable-memory-saver &
+    urls+=("http://${host}:${port}")
+  done
+  export CUDA_VISIBLE_DEVICES=$(seq -s, 0 $((gpus - rollout - 1)))
+  NPROC=$((gpus - rollout)) run_stage rl --recipe "$RECIPE" --engine sglang --sglang-urls "${urls[@]}" "$@"
+}

@@ -158,7 +158,7 @@ def main(argv=None) -> int:
     ap.add_argument("--recipe", default="sft_distill_tiny")
     for f in ("data", "init", "out"):
         ap.add_argument(f"--{f}")
-    for f in ("epochs", "global_batch_size", "micro_batch_size", "save_interval", "max_steps"):
+    for f in ("epochs", "global_batch_size", "micro_batch_size", "save_interval", "max_steps", "log_interval"):
         ap.add_argument(f"--{f.replace('_', '-')}", dest=f, type=int)
     ap.add_argument("--lr", type=float)
     ap.add_argument("--tp", type=int, default=None)
@@ -169,6 +169,7 @@ def main(argv=None) -> int:
                              "pipeline_model_parallel_size": a.pp}.items() if v}
     recipe = load_recipe(a.recipe, {"parallel": par} if par else None)
     cfg = sft_config(recipe, **{k: getattr(a, k) for k in ("data", "init", "out", "epochs", "global_batch_size",
-                                                          "micro_batch_size", "save_interval", "max_steps", "lr")})
+                                                          "micro_batch_size", "save_interval", "max_steps", "lr",
+                                                          "log_interval")})
     train_sft(recipe, cfg)
     return 0
