@@ -29,7 +29,7 @@ def _rl(nproc, data, init, out, steps, *extra):
            "--eval-sets", str(data / "eval" / "math.parquet"), "--eval-limit", "4", "--eval-interval", "0",
            "--steps", "4", "--max-steps", str(steps), "--prompts-per-step", "4", "--samples-per-prompt", "4",
            "--max-new-tokens", "24", "--token-budget", "160", "--reward-workers", "1", "--save-interval", "0",
-           "--lr", "1e-3", *extra]
+           "--lr", "1e-3", "--keep-uninformative", *extra]  # a random model scores 0: keep its groups
     r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900,
                        env=dict(os.environ, OMP_NUM_THREADS="1"))
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-4000:]

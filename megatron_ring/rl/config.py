@@ -24,6 +24,7 @@ class RLConfig:
     mode: str = "c3po"  # c3po: fixed token budget Φ per DP rank | grpo: every generated token
     loss_agg: Optional[str] = None  # c3po | token-mean | seq-mean-token-mean (default: c3po / seq-mean-token-mean)
     token_budget: int = 8192  # Φ, per data-parallel rank
+    drop_uninformative: bool = True  # drop groups whose K rewards are all equal (advantage 0) before the budget
     mini_batches: int = 1  # optimizer steps per RL step (cut from the kept tokens by token count)
     max_tokens_per_microbatch: int = 4096
     clip_eps: float = 0.2
@@ -43,6 +44,7 @@ class RLConfig:
     sandbox_unsafe: bool = False
     eval_sets: list = field(default_factory=lambda: ["runs/tiny/data/eval/math.parquet"])
     eval_limit: int = 200
+    eval_k: int = 1  # 1: greedy accuracy; k > 1: avg@k at the rollout temperature (the paper's AIME@32 protocol)
     eval_interval: int = 10  # steps; 0: only at the start and the end
     save_interval: int = 10
 

@@ -18,6 +18,8 @@ def rl_step(s, step: int) -> dict:
         rewards = s.score(prompts, rollouts)                                # Math-Verify / sandbox: 0 or 1
     adv = group_advantages(rewards.view(len(prompts), c.samples_per_prompt))  # GRPO group advantages
     mine = s.my_groups(rollouts, adv.flatten())                             # this DP rank's groups, prompt by prompt
+    if c.drop_uninformative:                                                # all-equal groups carry no signal:
+        mine = [(r, a) for r, a in mine if a != 0.0]                        #   don't spend Φ on them
     lengths = [len(r.response_ids) for r, _ in mine]
     kept = budget_select(lengths, c.token_budget) if c.mode == "c3po" else lengths  # C3PO: exactly Φ tokens
     weights, denom = token_weights(kept, c.loss_agg, c.token_budget)        # 1/Φ (or GRPO's 1/|y| mean)

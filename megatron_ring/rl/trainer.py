@@ -180,6 +180,10 @@ class RLState:
         from ..training.core import report_moe_metrics, train_step
 
         agg: dict[str, list] = defaultdict(list)
+        n = torch.tensor([float(len(seqs))])
+        dist.all_reduce(n, group=ps.get_data_parallel_group())
+        if n.item() == 0:  # no group with signal anywhere: no optimizer step (Adam would move on momentum alone)
+            return {"grad_norm": 0.0, "lr": self.opt.param_groups[0]["lr"], "skipped": 1.0}
         for mbs, part in self.minis:
             d = self._denominator(part, len(seqs))
             fcfg = {"clip_eps": self.cfg.clip_eps, "kl_coef": self.cfg.kl_coef, "kl_kind": self.cfg.kl_estimator,
@@ -225,11 +229,14 @@ class RLState:
         if self.rank0:
             for path in self.cfg.eval_sets:
                 rows = pq.read_table(path).to_pylist()[: self.cfg.eval_limit]
-                rs = self.engine.generate(self.encode(rows), 1, SamplingParams(self.cfg.max_new_tokens, 0.0))
+                k = self.cfg.eval_k
+                sp = SamplingParams(self.cfg.max_new_tokens, 0.0 if k == 1 else self.cfg.temperature, self.cfg.top_p,
+                                    seed=12345)
+                rs = self.engine.generate(self.encode(rows), k, sp)
                 jobs = [{"domain": rows[r.prompt_index]["domain"], "response": r.text, "answer": rows[r.prompt_index].get("answer"),
                          "test_cases": rows[r.prompt_index].get("test_cases"), "truncated": r.finish_reason == "length"}
                         for r in rs]
-                out[f"eval/{Path(path).stem}"] = sum(x.value for x in self.pool.map(jobs)) / max(len(rows), 1)
+                out[f"eval/{Path(path).stem}"] = sum(x.value for x in self.pool.map(jobs)) / max(len(rs), 1)
         obj = [out]
         dist.broadcast_object_list(obj, src=0)
         return obj[0]
@@ -287,13 +294,15 @@ def main(argv=None) -> int:
     for f in ("prompts", "init", "out", "tokenizer", "mode", "loss_agg", "engine"):
         ap.add_argument(f"--{f.replace('_', '-')}", dest=f)
     for f in ("steps", "max_steps", "prompts_per_step", "samples_per_prompt", "max_new_tokens", "token_budget",
-              "mini_batches", "eval_interval", "eval_limit", "save_interval", "reward_workers"):
+              "mini_batches", "eval_interval", "eval_limit", "eval_k", "save_interval", "reward_workers"):
         ap.add_argument(f"--{f.replace('_', '-')}", dest=f, type=int)
     for f in ("lr", "kl_coef", "entropy_coef", "temperature", "top_p", "tis_cap"):
         ap.add_argument(f"--{f.replace('_', '-')}", dest=f, type=float)
     ap.add_argument("--eval-sets", nargs="*")
     ap.add_argument("--sglang-urls", nargs="*")
     ap.add_argument("--sandbox-unsafe", action="store_true", default=None)
+    ap.add_argument("--keep-uninformative", dest="drop_uninformative", action="store_false", default=None,
+                    help="train on groups whose rewards are all equal too (their advantage is 0)")
     ap.add_argument("--tp", type=int)
     ap.add_argument("--ep", type=int)
     ap.add_argument("--pp", type=int)
