@@ -15,7 +15,7 @@ mkdir -p "$RUN" logs
 echo "== 1/6 data: the embedded default sets through the curation pipeline -> $RUN/data"
 $PY -m data_tools default "$RUN/data" | $PY -c 'import json,sys; s=json.load(sys.stdin); print(json.dumps({k: s[k] for k in ("seconds","eval_disjoint_from_training","rows","sft_packed_rows","eval_rows")}))'
 echo "== 2/6 base model: random tiny MoE + tokenizer -> $RUN/hf_init -> megatron dist checkpoint $RUN/mcore"
-[ -f "$RUN/mcore/megatron_ring.json" ] || {
+[ -f "$RUN/mcore/megatron_ring.json" ] || {  # (each stage resumes / skips what is done: rerunning is cheap)
   $PY -m megatron_ring.cli init --recipe tiny --out "$RUN/hf_init"
   $PY -m megatron_ring.cli convert hf-to-mcore --hf "$RUN/hf_init" --out "$RUN/mcore"; }
 echo "== 3/6 distillation SFT (slurm/sft_distill.sh, recipe sft_distill_tiny) -> $RUN/sft"
@@ -23,8 +23,9 @@ RECIPE=sft_distill_tiny NPROC=1 SFT_ARGS="--data $RUN/data/sft/packed.parquet --
   bash slurm/sft_distill.sh 2>&1 | grep -E '^\{|^\[|rror' || true
 test -f "$RUN/sft/checkpoints/latest"
 echo "== 4/6 entropy-based checkpoint selection (slurm/select_ckpt.sh, window 0.3-0.5) -> $RUN/sft/checkpoints/selected"
-RUN="$RUN/sft" PROMPTS="$RUN/data/rl_stage1/4_filtered.parquet" TOKENIZER="$RUN/data/tokenizer" \
-  EVAL="$RUN/data/eval/math.parquet" SELECT_ARGS="--limit 100 --max-new-tokens 192" bash slurm/select_ckpt.sh 2>&1 | grep -E '^\{|inside|nearest' || true
+[ -f "$RUN/sft/checkpoints/selected" ] || PROMPTS="$RUN/data/rl_stage1/4_filtered.parquet" TOKENIZER="$RUN/data/tokenizer" \
+  EVAL="$RUN/data/eval/math.parquet" SELECT_ARGS="--limit 100 --max-new-tokens 192" RUN="$RUN/sft" \
+  bash slurm/select_ckpt.sh 2>&1 | grep -E '^\{|inside|nearest|rror' || true
 cat "$RUN/sft/selection/selection.md"
 echo "== 5/6 C3PO RL stage 1: sbatch slurm/rl_stage1.sh (recipe rl_stage1_tiny) -> $RUN/rl_stage1"
 RL_ARGS="--init $RUN/sft --out $RUN/rl_stage1 --prompts $RUN/data/rl_stage1/4_filtered.parquet --tokenizer $RUN/data/tokenizer --eval-sets $RUN/data/eval/math.parquet"
