@@ -44,7 +44,7 @@ $PY - "$RUN" <<'PYEOF'
 import json, sys
 m = [json.loads(l) for l in open(f"{sys.argv[1]}/rl_stage1/metrics.jsonl")]
 ev = [(r["step"], r["eval/math"]) for r in m if "eval/math" in r]
-print("held-out math accuracy (greedy) by RL step:", ", ".join(f"{s}: {a:.2f}" for s, a in ev))
+print("held-out math accuracy (the recipe's eval: avg@k at the rollout temperature; greedy when k=1) by RL step:", ", ".join(f"{s}: {a:.2f}" for s, a in ev))
 print(f"lift: {ev[-1][1] - ev[0][1]:+.2f}")
 PYEOF
 echo "main job done: $RUN"
