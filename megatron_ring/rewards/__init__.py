@@ -11,6 +11,6 @@ class Reward:
     reason: str
 
 
-from .pool import RewardPool, score  # noqa: E402
+from .pool import RewardPool, reward_job, score  # noqa: E402
 
-__all__ = ["Reward", "RewardPool", "score"]
+__all__ = ["Reward", "RewardPool", "reward_job", "score"]

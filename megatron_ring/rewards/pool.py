@@ -18,6 +18,12 @@ def _init(limits: dict, allow_unsafe: bool) -> None:
     _SANDBOX = Sandbox(SandboxLimits(**limits), allow_unsafe=allow_unsafe)
 
 
+def reward_job(row: dict, response: str, truncated: bool) -> dict:
+    """The scoring job of one response to a prompt row (id, prompt, domain, answer | test_cases)."""
+    return {"domain": row["domain"], "response": response, "answer": row.get("answer"),
+            "test_cases": row.get("test_cases"), "truncated": truncated}
+
+
 def score(job: dict, sandbox: Sandbox | None = None) -> Reward:
     from .code import code_reward
     from .verify_math import math_reward

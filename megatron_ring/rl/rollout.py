@@ -35,6 +35,12 @@ class Rollout:
     extra: dict = field(default_factory=dict)
 
 
+def chat_prompt_ids(tokenizer, rows: list[dict]) -> list[list[int]]:
+    """One user turn per prompt row, the assistant turn opened (the chat template), as token ids."""
+    return [tokenizer.apply_chat_template([{"role": "user", "content": r["prompt"]}], tokenize=True,
+                                          add_generation_prompt=True, return_dict=False) for r in rows]
+
+
 class RolloutEngine(Protocol):
     def generate(self, prompts: list[list[int]], n: int, sp: SamplingParams) -> list[Rollout]: ...
 

@@ -31,9 +31,9 @@ def load_engine(ckpt: str | Path, tokenizer_dir: str | Path, batch_size: int = 6
 
 def rollout_stats(ckpt, prompts, tokenizer_dir, out, k: int = 8, limit: int | None = None, max_new_tokens: int = 192,
                   temperature: float = 1.0, seed: int = 0, chunk: int = 16, workers: int = 2) -> dict:
-    from ..rewards import RewardPool
+    from ..rewards import RewardPool, reward_job
     from .config import resolve_start
-    from .rollout import SamplingParams
+    from .rollout import SamplingParams, chat_prompt_ids
 
     eng, tok = load_engine(resolve_start(ckpt), tokenizer_dir)
     rows = pq.read_table(str(prompts)).to_pylist()[:limit]
@@ -41,11 +41,8 @@ def rollout_stats(ckpt, prompts, tokenizer_dir, out, k: int = 8, limit: int | No
     with RewardPool(workers) as pool:
         for s in tqdm(range(0, len(rows), chunk), desc="rollouts", unit="chunk"):
             part = rows[s:s + chunk]
-            ids = [tok.apply_chat_template([{"role": "user", "content": r["prompt"]}], tokenize=True,
-                                           add_generation_prompt=True, return_dict=False) for r in part]
-            rs = eng.generate(ids, k, SamplingParams(max_new_tokens, temperature, seed=seed + s))
-            jobs = [{"domain": part[r.prompt_index]["domain"], "response": r.text, "answer": part[r.prompt_index].get("answer"),
-                     "test_cases": part[r.prompt_index].get("test_cases"), "truncated": r.finish_reason == "length"} for r in rs]
+            rs = eng.generate(chat_prompt_ids(tok, part), k, SamplingParams(max_new_tokens, temperature, seed=seed + s))
+            jobs = [reward_job(part[r.prompt_index], r.text, r.finish_reason == "length") for r in rs]
             for j, (r, rw) in enumerate(zip(rs, pool.map(jobs))):
                 recs.append({"id": part[r.prompt_index]["id"], "sample": j % k, "reward": rw.value, "reason": rw.reason,
                              "length": len(r.response_ids), "finish_reason": r.finish_reason})

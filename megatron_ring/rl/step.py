@@ -22,14 +22,14 @@ def rl_step(s, step: int) -> dict:
         mine = [(r, a) for r, a in mine if a != 0.0]                        #   don't spend Φ on them
     lengths = [len(r.response_ids) for r, _ in mine]
     kept = budget_select(lengths, c.token_budget) if c.mode == "c3po" else lengths  # C3PO: exactly Φ tokens
-    weights, denom = token_weights(kept, c.loss_agg, c.token_budget)        # 1/Φ (or GRPO's 1/|y| mean)
+    weights, _ = token_weights(kept, c.loss_agg, c.token_budget)            # 1/Φ (or GRPO's 1/|y| mean)
     seqs = s.sequences(mine, kept, weights)                                 # prompt + kept prefix of each response
     with t("train"):
         s.add_reference_logprobs(seqs)                                      # π_ref (and π_old for >1 mini-batch)
-        out = s.update(seqs, denom)                                         # -(1/Φ)Σ(min(rA, clip(r)A) - βKL) - α_ent·H
+        out = s.update(seqs)                                                # -(1/Φ)Σ(min(rA, clip(r)A) - βKL) - α_ent·H
     with t("sync"):                                                         #   (+ α_bal·balance + α_z·z-loss in the router)
         s.sync_weights(step + 1)                                            # push the new weights to the engine
-    return {**out, **s.rollout_metrics(rollouts, rewards, lengths, kept), **t.times,
+    return {**out, **s.rollout_metrics(prompts, rollouts, rewards, lengths, kept), **t.times,
             "tokens_per_s": sum(kept) / max(t.times["time/train"], 1e-9)}
 
 

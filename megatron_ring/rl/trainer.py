@@ -18,7 +18,8 @@ from ..config.recipe import Recipe, load_recipe
 from ..training.state import StopFlag, latest_checkpoint, load_training_state, save_training_state
 from .config import RLConfig, resolve_start, rl_config
 from .policy import empty_like, make_microbatches, rl_forward_step, score_logprobs
-from .rollout import SamplingParams
+from ..rewards import reward_job
+from .rollout import SamplingParams, chat_prompt_ids
 from .step import as_tensor, rl_step
 
 REPORT = ("pg loss", "kl", "entropy", "clipfrac", "logp_mismatch")
@@ -87,8 +88,7 @@ class RLState:
         return RewardPool(self.cfg.reward_workers, allow_unsafe=self.cfg.sandbox_unsafe)
 
     def encode(self, rows: list[dict]) -> list[list[int]]:
-        return [self.tok.apply_chat_template([{"role": "user", "content": r["prompt"]}], tokenize=True,
-                                             add_generation_prompt=True, return_dict=False) for r in rows]
+        return chat_prompt_ids(self.tok, rows)
 
     def prompts_for(self, step: int) -> list[dict]:
         """The step's prompts: consecutive slices of a seeded permutation per pass over the prompt set."""
@@ -111,10 +111,7 @@ class RLState:
         obj = [None]
         if self.rank0:
             K = self.cfg.samples_per_prompt
-            jobs = [{"domain": prompts[r.prompt_index]["domain"], "response": r.text,
-                     "answer": prompts[r.prompt_index].get("answer"),
-                     "test_cases": prompts[r.prompt_index].get("test_cases"), "truncated": r.finish_reason == "length"}
-                    for r in rollouts]
+            jobs = [reward_job(prompts[r.prompt_index], r.text, r.finish_reason == "length") for r in rollouts]
             rewards = self.pool.map(jobs)
             assert len(rewards) == len(prompts) * K
             obj = [[(x.value, x.reason) for x in rewards]]
@@ -168,7 +165,8 @@ class RLState:
             return mbs + [empty_like(mbs[0]) for _ in range(int(n.item()) - 1)]
         return mbs + [empty_like(mbs[0]) for _ in range(int(n.item()) - len(mbs))]
 
-    def _denominator(self, part: list[dict], all_seqs: int) -> float:
+    def _denominator(self, part: list[dict]) -> float:
+        """This mini-batch's share of the loss denominator (summed over DP ranks by megatron)."""
         c = self.cfg
         if c.loss_agg == "c3po":
             return c.token_budget / c.mini_batches
@@ -176,7 +174,7 @@ class RLState:
             return float(sum(len(s["response_ids"]) for s in part))
         return float(len(part))
 
-    def update(self, seqs: list[dict], denom: float) -> dict:
+    def update(self, seqs: list[dict]) -> dict:
         from ..training.core import report_moe_metrics, train_step
 
         agg: dict[str, list] = defaultdict(list)
@@ -185,7 +183,7 @@ class RLState:
         if n.item() == 0:  # no group with signal anywhere: no optimizer step (Adam would move on momentum alone)
             return {"grad_norm": 0.0, "lr": self.opt.param_groups[0]["lr"], "skipped": 1.0}
         for mbs, part in self.minis:
-            d = self._denominator(part, len(seqs))
+            d = self._denominator(part)
             fcfg = {"clip_eps": self.cfg.clip_eps, "kl_coef": self.cfg.kl_coef, "kl_kind": self.cfg.kl_estimator,
                     "entropy_coef": self.cfg.entropy_coef, "temperature": self.cfg.temperature,
                     "tis_cap": self.cfg.tis_cap, "denominators": iter([d] + [0.0] * (len(mbs) - 1))}
@@ -208,11 +206,11 @@ class RLState:
             if not self.engine.health():
                 raise RuntimeError("rollout engine unhealthy after the weight sync")
 
-    def rollout_metrics(self, rollouts, rewards: torch.Tensor, lengths: list[int], kept: list[int]) -> dict:
+    def rollout_metrics(self, prompts: list[dict], rollouts, rewards: torch.Tensor, lengths: list[int],
+                        kept: list[int]) -> dict:
         m = {"reward/mean": float(rewards.mean()), "response_length": sum(len(r.response_ids) for r in rollouts) / len(rollouts),
              "truncated": sum(r.finish_reason == "length" for r in rollouts) / len(rollouts)}
         by = defaultdict(list)
-        prompts = self._last_prompts
         for r in rollouts:
             by[prompts[r.prompt_index]["domain"]].append(r.reward)
         for d, v in by.items():
@@ -233,9 +231,7 @@ class RLState:
                 sp = SamplingParams(self.cfg.max_new_tokens, 0.0 if k == 1 else self.cfg.temperature, self.cfg.top_p,
                                     seed=12345)
                 rs = self.engine.generate(self.encode(rows), k, sp)
-                jobs = [{"domain": rows[r.prompt_index]["domain"], "response": r.text, "answer": rows[r.prompt_index].get("answer"),
-                         "test_cases": rows[r.prompt_index].get("test_cases"), "truncated": r.finish_reason == "length"}
-                        for r in rs]
+                jobs = [reward_job(rows[r.prompt_index], r.text, r.finish_reason == "length") for r in rs]
                 out[f"eval/{Path(path).stem}"] = sum(x.value for x in self.pool.map(jobs)) / max(len(rs), 1)
         obj = [out]
         dist.broadcast_object_list(obj, src=0)
@@ -255,7 +251,6 @@ def train_rl(recipe: Recipe, cfg: RLConfig) -> list[dict]:
         s.history.append({"step": 0, **s.evaluate()})
         _log(s, s.history[-1])
     while s.step < stop:
-        s._last_prompts = s.prompts_for(s.step)
         rec = {"step": s.step + 1, **rl_step(s, s.step)}
         s.step += 1
         if cfg.eval_interval and s.step % cfg.eval_interval == 0 or s.step == cfg.steps:
