@@ -38,6 +38,30 @@ def _cmd_convert(a):
     print(f"wrote {out}")
 
 
+def _cmd_export(a):
+    """A training checkpoint (or a run dir: its selected, else latest) → a servable HF folder."""
+    from pathlib import Path
+
+    from .config import load_recipe
+    from .convert.run import mcore_to_hf_checkpoint
+    from .rl.config import resolve_start
+
+    ckpt = resolve_start(a.ckpt)
+    tok = a.tokenizer
+    if tok is None:  # the tokenizer the checkpoint's recipe trained with
+        meta = json.loads((ckpt / "megatron_ring.json").read_text())
+        try:
+            stages = load_recipe(meta.get("recipe", "tiny")).stages
+        except Exception:  # noqa: BLE001 — an unknown recipe: fall back below
+            stages = {}
+        cands = [st.get("tokenizer") for st in stages.values() if isinstance(st, dict)] + ["runs/tiny/data/tokenizer"]
+        tok = next((c for c in cands if c and (Path(c) / "tokenizer.json").exists()), None)
+        if tok is None:
+            raise ValueError(f"{ckpt}: no tokenizer found for its recipe; pass --tokenizer DIR")
+    out = mcore_to_hf_checkpoint(ckpt, a.out, tokenizer_dir=tok, dtype=a.dtype)
+    print(f"exported {ckpt} -> {out} (tokenizer {tok})")
+
+
 def _cmd_check_hf(a):
     from .convert.hf_io import read_hf_state
     from .convert.mapping import verify_hf_state
@@ -87,6 +111,13 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--tokenizer", help="tokenizer folder to ship with the export")
     s.add_argument("--dtype", choices=["fp32", "bf16", "fp16"])
     s.set_defaults(fn=_cmd_convert)
+
+    s = sub.add_parser("export", help="a training checkpoint or run dir -> a servable HF folder (SGLang / CPU server)")
+    s.add_argument("--ckpt", required=True, help="a checkpoint, or a run dir (its selected, else latest checkpoint)")
+    s.add_argument("--out", required=True)
+    s.add_argument("--tokenizer", help="default: the one named by the checkpoint's recipe")
+    s.add_argument("--dtype", choices=["fp32", "bf16", "fp16"])
+    s.set_defaults(fn=_cmd_export)
 
     s = sub.add_parser("verify", help="(under torchrun) megatron at a layout vs HF on the same weights")
     s.add_argument("--hf", required=True)

@@ -34,6 +34,9 @@ class RLConfig:
     lr: float = 3e-6
     lr_warmup_steps: int = 0
     weight_decay: float = 0.01
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.95
+    adam_eps: float = 1e-8  # larger values damp the moves of parameters whose RL gradient is mostly noise
     clip_grad: float = 1.0
     tis_cap: Optional[float] = None  # truncated importance sampling cap C (None: off)
     engine: str = "inprocess"  # inprocess | sglang

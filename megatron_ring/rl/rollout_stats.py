@@ -1,5 +1,5 @@
 """``megatron-ring rollouts``: K sampled responses per prompt from a checkpoint, scored by the RL rewards,
-written as a rollouts Parquet (id, sample, reward, reason, length, finish_reason) — the input of
+written as a rollouts Parquet (id, sample, reward, reason, length, finish_reason, response) — the input of
 ``data_tools difficulty``, which drops the prompts the policy always or never solves (Ring-lite's
 difficulty filter of the RL data) — with a per-prompt pass-rate summary."""
 from __future__ import annotations
@@ -45,7 +45,7 @@ def rollout_stats(ckpt, prompts, tokenizer_dir, out, k: int = 8, limit: int | No
             jobs = [reward_job(part[r.prompt_index], r.text, r.finish_reason == "length") for r in rs]
             for j, (r, rw) in enumerate(zip(rs, pool.map(jobs))):
                 recs.append({"id": part[r.prompt_index]["id"], "sample": j % k, "reward": rw.value, "reason": rw.reason,
-                             "length": len(r.response_ids), "finish_reason": r.finish_reason})
+                             "length": len(r.response_ids), "finish_reason": r.finish_reason, "response": r.text})
     Path(out).parent.mkdir(parents=True, exist_ok=True)
     pq.write_table(pa.Table.from_pylist(recs), str(out))
     by: dict[str, list[float]] = {}

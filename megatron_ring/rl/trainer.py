@@ -44,8 +44,9 @@ class RLState:
         if self.resume is None:
             load_checkpoint(self.policy, self.start, recipe.hf_config)
         self.ddp = wrap_ddp(self.policy)
-        self.opt = build_optimizer([self.ddp], OptimConfig(lr=cfg.lr, min_lr=cfg.lr, weight_decay=cfg.weight_decay,
-                                                           clip_grad=cfg.clip_grad))
+        self.opt = build_optimizer([self.ddp], OptimConfig(
+            lr=cfg.lr, min_lr=cfg.lr, weight_decay=cfg.weight_decay, adam_beta1=cfg.adam_beta1,
+            adam_beta2=cfg.adam_beta2, adam_eps=cfg.adam_eps, clip_grad=cfg.clip_grad))
         n_opt = cfg.steps * cfg.mini_batches
         self.sched = OptimizerParamScheduler(
             self.opt, init_lr=0.0 if cfg.lr_warmup_steps else cfg.lr, max_lr=cfg.lr, min_lr=cfg.lr,
@@ -289,9 +290,11 @@ def main(argv=None) -> int:
     for f in ("prompts", "init", "out", "tokenizer", "mode", "loss_agg", "engine"):
         ap.add_argument(f"--{f.replace('_', '-')}", dest=f)
     for f in ("steps", "max_steps", "prompts_per_step", "samples_per_prompt", "max_new_tokens", "token_budget",
-              "mini_batches", "eval_interval", "eval_limit", "eval_k", "save_interval", "reward_workers"):
+              "mini_batches", "eval_interval", "eval_limit", "eval_k", "save_interval", "reward_workers",
+              "lr_warmup_steps"):
         ap.add_argument(f"--{f.replace('_', '-')}", dest=f, type=int)
-    for f in ("lr", "kl_coef", "entropy_coef", "temperature", "top_p", "tis_cap"):
+    for f in ("lr", "kl_coef", "entropy_coef", "temperature", "top_p", "tis_cap", "adam_beta1", "adam_beta2",
+              "adam_eps"):
         ap.add_argument(f"--{f.replace('_', '-')}", dest=f, type=float)
     ap.add_argument("--eval-sets", nargs="*")
     ap.add_argument("--sglang-urls", nargs="*")

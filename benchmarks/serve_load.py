@@ -1,0 +1,128 @@
+"""Load test of an OpenAI-compatible endpoint on loopback: N concurrent multi-turn chats (streaming), bounded
+in count and time; prints failed requests, latency and time-to-first-token percentiles, tokens/s.
+
+    python benchmarks/serve_load.py --endpoint http://127.0.0.1:8000/v1 --chats 16 --turns 2 --max-tokens 64
+
+With ``--model-dir`` it starts ``serving.openai_server`` on that exported folder itself (and stops it).
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import statistics
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+from openai import AsyncOpenAI
+
+QUESTIONS = ["What is 15 + 730? Please reason step by step, and put your final answer within \\boxed{}.",
+             "Solve for x: 3x + 5 = 20. Please reason step by step, and put your final answer within \\boxed{}.",
+             "A car covers 100 m in 5 s. Its speed in m/s?", "Say hello."]
+
+
+async def _chat(client, model, i, turns, max_tokens, stats):
+    msgs = []
+    for t in range(turns):
+        msgs.append({"role": "user", "content": QUESTIONS[(i + t) % len(QUESTIONS)]})
+        t0, first, n, text = time.perf_counter(), None, 0, ""
+        try:
+            stream = await client.chat.completions.create(model=model, messages=msgs, max_tokens=max_tokens,
+                                                          temperature=1.0, seed=i * 100 + t, stream=True,
+                                                          stream_options={"include_usage": True})
+            async for ch in stream:
+                if ch.usage:
+                    n = ch.usage.completion_tokens
+                if ch.choices and (ch.choices[0].delta.content or getattr(ch.choices[0].delta, "reasoning_content", None)):
+                    first = first or time.perf_counter()
+                    text += ch.choices[0].delta.content or ""
+            stats["latency"].append(time.perf_counter() - t0)
+            stats["ttft"].append((first or time.perf_counter()) - t0)
+            stats["tokens"] += n
+            msgs.append({"role": "assistant", "content": text})
+        except Exception as e:  # noqa: BLE001 — counted, reported
+            stats["failed"] += 1
+            stats["errors"].append(f"chat {i} turn {t}: {type(e).__name__}: {e}"[:300])
+            return
+
+
+def pct(xs: list[float], q: float) -> float:
+    if not xs:
+        return float("nan")
+    xs = sorted(xs)
+    return xs[min(len(xs) - 1, int(round(q / 100 * (len(xs) - 1))))]
+
+
+async def run_load(endpoint: str, chats: int = 8, turns: int = 2, max_tokens: int = 64, api_key: str = "none",
+                   time_limit_s: float = 300.0) -> dict:
+    client = AsyncOpenAI(base_url=endpoint, api_key=api_key, max_retries=0, timeout=time_limit_s)
+    model = (await client.models.list()).data[0].id
+    stats = {"latency": [], "ttft": [], "tokens": 0, "failed": 0, "errors": []}
+    t0 = time.perf_counter()
+    await asyncio.wait_for(asyncio.gather(*[_chat(client, model, i, turns, max_tokens, stats) for i in range(chats)]),
+                           time_limit_s)
+    wall = time.perf_counter() - t0
+    lat = stats["latency"]
+    return {"chats": chats, "turns": turns, "requests": len(lat) + stats["failed"], "failed": stats["failed"],
+            "wall_s": wall, "tokens_per_s": stats["tokens"] / wall,
+            "latency_p50": pct(lat, 50), "latency_p90": pct(lat, 90), "latency_p99": pct(lat, 99),
+            "latency_mean": statistics.fmean(lat) if lat else float("nan"),
+            "ttft_p50": pct(stats["ttft"], 50), "ttft_p90": pct(stats["ttft"], 90), "errors": stats["errors"][:5]}
+
+
+def table(r: dict) -> str:
+    rows = [("chats × turns", f"{r['chats']} × {r['turns']}"), ("requests", r["requests"]), ("failed", r["failed"]),
+            ("wall s", f"{r['wall_s']:.1f}"), ("completion tokens/s", f"{r['tokens_per_s']:.1f}"),
+            ("latency p50 / p90 / p99 s", f"{r['latency_p50']:.2f} / {r['latency_p90']:.2f} / {r['latency_p99']:.2f}"),
+            ("time to first token p50 / p90 s", f"{r['ttft_p50']:.2f} / {r['ttft_p90']:.2f}")]
+    return "\n".join(["| metric | value |", "|---|---|"] + [f"| {k} | {v} |" for k, v in rows])
+
+
+def start_server(model_dir: str, port: int, threads: int = 0) -> subprocess.Popen:
+    root = Path(__file__).resolve().parents[1]
+    p = subprocess.Popen([sys.executable, "-m", "serving.openai_server", "--model", model_dir, "--port", str(port),
+                          "--threads", str(threads)], cwd=root)
+    for _ in range(240):
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2):
+                return p
+        except OSError:
+            if p.poll() is not None:
+                raise RuntimeError(f"server exited with {p.returncode}")
+            time.sleep(0.5)
+    p.terminate()
+    raise TimeoutError("server did not become healthy in 120 s")
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--endpoint", default="http://127.0.0.1:8000/v1")
+    ap.add_argument("--model-dir", help="start serving.openai_server on this exported folder")
+    ap.add_argument("--port", type=int, default=8765)
+    ap.add_argument("--chats", type=int, default=16)
+    ap.add_argument("--turns", type=int, default=2)
+    ap.add_argument("--max-tokens", type=int, default=64)
+    ap.add_argument("--time-limit", type=float, default=600.0)
+    ap.add_argument("--json", help="also write the result here")
+    a = ap.parse_args(argv)
+    proc = start_server(a.model_dir, a.port) if a.model_dir else None
+    endpoint = f"http://127.0.0.1:{a.port}/v1" if proc else a.endpoint
+    try:
+        r = asyncio.run(run_load(endpoint, a.chats, a.turns, a.max_tokens, time_limit_s=a.time_limit))
+    finally:
+        if proc:
+            proc.terminate()
+            proc.wait(30)
+    print(table(r))
+    for e in r["errors"]:
+        print("error:", e)
+    if a.json:
+        Path(a.json).write_text(json.dumps(r, indent=2))
+    return 1 if r["failed"] else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

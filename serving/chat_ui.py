@@ -1,0 +1,120 @@
+"""Gradio chat demo for any OpenAI-compatible endpoint (SGLang with ``--reasoning-parser``, or
+``serving.openai_server`` on CPU): streams the reply, shows the model's thinking in a collapsible panel apart from
+the answer, a system prompt and sampling controls, a clear message when the endpoint is down, optional login.
+
+    python -m serving.chat_ui --endpoint http://127.0.0.1:8000/v1 [--api-key KEY] [--auth user:password]
+"""
+from __future__ import annotations
+
+import argparse
+import os
+
+import gradio as gr
+from openai import APIConnectionError, APIStatusError, OpenAI
+
+from .reasoning import ReasoningStream
+
+THINKING_TITLE = "Thinking"
+
+
+def _text(content) -> str:
+    """Gradio 6 history items carry content as a string or a list of parts."""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        return "".join(p.get("text", "") if isinstance(p, dict) else str(p) for p in content)
+    return str(content or "")
+
+
+def history_to_messages(history: list, system: str) -> list[dict]:
+    """Chat history (Gradio messages) → OpenAI messages; the thinking panels are not sent back."""
+    msgs = [{"role": "system", "content": system}] if system.strip() else []
+    for h in history:
+        role = h.get("role") if isinstance(h, dict) else getattr(h, "role", None)
+        meta = (h.get("metadata") if isinstance(h, dict) else getattr(h, "metadata", None)) or {}
+        if role not in ("user", "assistant") or meta.get("title"):
+            continue
+        msgs.append({"role": role, "content": _text(h.get("content") if isinstance(h, dict) else h.content)})
+    return msgs
+
+
+def stream_reply(client: OpenAI, model: str, messages: list[dict], temperature: float, top_p: float, max_tokens: int):
+    """Yields the assistant turn as Gradio messages: [thinking panel (if any), answer], growing as tokens come.
+    Works whether the server splits ``reasoning_content`` itself or sends ``<think>…</think>`` in the content."""
+    reasoning, answer = "", ""
+    parser = ReasoningStream()
+    stream = client.chat.completions.create(model=model, messages=messages, temperature=temperature, top_p=top_p,
+                                            max_tokens=int(max_tokens), stream=True)
+    for chunk in stream:
+        if not chunk.choices:
+            continue
+        d = chunk.choices[0].delta
+        r = getattr(d, "reasoning_content", None) or (d.model_extra or {}).get("reasoning_content") or ""
+        r2, c = parser.feed(d.content or "")
+        reasoning += r + r2
+        answer += c
+        yield _turn(reasoning, answer, done=False)
+    r2, c = parser.close()
+    reasoning, answer = reasoning + r2, answer + c
+    yield _turn(reasoning, answer, done=True)
+
+
+def _turn(reasoning: str, answer: str, done: bool) -> list:
+    out = []
+    if reasoning.strip():
+        out.append(gr.ChatMessage(content=reasoning.strip(), role="assistant",
+                                  metadata={"title": THINKING_TITLE, "status": "done" if done or answer else "pending"}))
+    out.append(gr.ChatMessage(content=answer.strip() if answer.strip() else ("" if done else "…"), role="assistant"))
+    return out
+
+
+def build_demo(endpoint: str, api_key: str | None = None, model: str | None = None, title: str = "Ring-lite chat",
+               temperature: float = 1.0, top_p: float = 0.95, max_tokens: int = 1024):
+    client = OpenAI(base_url=endpoint, api_key=api_key or "none", max_retries=0, timeout=600)
+
+    def respond(message, history, system, temperature, top_p, max_tokens):
+        try:
+            name = model or client.models.list().data[0].id
+            msgs = history_to_messages(history, system) + [{"role": "user", "content": _text(message)}]
+            yield from stream_reply(client, name, msgs, temperature, top_p, max_tokens)
+        except APIConnectionError:
+            raise gr.Error(f"The model endpoint {endpoint} is not reachable. Is the server running?")
+        except APIStatusError as e:
+            raise gr.Error(f"The endpoint refused the request ({e.status_code}): {e.message}")
+
+    return gr.ChatInterface(
+        respond, title=title, description=f"Endpoint: `{endpoint}` — the model's thinking is in the collapsible panel.",
+        chatbot=gr.Chatbot(height=520, elem_id="chatbot", label="Chat"),
+        textbox=gr.Textbox(placeholder="Ask a question…", elem_id="chat-input", show_label=False),
+        additional_inputs=[
+            gr.Textbox("", label="System prompt"),
+            gr.Slider(0.0, 2.0, value=temperature, step=0.05, label="Temperature"),
+            gr.Slider(0.05, 1.0, value=top_p, step=0.05, label="Top-p"),
+            gr.Slider(16, 32768, value=max_tokens, step=16, label="Max new tokens"),
+        ],
+        additional_inputs_accordion=gr.Accordion("Settings", open=False),
+        examples=[["What is 15 + 730? Please reason step by step, and put your final answer within \\boxed{}."]],
+        run_examples_on_click=False)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m serving.chat_ui", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--endpoint", default=os.environ.get("OPENAI_BASE_URL", "http://127.0.0.1:8000/v1"))
+    ap.add_argument("--api-key", default=os.environ.get("OPENAI_API_KEY"))
+    ap.add_argument("--model", help="model id (default: the endpoint's first model)")
+    ap.add_argument("--host", default="127.0.0.1")
+    ap.add_argument("--port", type=int, default=7860)
+    ap.add_argument("--temperature", type=float, default=1.0, help="the sampling controls' starting values")
+    ap.add_argument("--top-p", type=float, default=0.95)
+    ap.add_argument("--max-tokens", type=int, default=1024)
+    ap.add_argument("--auth", default=os.environ.get("CHAT_UI_AUTH"), help="user:password to require a login")
+    a = ap.parse_args(argv)
+    auth = tuple(a.auth.split(":", 1)) if a.auth else None
+    build_demo(a.endpoint, a.api_key, a.model, temperature=a.temperature, top_p=a.top_p,
+               max_tokens=a.max_tokens).queue().launch(server_name=a.host, server_port=a.port, auth=auth,
+                                                              show_error=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

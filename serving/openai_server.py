@@ -1,0 +1,357 @@
+"""The CPU default server: the OpenAI chat API (the subset SGLang serves) over an exported HF folder.
+
+``transformers serve`` (transformers 5) cannot load a remote-code architecture such as ``BailingMoeForCausalLM``
+(it looks the class up on the ``transformers`` module), so this thin FastAPI server does what it lacks:
+``GET /v1/models``, ``POST /v1/chat/completions`` (streaming or not; ``reasoning_content`` split from the answer as
+SGLang's ``--reasoning-parser deepseek-r1`` does), ``GET /health``, an optional API key, and limits (prompt and
+``max_tokens`` against the context, a bounded queue). Generation is the model's own ``generate()`` (greedy at
+temperature 0), so replies equal ``model.generate`` token for token. Bad requests get a 4xx in OpenAI's error
+shape; a failing generation is a 500 for that request only.
+
+    python -m serving.openai_server --model runs/tiny/export --port 8000 [--api-key KEY]
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import threading
+import time
+import uuid
+from dataclasses import dataclass
+from typing import Literal, Optional, Union
+
+import torch
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, StreamingResponse
+from pydantic import BaseModel, ConfigDict, Field
+
+from .reasoning import ReasoningStream
+
+
+# --- the request schema (what OpenAI's and SGLang's chat endpoint accept; unknown fields are ignored) -----------
+class TextPart(BaseModel):
+    type: Literal["text"]
+    text: str
+
+
+class Message(BaseModel):
+    role: Literal["system", "developer", "user", "assistant"]
+    content: Union[str, list[TextPart], None] = None
+
+
+class ChatRequest(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    model: str = Field(strict=True)
+    messages: list[Message] = Field(min_length=1)
+    max_tokens: Optional[int] = Field(None, ge=1, strict=True)
+    max_completion_tokens: Optional[int] = Field(None, ge=1, strict=True)
+    temperature: Optional[float] = Field(None, ge=0.0, le=2.0)
+    top_p: Optional[float] = Field(None, gt=0.0, le=1.0)
+    n: int = Field(1, ge=1, le=1, strict=True)
+    stream: bool = Field(False, strict=True)
+    stream_options: Optional[dict] = None
+    seed: Optional[int] = Field(None, strict=True)
+    stop: Union[str, list[str], None] = None
+    separate_reasoning: bool = Field(True, strict=True)
+
+
+class APIError(Exception):
+    def __init__(self, status: int, message: str, type_: str = "invalid_request_error", param: str | None = None,
+                 code: str | None = None):
+        super().__init__(message)
+        self.status, self.message, self.type, self.param, self.code = status, message, type_, param, code
+
+    def response(self) -> JSONResponse:
+        return JSONResponse({"error": {"message": self.message, "type": self.type, "param": self.param,
+                                       "code": self.code}}, status_code=self.status)
+
+
+# --- the model -------------------------------------------------------------------------------------------------
+@dataclass
+class Limits:
+    max_tokens: int = 2048  # the largest max_tokens a request may ask for
+    max_queue: int = 64  # requests waiting or running; more get 503
+    request_timeout_s: float = 600.0
+
+
+class ChatModel:
+    """An exported HF folder (``trust_remote_code``), one generation at a time."""
+
+    def __init__(self, path: str, dtype: str = "float32"):
+        from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
+
+        self.tok = AutoTokenizer.from_pretrained(path, trust_remote_code=True)
+        self.model = AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True,
+                                                          dtype=getattr(torch, dtype)).eval()
+        try:
+            self.gen = GenerationConfig.from_pretrained(path)
+        except OSError:
+            self.gen = GenerationConfig()
+        eos = self.gen.eos_token_id if self.gen.eos_token_id is not None else self.model.config.eos_token_id
+        self.eos = set(eos if isinstance(eos, list) else [eos])
+        self.context = int(getattr(self.model.config, "max_position_embeddings", 4096))
+        self.lock = threading.Lock()
+
+    def prompt_ids(self, messages: list[Message]) -> list[int]:
+        msgs = []
+        for m in messages:
+            text = m.content if isinstance(m.content, str) else "".join(p.text for p in (m.content or []))
+            msgs.append({"role": "system" if m.role == "developer" else m.role, "content": text})
+        return self.tok.apply_chat_template(msgs, tokenize=True, add_generation_prompt=True, return_dict=False)
+
+    @torch.no_grad()
+    def generate(self, ids: list[int], max_new: int, temperature: float, top_p: float, seed: int | None,
+                 on_token, cancelled: threading.Event) -> str:
+        """Runs ``model.generate``; calls ``on_token(id)`` per new token; returns "stop" or "length"."""
+        from transformers import StoppingCriteria, StoppingCriteriaList
+        from transformers.generation.streamers import BaseStreamer
+
+        class _Stream(BaseStreamer):
+            first = True
+
+            def put(self, value):
+                if self.first:  # generate() first puts the prompt
+                    self.first = False
+                    return
+                for t in value.flatten().tolist():
+                    on_token(int(t))
+
+            def end(self):
+                pass
+
+        class _Cancel(StoppingCriteria):
+            def __call__(self, input_ids, scores, **kw):
+                return torch.full((input_ids.shape[0],), cancelled.is_set(), dtype=torch.bool)
+
+        kw = dict(do_sample=False) if temperature == 0 else dict(do_sample=True, temperature=temperature, top_p=top_p, top_k=0)
+        with self.lock:
+            if seed is not None:
+                torch.manual_seed(seed)
+            out = self.model.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+                                      max_new_tokens=max_new, streamer=_Stream(), eos_token_id=sorted(self.eos),
+                                      pad_token_id=sorted(self.eos)[0], stopping_criteria=StoppingCriteriaList([_Cancel()]),
+                                      **kw)
+        new = out[0, len(ids):].tolist()
+        return "stop" if (new and new[-1] in self.eos) or cancelled.is_set() else "length"
+
+
+class Decoder:
+    """Token ids → text deltas (decode the whole reply each time; hold back an unfinished UTF-8 sequence),
+    cut at the first stop string."""
+
+    def __init__(self, tok, eos: set[int], stop: list[str]):
+        self.tok, self.eos, self.stop = tok, eos, stop
+        self.ids: list[int] = []
+        self.sent = 0
+        self.stopped = False
+
+    def push(self, t: int) -> str:
+        if t in self.eos or self.stopped:
+            return ""
+        self.ids.append(t)
+        text = self.tok.decode(self.ids, skip_special_tokens=False)
+        if text.endswith("\ufffd"):
+            return ""
+        for s in self.stop:
+            i = text.find(s)
+            if i >= 0:
+                text, self.stopped = text[:i], True
+        delta, self.sent = text[self.sent:], max(self.sent, len(text))
+        return delta
+
+
+# --- the app -----------------------------------------------------------------------------------------------------
+def create_app(model: ChatModel, served_name: str, api_key: str | None = None, limits: Limits | None = None) -> FastAPI:
+    limits = limits or Limits()
+    app = FastAPI(title="megatron-ring CPU server", docs_url=None, redoc_url=None)
+    state = {"inflight": 0}
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(request: Request, exc: RequestValidationError):
+        errs = exc.errors()
+        if errs and errs[0].get("type") == "json_invalid":
+            return APIError(400, f"request body is not valid JSON: {errs[0].get('ctx', {}).get('error', '')}").response()
+        e = errs[0] if errs else {}
+        loc = ".".join(str(x) for x in e.get("loc", ()) if x != "body")
+        return APIError(400, f"{loc or 'body'}: {e.get('msg', 'invalid request')}", param=loc or None).response()
+
+    @app.exception_handler(APIError)
+    async def _api_error(request: Request, exc: APIError):
+        return exc.response()
+
+    @app.middleware("http")
+    async def _auth(request: Request, call_next):
+        if api_key and request.url.path.startswith("/v1/"):
+            if request.headers.get("authorization", "") != f"Bearer {api_key}":
+                return APIError(401, "invalid or missing API key (Authorization: Bearer ...)",
+                                "authentication_error", code="invalid_api_key").response()
+        return await call_next(request)
+
+    @app.get("/health")
+    async def health():
+        return {"status": "ok", "inflight": state["inflight"]}
+
+    @app.get("/v1/models")
+    async def models():
+        return {"object": "list", "data": [{"id": served_name, "object": "model", "created": 0,
+                                            "owned_by": "megatron-ring", "max_model_len": model.context}]}
+
+    @app.post("/v1/chat/completions")
+    async def chat(req: ChatRequest, request: Request):
+        if req.model != served_name:
+            raise APIError(404, f"model {req.model!r} does not exist; this server serves {served_name!r}",
+                           param="model", code="model_not_found")
+        ids = model.prompt_ids(req.messages)
+        room = model.context - len(ids)
+        if room < 1:
+            raise APIError(400, f"the prompt is {len(ids)} tokens; the context is {model.context}", param="messages",
+                           code="context_length_exceeded")
+        asked = req.max_completion_tokens or req.max_tokens
+        if asked is not None and asked > limits.max_tokens:
+            raise APIError(400, f"max_tokens {asked} exceeds this server's limit {limits.max_tokens}", param="max_tokens")
+        if asked is not None and asked > room:
+            raise APIError(400, f"max_tokens {asked} + prompt {len(ids)} tokens exceeds the context {model.context}",
+                           param="max_tokens", code="context_length_exceeded")
+        if state["inflight"] >= limits.max_queue:
+            raise APIError(503, f"server busy: {state['inflight']} requests queued (limit {limits.max_queue})",
+                           "server_error")
+        max_new = asked or min(limits.max_tokens, room)
+        temperature = req.temperature if req.temperature is not None else float(model.gen.temperature or 1.0)
+        top_p = req.top_p if req.top_p is not None else float(model.gen.top_p or 1.0)
+        stop = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
+        run = _Run(model, ids, max_new, temperature, top_p, req.seed, stop, state)
+        rid, created = f"chatcmpl-{uuid.uuid4().hex[:24]}", int(time.time())
+        run.start(asyncio.get_running_loop())
+        if req.stream:
+            usage = bool((req.stream_options or {}).get("include_usage"))
+            return StreamingResponse(_sse(run, rid, created, served_name, req.separate_reasoning, usage, request),
+                                     media_type="text/event-stream")
+        try:
+            text = "".join([d async for d in run.deltas(limits.request_timeout_s)])
+        except Exception as e:  # noqa: BLE001 — one failed generation must not take the server down
+            raise APIError(500, f"generation failed: {e}", "server_error") from e
+        msg = {"role": "assistant", "content": text}
+        if req.separate_reasoning:
+            p = ReasoningStream()
+            r1, c1 = p.feed(text)
+            r2, c2 = p.close()
+            msg = {"role": "assistant", "content": c1 + c2, "reasoning_content": (r1 + r2) if p.saw_think else None}
+        return {"id": rid, "object": "chat.completion", "created": created, "model": served_name,
+                "choices": [{"index": 0, "message": msg, "finish_reason": run.finish, "logprobs": None}],
+                "usage": run.usage()}
+
+    return app
+
+
+class _Run:
+    """One generation in a worker thread, its text deltas handed to the event loop through a queue."""
+
+    def __init__(self, model: ChatModel, ids, max_new, temperature, top_p, seed, stop, state):
+        self.model, self.ids, self.state = model, ids, state
+        self.args = (max_new, temperature, top_p, seed)
+        self.dec = Decoder(model.tok, model.eos, stop)
+        self.cancelled = threading.Event()
+        self.finish, self.error = "stop", None
+
+    def start(self, loop: asyncio.AbstractEventLoop):
+        self.q: asyncio.Queue = asyncio.Queue()
+        self.state["inflight"] += 1
+
+        def on_token(t):
+            d = self.dec.push(t)
+            if self.dec.stopped:
+                self.cancelled.set()
+            if d:
+                loop.call_soon_threadsafe(self.q.put_nowait, d)
+
+        def work():
+            try:
+                self.finish = self.model.generate(self.ids, *self.args, on_token, self.cancelled)
+                if self.dec.stopped:
+                    self.finish = "stop"
+            except Exception as e:  # noqa: BLE001
+                self.error = e
+            finally:
+                loop.call_soon_threadsafe(self.q.put_nowait, None)
+
+        threading.Thread(target=work, daemon=True).start()
+
+    async def deltas(self, timeout: float):
+        try:
+            while True:
+                d = await asyncio.wait_for(self.q.get(), timeout)
+                if d is None:
+                    break
+                yield d
+            if self.error is not None:
+                raise self.error
+        finally:
+            self.cancelled.set()
+            self.state["inflight"] -= 1
+
+    def usage(self) -> dict:
+        n = len(self.dec.ids) + (1 if self.finish == "stop" and not self.dec.stopped else 0)
+        return {"prompt_tokens": len(self.ids), "completion_tokens": n, "total_tokens": len(self.ids) + n}
+
+
+async def _sse(run: _Run, rid, created, name, separate: bool, usage: bool, request: Request):
+    def chunk(delta: dict, finish=None, **extra) -> str:
+        return "data: " + json.dumps({"id": rid, "object": "chat.completion.chunk", "created": created, "model": name,
+                                      "choices": [{"index": 0, "delta": delta, "finish_reason": finish,
+                                                   "logprobs": None}], **extra}) + "\n\n"
+
+    yield chunk({"role": "assistant", "content": ""})
+    parser = ReasoningStream() if separate else None
+    try:
+        async for d in run.deltas(3600.0):
+            if await request.is_disconnected():
+                break
+            r, c = parser.feed(d) if parser else ("", d)
+            if r:
+                yield chunk({"reasoning_content": r})
+            if c:
+                yield chunk({"content": c})
+        if parser:
+            r, c = parser.close()
+            if r:
+                yield chunk({"reasoning_content": r})
+            if c:
+                yield chunk({"content": c})
+        yield chunk({}, run.finish)
+        if usage:
+            yield "data: " + json.dumps({"id": rid, "object": "chat.completion.chunk", "created": created,
+                                         "model": name, "choices": [], "usage": run.usage()}) + "\n\n"
+    except Exception as e:  # noqa: BLE001 — report in-band; the server stays up
+        yield "data: " + json.dumps({"error": {"message": f"generation failed: {e}", "type": "server_error"}}) + "\n\n"
+    yield "data: [DONE]\n\n"
+
+
+def main(argv=None) -> int:
+    import uvicorn
+
+    ap = argparse.ArgumentParser(prog="python -m serving.openai_server", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--model", required=True, help="an exported HF folder (megatron-ring export)")
+    ap.add_argument("--served-model-name", help="the model id clients send (default: the folder name)")
+    ap.add_argument("--host", default="127.0.0.1")
+    ap.add_argument("--port", type=int, default=8000)
+    ap.add_argument("--api-key", help="require Authorization: Bearer KEY on /v1/*")
+    ap.add_argument("--max-tokens-limit", type=int, default=2048)
+    ap.add_argument("--max-queue", type=int, default=64)
+    ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    a = ap.parse_args(argv)
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    from pathlib import Path
+
+    model = ChatModel(a.model)
+    name = a.served_model_name or Path(a.model).resolve().name
+    app = create_app(model, name, a.api_key, Limits(max_tokens=a.max_tokens_limit, max_queue=a.max_queue))
+    print(f"serving {a.model} as {name!r} on http://{a.host}:{a.port}/v1", flush=True)
+    uvicorn.run(app, host=a.host, port=a.port, log_level="warning")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,49 @@
+#!/usr/bin/env bash
+#SBATCH --job-name=serve
+#SBATCH --nodes=1
+#SBATCH --ntasks-per-node=1
+#SBATCH --gpus-per-node=8
+#SBATCH --cpus-per-task=32
+#SBATCH --time=24:00:00
+#SBATCH --output=logs/%x-%j.out
+# Serve a checkpoint behind the OpenAI API (and optionally the Gradio chat demo).
+#   CKPT      a training checkpoint or run dir (SFT / RL stage 1/2; default runs/tiny/rl_stage1) — exported
+#             to HF first (EXPORT, default $CKPT/../export or <run>/export), or MODEL: an exported HF folder
+#   PORT      API port (default 8000); API_KEY optional; NAME served model id (default ring-lite)
+#   TP / EP / CONTEXT   SGLang tensor / expert parallel size (default: all GPUs / 1) and context (32768)
+#   UI=1      also start the Gradio demo on UI_PORT (default 7860); UI_AUTH=user:password for a login
+# On a GPU node with SGLang installed: SGLang (--reasoning-parser deepseek-r1, trust-remote-code). Otherwise the
+# CPU server (serving.openai_server) — the same API, e.g. locally: CKPT=runs/tiny/rl_stage1 bash slurm/serve.sh
+set -euo pipefail
+REPO=${REPO:-$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)}
+cd "$REPO"
+PY=${PY:-$REPO/.venv/bin/python}
+mkdir -p logs
+PORT=${PORT:-8000}
+NAME=${NAME:-ring-lite}
+if [ -z "${MODEL:-}" ]; then
+  CKPT=${CKPT:-runs/tiny/rl_stage1}
+  base=$CKPT; [ -d "$CKPT/checkpoints" ] || base=$(dirname "$(dirname "$CKPT")")
+  MODEL=${EXPORT:-$base/export}
+  "$PY" -m megatron_ring.cli export --ckpt "$CKPT" --out "$MODEL" ${TOKENIZER:+--tokenizer "$TOKENIZER"} ${DTYPE:+--dtype "$DTYPE"}
+fi
+key=(); [ -n "${API_KEY:-}" ] && key=(--api-key "$API_KEY")
+gpus=0
+if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then gpus=$(nvidia-smi -L | wc -l); fi
+if [ "$gpus" -gt 0 ] && "$PY" -c 'import sglang' 2>/dev/null; then
+  echo "[$(date +%T)] SGLang on $gpus GPU(s): $MODEL as $NAME on :$PORT"
+  "$PY" -m serving.sglang --model-path "$MODEL" --port "$PORT" --tp-size "${TP:-$gpus}" --ep-size "${EP:-1}" \
+    --context-length "${CONTEXT:-32768}" --reasoning-parser deepseek-r1 --served-model-name "$NAME" "${key[@]}" &
+else
+  echo "[$(date +%T)] no GPU/SGLang: the CPU server: $MODEL as $NAME on :$PORT"
+  "$PY" -m serving.openai_server --model "$MODEL" --host "${HOST:-0.0.0.0}" --port "$PORT" --served-model-name "$NAME" "${key[@]}" &
+fi
+SERVER=$!
+UI_PID=
+if [ "${UI:-0}" = 1 ]; then
+  "$PY" -m serving.chat_ui --endpoint "http://127.0.0.1:$PORT/v1" --host "${HOST:-0.0.0.0}" --port "${UI_PORT:-7860}" \
+    ${API_KEY:+--api-key "$API_KEY"} ${UI_AUTH:+--auth "$UI_AUTH"} &
+  UI_PID=$!
+fi
+trap 'kill -TERM $SERVER $UI_PID 2>/dev/null || true' TERM INT EXIT
+wait "$SERVER"
