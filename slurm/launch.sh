@@ -38,7 +38,7 @@ run_stage() {
     wait "$CHILD" 2>/dev/null || true   # the ranks are writing their checkpoint
     if [ -n "${SLURM_JOB_ID:-}" ]; then
       echo "[$(date +%T)] checkpoint written; requeueing job ${SLURM_JOB_ID}"
-      scontrol requeue "${SLURM_JOB_ID}"
+      scontrol requeue "${SLURM_JOB_ID}" || echo "[$(date +%T)] requeue refused (already requeued by Slurm?)"
     fi
     exit 0
   fi

@@ -16,7 +16,9 @@
 #             trainer ranks take the others. The servers start from the stage's start checkpoint exported
 #             to HF and receive the policy's weights after every step.
 # Without Slurm it runs locally, e.g. the README main job: RECIPE=rl_stage2_tiny bash slurm/rl_stage2.sh
-source "$(dirname "${BASH_SOURCE[0]}")/launch.sh"
+HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)  # under sbatch the script runs from Slurm's spool copy:
+[ -f "$HERE/launch.sh" ] || HERE="${REPO:-${SLURM_SUBMIT_DIR:-$PWD}}/slurm"  # then the repo is where it was submitted
+source "$HERE/launch.sh"
 mkdir -p logs
 export RECIPE=${RECIPE:-rl_stage2_ling_lite}
 run_rl_stage ${RL_ARGS:-}

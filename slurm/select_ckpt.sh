@@ -9,7 +9,9 @@
 # Entropy-based selection over an SFT run's checkpoints; writes RUN/selection/* and RUN/checkpoints/selected.
 #   RUN=runs/tiny/sft PROMPTS=runs/tiny/data/rl_stage1/4_filtered.parquet TOKENIZER=runs/tiny/hf_init \
 #   EVAL=runs/tiny/data/eval/math.parquet bash slurm/select_ckpt.sh
-source "$(dirname "${BASH_SOURCE[0]}")/launch.sh"
+HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)  # under sbatch the script runs from Slurm's spool copy:
+[ -f "$HERE/launch.sh" ] || HERE="${REPO:-${SLURM_SUBMIT_DIR:-$PWD}}/slurm"  # then the repo is where it was submitted
+source "$HERE/launch.sh"
 mkdir -p logs
 args=(select --run "${RUN:?set RUN}" --prompts "${PROMPTS:?set PROMPTS}" --tokenizer "${TOKENIZER:?set TOKENIZER}"
       --window "${WINDOW_LO:-0.3}" "${WINDOW_HI:-0.5}")

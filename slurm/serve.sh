@@ -16,6 +16,7 @@
 # CPU server (serving.openai_server) — the same API, e.g. locally: CKPT=runs/tiny/rl_stage1 bash slurm/serve.sh
 set -euo pipefail
 REPO=${REPO:-$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)}
+[ -f "$REPO/slurm/launch.sh" ] || REPO=${SLURM_SUBMIT_DIR:-$PWD}  # under sbatch: Slurm's spool copy
 cd "$REPO"
 PY=${PY:-$REPO/.venv/bin/python}
 mkdir -p logs

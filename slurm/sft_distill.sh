@@ -12,6 +12,8 @@
 # Distillation SFT. RECIPE (default sft_distill_ling_lite) and SFT_ARGS (extra `megatron-ring sft` flags)
 # come from the environment; e.g. on a CPU box without Slurm:
 #   RECIPE=sft_distill_tiny NPROC=2 SFT_ARGS="--ep 2 --max-steps 50" bash slurm/sft_distill.sh
-source "$(dirname "${BASH_SOURCE[0]}")/launch.sh"
+HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)  # under sbatch the script runs from Slurm's spool copy:
+[ -f "$HERE/launch.sh" ] || HERE="${REPO:-${SLURM_SUBMIT_DIR:-$PWD}}/slurm"  # then the repo is where it was submitted
+source "$HERE/launch.sh"
 mkdir -p logs
 run_stage sft --recipe "${RECIPE:-sft_distill_ling_lite}" ${SFT_ARGS:-}

@@ -1,0 +1,112 @@
+#!/usr/bin/env bash
+# A real one-node Slurm cluster on this machine (Debian slurmctld + slurmd + munge), for CI and for trying the
+# stage scripts on a workstation. Idempotent: installs only missing packages, writes the config once (from
+# `slurmd -C`), starts only daemons that are not running, records what it started (stop.sh stops only those),
+# and waits until the node is idle. Loopback only. Needs root (as CI and this dev machine run).
+#   SLURM_LOCAL_STATE  state/log folder (default /var/tmp/megatron-ring-slurm)
+#   SLURM_LOCAL_MEM_MB memory given to jobs (default: slurmd -C's RealMemory minus 2 GiB)
+set -euo pipefail
+STATE=${SLURM_LOCAL_STATE:-/var/tmp/megatron-ring-slurm}
+CONF=/etc/slurm/slurm.conf
+MARK="# megatron-ring local cluster (slurm/local/start.sh)"
+log() { echo "[slurm/local] $*"; }
+[ "$(id -u)" -eq 0 ] || { echo "slurm/local/start.sh: needs root (daemons, /etc/slurm)" >&2; exit 1; }
+
+pkgs=()
+for b in slurmctld:slurmctld slurmd:slurmd sbatch:slurm-client munged:munge; do
+  command -v "${b%%:*}" >/dev/null 2>&1 || [ -x "/usr/sbin/${b%%:*}" ] || pkgs+=("${b#*:}")
+done
+if [ ${#pkgs[@]} -gt 0 ]; then
+  log "apt-get install ${pkgs[*]}"
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get install -y -q --no-install-recommends "${pkgs[@]}" >/dev/null 2>&1 \
+    || { apt-get update -q >/dev/null && apt-get install -y -q --no-install-recommends "${pkgs[@]}" >/dev/null; }
+fi
+mkdir -p "$STATE"/{ctld,spool} /etc/slurm /run/munge /var/log/munge /var/lib/munge
+touch "$STATE/started"
+
+# munge: a key, its run dir, the daemon as user munge
+if [ ! -s /etc/munge/munge.key ]; then
+  log "creating /etc/munge/munge.key"
+  mkdir -p /etc/munge
+  if command -v mungekey >/dev/null 2>&1; then mungekey --create --force >/dev/null 2>&1 || true; fi
+  [ -s /etc/munge/munge.key ] || dd if=/dev/urandom of=/etc/munge/munge.key bs=1024 count=1 status=none
+fi
+chown -R munge:munge /etc/munge /run/munge /var/log/munge /var/lib/munge
+chmod 400 /etc/munge/munge.key; chmod 755 /run/munge
+if ! pgrep -x munged >/dev/null; then
+  log "starting munged"
+  runuser -u munge -- /usr/sbin/munged
+  echo munged >> "$STATE/started"
+fi
+
+# the config: one node as `slurmd -C` sees it, on loopback
+if [ ! -f "$CONF" ] || head -1 "$CONF" | grep -qF "$MARK"; then
+  node=$(/usr/sbin/slurmd -C | head -1)
+  name=$(sed -E 's/^NodeName=([^ ]+).*/\1/' <<<"$node")
+  cpus=$(sed -E 's/.* CPUs=([0-9]+).*/\1/' <<<"$node")
+  real=$(sed -E 's/.*RealMemory=([0-9]+).*/\1/' <<<"$node")
+  mem=${SLURM_LOCAL_MEM_MB:-$(( real > 4096 ? real - 2048 : real ))}
+  node=$(sed -E "s/RealMemory=[0-9]+/RealMemory=$mem/" <<<"$node")
+  new=$(cat <<CONF
+$MARK
+ClusterName=megatronring
+SlurmctldHost=$name(127.0.0.1)
+SlurmUser=root
+AuthType=auth/munge
+AuthInfo=cred_expire=5
+CommunicationParameters=NoCtldInAddrAny,NoInAddrAny
+StateSaveLocation=$STATE/ctld
+SlurmdSpoolDir=$STATE/spool
+SlurmctldPidFile=$STATE/slurmctld.pid
+SlurmdPidFile=$STATE/slurmd.pid
+SlurmctldLogFile=$STATE/slurmctld.log
+SlurmdLogFile=$STATE/slurmd.log
+ProctrackType=proctrack/linuxproc
+TaskPlugin=task/none
+MpiDefault=none
+ReturnToService=2
+SchedulerType=sched/backfill
+SchedulerParameters=bf_interval=2,sched_interval=2
+SelectType=select/cons_tres
+SelectTypeParameters=CR_Core_Memory
+DefMemPerCPU=$(( mem / cpus ))
+EnforcePartLimits=ALL
+JobRequeue=1
+KillWait=15
+MinJobAge=600
+InactiveLimit=0
+SlurmctldTimeout=30
+SlurmdTimeout=30
+$node NodeAddr=127.0.0.1 State=UNKNOWN
+PartitionName=local Nodes=$name Default=YES MaxTime=INFINITE State=UP
+CONF
+)
+  if [ ! -f "$CONF" ] || [ "$new" != "$(cat "$CONF")" ]; then
+    log "writing $CONF ($name: $cpus CPUs, $mem MB)"
+    printf '%s\n' "$new" > "$CONF"
+  fi
+else
+  log "$CONF exists and is not ours: using it as is"
+fi
+
+if ! pgrep -x slurmctld >/dev/null; then
+  log "starting slurmctld"
+  /usr/sbin/slurmctld
+  echo slurmctld >> "$STATE/started"
+fi
+if ! pgrep -x slurmd >/dev/null; then
+  log "starting slurmd"
+  /usr/sbin/slurmd
+  echo slurmd >> "$STATE/started"
+fi
+for i in $(seq 1 60); do
+  st=$(sinfo -h -o %T 2>/dev/null | head -1 || true)
+  case "$st" in
+    idle|mixed|allocated) log "node $st: cluster up ($(sinfo -h -o '%P %D %c %m' | head -1))"; exit 0 ;;
+    drain*|down*) scontrol update nodename="$(sinfo -h -o %N | head -1)" state=resume 2>/dev/null || true ;;
+  esac
+  sleep 1
+done
+echo "slurm/local/start.sh: the node did not become idle in 60 s (sinfo: ${st:-no answer}); see $STATE/*.log" >&2
+exit 1

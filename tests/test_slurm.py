@@ -1,0 +1,117 @@
+"""The stage scripts under a real slurmctld (``slurm/local/start.sh`` brings one up; .ci/run does): the headline
+``sbatch slurm/rl_stage1.sh`` on the tiny recipe completes and leaves a checkpoint and metrics; a job preempted
+twice mid-run — ``--signal=B:USR1`` style (the batch shell gets USR1: checkpoint, then the script requeues itself)
+and an external ``scontrol requeue`` — resumes from ``latest`` and finishes with per-step metrics bit-equal to the
+uninterrupted job's, read from the files the jobs wrote."""
+import json
+import os
+import shutil
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from .conftest import ROOT
+from .test_rl_trainer import KEYS, data  # noqa: F401  (the module fixture: a small default data set)
+
+
+def _cluster_up() -> bool:
+    if not shutil.which("sinfo"):
+        return False
+    r = subprocess.run(["sinfo", "-h", "-o", "%T"], capture_output=True, text=True, timeout=20)
+    return r.returncode == 0 and any(s in r.stdout for s in ("idle", "mixed", "allocated"))
+
+
+pytestmark = pytest.mark.skipif(not _cluster_up(), reason="no Slurm cluster answers (bash slurm/local/start.sh)")
+STEPS = 12
+
+
+def _submit(data, init, out: Path, log: Path) -> str:  # noqa: F811
+    rl_args = (f"--init {init} --out {out} --prompts {data / 'rl_stage1' / '4_filtered.parquet'} "
+               f"--tokenizer {data / 'tokenizer'} --eval-sets {data / 'eval' / 'math.parquet'} --eval-limit 4 "
+               f"--eval-interval 0 --steps {STEPS} --prompts-per-step 8 --samples-per-prompt 8 --max-new-tokens 64 "
+               f"--token-budget 1024 --reward-workers 1 --save-interval 0 --lr 1e-3 --keep-uninformative")
+    env = dict(os.environ, RECIPE="rl_stage1_tiny", RL_ARGS=rl_args, NPROC="1", OMP_NUM_THREADS="1")
+    r = subprocess.run(["sbatch", "--parsable", "--nodes=1", "--gpus-per-node=0", "--cpus-per-task=1", "--mem=6G",
+                        "--time=00:30:00", f"--output={log}", "slurm/rl_stage1.sh"], cwd=ROOT, env=env,
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    return r.stdout.strip().split(";")[0]
+
+
+def _job(jid: str) -> dict:
+    r = subprocess.run(["scontrol", "show", "job", "-o", jid], capture_output=True, text=True, timeout=30)
+    return dict(kv.split("=", 1) for kv in r.stdout.split() if "=" in kv)
+
+
+def _wait(cond, timeout: float, what: str, log: Path):
+    t0 = time.time()
+    while time.time() - t0 < timeout:
+        v = cond()
+        if v:
+            return v
+        time.sleep(0.3)
+    raise AssertionError(f"timed out waiting for {what}; job log:\n" + (log.read_text()[-3000:] if log.exists() else ""))
+
+
+def _done(jid: str):
+    st = _job(jid).get("JobState", "")
+    return st if st in ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY") else None
+
+
+def _metrics(out: Path) -> dict[int, dict]:
+    f = out / "metrics.jsonl"
+    rows = [json.loads(x) for x in f.read_text().splitlines()] if f.exists() else []
+    return {r["step"]: r for r in rows}  # a resumed job appends; the last record of a step wins
+
+
+def _logged(log: Path, after: str | None = None) -> int:
+    """The last step the job printed (metrics.jsonl is written with the checkpoints; stdout as it goes)."""
+    text = log.read_text() if log.exists() else ""
+    if after:
+        text = text.split(after, 1)[1] if after in text else ""
+    steps = [json.loads(x)["step"] for x in text.splitlines() if x.startswith('{"step"')]
+    return max(steps, default=-1)
+
+
+def _stop_step(log: Path, restart: int) -> int:
+    """The last step the job printed before its ``restart``-th start."""
+    text = log.read_text()
+    head = text.split(f"(restart {restart})")[0]
+    steps = [json.loads(x)["step"] for x in head.splitlines() if x.startswith('{"step"')]
+    return max(steps, default=-1)
+
+
+def test_sbatch_rl_stage1_completes_and_a_preempted_job_resumes_bit_exact(tiny, data, tmp_path):  # noqa: F811
+    # the headline use, uninterrupted
+    a_log = tmp_path / "a.log"
+    ja = _submit(data, tiny["mcore"], tmp_path / "a", a_log)
+    assert _wait(lambda: _done(ja), 900, f"job {ja}", a_log) == "COMPLETED", a_log.read_text()[-3000:]
+    a = _metrics(tmp_path / "a")
+    assert sorted(a) == list(range(STEPS + 1)) and "eval/math" in a[0] and "eval/math" in a[STEPS]
+    assert (tmp_path / "a" / "checkpoints" / "latest").read_text().strip() == f"iter_{STEPS:07d}"
+    assert f"job {ja} (restart 0)" in a_log.read_text()
+
+    # the same job, preempted twice
+    b_log, b = tmp_path / "b.log", tmp_path / "b"
+    jb = _submit(data, tiny["mcore"], b, b_log)
+    _wait(lambda: _logged(b_log) >= 2, 300, "step 2 of the job to be preempted", b_log)
+    # what `#SBATCH --signal=B:USR1@N` delivers before the time limit: USR1 to the batch shell
+    subprocess.run(["scancel", "--signal=USR1", "--batch", jb], check=True, timeout=30)
+    _wait(lambda: int(_job(jb).get("Restarts", "0")) >= 1, 300, "the job to requeue itself", b_log)
+    _wait(lambda: f"job {jb} (restart 1)" in b_log.read_text(), 300, "the restart", b_log)
+    # an external requeue (scontrol requeue / a node failure) while the restarted job trains
+    _wait(lambda: _logged(b_log, after="(restart 1)") >= _stop_step(b_log, 1) + 2, 300, "the restarted job to train",
+          b_log)
+    subprocess.run(["scontrol", "requeue", jb], check=True, timeout=30)
+    assert _wait(lambda: _done(jb), 900, f"job {jb} to finish", b_log) == "COMPLETED", b_log.read_text()[-3000:]
+    log = b_log.read_text()
+    assert "preemption signal: asking the ranks to checkpoint" in log and f"job {jb} (restart 2)" in log
+    s1, s2 = _stop_step(b_log, 1), _stop_step(b_log, 2)
+    assert 2 <= s1 < s2 < STEPS, (s1, s2)  # both interruptions landed mid-run
+    got = _metrics(b)
+    assert sorted(got) == list(range(STEPS + 1))
+    for s in range(STEPS + 1):
+        assert {k: a[s].get(k) for k in KEYS} == {k: got[s].get(k) for k in KEYS}, (s, a[s], got[s])
+    assert (b / "checkpoints" / "latest").read_text().strip() == f"iter_{STEPS:07d}"
