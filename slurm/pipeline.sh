@@ -1,0 +1,41 @@
+#!/usr/bin/env bash
+# The whole recipe as chained Slurm jobs (each starts only if the one before succeeded: --dependency=afterok):
+#   data -> SFT -> select -> RL stage 1 -> RL stage 2 -> export
+# Run it on the login node: `bash slurm/pipeline.sh`. Defaults: the tiny recipes on a CPU cluster (RUN=runs/tiny);
+# for Ling-lite set SIZE=ling_lite and the GPU sbatch defaults of each script apply (SBATCH_EXTRA to add flags).
+# DRY_RUN=1 prints the sbatch commands instead of submitting. Every stage script also runs without Slurm.
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+RUN=${RUN:-runs/tiny}
+SIZE=${SIZE:-tiny}
+if [ "$SIZE" = tiny ]; then  # the CPU overrides of the GPU-node #SBATCH defaults
+  RES=(--nodes=1 --gpus-per-node=0 --cpus-per-task="${CPUS:-2}" --mem="${MEM:-16G}" --time=04:00:00)
+else
+  RES=()
+fi
+read -r -a EXTRA <<< "${SBATCH_EXTRA:-}"
+prev=""
+submit() {  # submit NAME SCRIPT VAR=VALUE...: prints the job id
+  local name=$1 script=$2; shift 2
+  local dep=(); [ -n "$prev" ] && dep=(--dependency="afterok:$prev" --kill-on-invalid-dep=yes)
+  local cmd=(env "$@" sbatch --parsable --export=ALL --job-name="$name" "${RES[@]}" "${EXTRA[@]}" "${dep[@]}" "$script")
+  if [ "${DRY_RUN:-0}" = 1 ]; then
+    printf '%q ' "${cmd[@]}" >&2; echo >&2
+    prev="DRY_${name}"
+  else
+    prev=$("${cmd[@]}" | cut -d';' -f1)
+    echo "submitted $name: job $prev" >&2
+  fi
+}
+D=$RUN/data
+submit data slurm/data.sh RUN="$RUN"
+submit sft slurm/sft_distill.sh RECIPE="sft_distill_$SIZE" NPROC="${NPROC:-1}" \
+  SFT_ARGS="--data $D/sft/packed.parquet --init $RUN/mcore --out $RUN/sft"
+submit select slurm/select_ckpt.sh RUN="$RUN/sft" PROMPTS="$D/rl_stage1/4_filtered.parquet" TOKENIZER="$D/tokenizer" \
+  EVAL="$D/eval/math.parquet" SELECT_ARGS="--limit 100 --max-new-tokens 192"
+submit rl_stage1 slurm/rl_stage1.sh RECIPE="rl_stage1_$SIZE" NPROC="${NPROC:-1}" \
+  RL_ARGS="--init $RUN/sft --out $RUN/rl_stage1 --prompts $D/rl_stage1/4_filtered.parquet --tokenizer $D/tokenizer --eval-sets $D/eval/math.parquet"
+submit rl_stage2 slurm/rl_stage2.sh RECIPE="rl_stage2_$SIZE" NPROC="${NPROC:-1}" \
+  RL_ARGS="--init $RUN/rl_stage1 --out $RUN/rl_stage2 --prompts $D/rl_stage2/4_filtered.parquet --tokenizer $D/tokenizer --eval-sets $D/eval/code.parquet $D/eval/science.parquet"
+submit export slurm/export.sh CKPT="$RUN/rl_stage2" OUT="$RUN/export" TOKENIZER="$D/tokenizer"
+echo "$prev"
