@@ -48,6 +48,28 @@ def test_export_names_are_exactly_what_sglang_reads(tiny):
         assert (tiny["export"] / f).exists(), f
 
 
+# The config attributes SGLang's bailing_moe model reads without a default (``config.X``; python/sglang/srt/models/
+# bailing_moe.py): a missing one is an AttributeError when the server builds the model.
+SGLANG_CONFIG_KEYS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                      "num_key_value_heads", "head_dim", "hidden_act", "use_bias", "use_qkv_bias", "rms_norm_eps",
+                      "max_position_embeddings", "rope_theta", "rope_scaling", "embedding_dropout", "num_experts",
+                      "num_experts_per_tok", "norm_topk_prob", "num_shared_experts", "moe_intermediate_size",
+                      "first_k_dense_replace", "tie_word_embeddings")
+
+
+def test_export_config_has_every_key_sglang_reads(tiny):
+    from transformers import AutoConfig
+
+    c = AutoConfig.from_pretrained(tiny["export"], trust_remote_code=True)
+    missing = [k for k in SGLANG_CONFIG_KEYS if not hasattr(c, k)]
+    assert missing == []
+    assert c.hidden_act == "silu" and c.head_dim * c.num_attention_heads == 128
+    assert c.rope_scaling is None or c.rope_scaling.get("rope_type") == "default"  # (transformers 5 fills it in)
+    # SGLang sizes the shared expert as moe_intermediate_size * num_shared_experts: the exported tensors agree
+    up = read_hf_state(tiny["export"])["model.layers.0.mlp.shared_experts.up_proj.weight"]
+    assert up.shape == (c.moe_intermediate_size * c.num_shared_experts, c.hidden_size)
+
+
 def test_export_loads_with_auto_model_and_matches_source(tiny):
     from transformers import AutoModelForCausalLM
 

@@ -27,6 +27,7 @@ class BailingMoeConfig(PretrainedConfig):
         initializer_range=0.006,
         max_position_embeddings=16384,
         rope_theta=600000.0,
+        rope_scaling=None,
         use_cache=True,
         num_experts=64,
         num_shared_experts=2,
@@ -57,6 +58,7 @@ class BailingMoeConfig(PretrainedConfig):
         self.initializer_range = initializer_range
         self.max_position_embeddings = max_position_embeddings
         self.rope_theta = rope_theta
+        self.rope_scaling = rope_scaling  # SGLang's bailing_moe reads config.rope_scaling directly
         self.use_cache = use_cache
         self.num_experts = num_experts
         self.num_shared_experts = num_shared_experts
