@@ -14,10 +14,12 @@ import statistics
 import subprocess
 import sys
 import time
-import urllib.request
 from pathlib import Path
 
 from openai import AsyncOpenAI
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from serving.health import wait_healthy  # noqa: E402
 
 QUESTIONS = ["What is 15 + 730? Please reason step by step, and put your final answer within \\boxed{}.",
              "Solve for x: 3x + 5 = 20. Please reason step by step, and put your final answer within \\boxed{}.",
@@ -85,16 +87,12 @@ def start_server(model_dir: str, port: int, threads: int = 0) -> subprocess.Pope
     root = Path(__file__).resolve().parents[1]
     p = subprocess.Popen([sys.executable, "-m", "serving.openai_server", "--model", model_dir, "--port", str(port),
                           "--threads", str(threads)], cwd=root)
-    for _ in range(240):
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2):
-                return p
-        except OSError:
-            if p.poll() is not None:
-                raise RuntimeError(f"server exited with {p.returncode}")
-            time.sleep(0.5)
-    p.terminate()
-    raise TimeoutError("server did not become healthy in 120 s")
+    try:
+        wait_healthy(f"http://127.0.0.1:{port}", p, timeout=120, interval=0.5)
+    except Exception:
+        p.terminate()
+        raise
+    return p
 
 
 def main(argv=None) -> int:

@@ -19,6 +19,7 @@ import threading
 import time
 import uuid
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Literal, Optional, Union
 
 import torch
@@ -27,7 +28,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 
-from .reasoning import ReasoningStream
+from .reasoning import ReasoningStream, split_reasoning
 
 
 # --- the request schema (what OpenAI's and SGLang's chat endpoint accept; unknown fields are ignored) -----------
@@ -233,11 +234,9 @@ def create_app(model: ChatModel, served_name: str, api_key: str | None = None, l
         except Exception as e:  # noqa: BLE001 — one failed generation must not take the server down
             raise APIError(500, f"generation failed: {e}", "server_error") from e
         msg = {"role": "assistant", "content": text}
-        if req.separate_reasoning:
-            p = ReasoningStream()
-            r1, c1 = p.feed(text)
-            r2, c2 = p.close()
-            msg = {"role": "assistant", "content": c1 + c2, "reasoning_content": (r1 + r2) if p.saw_think else None}
+        if req.separate_reasoning:  # exactly what the stream of the same reply carries
+            reasoning, answer = split_reasoning(text, strip=False)
+            msg = {"role": "assistant", "content": answer, "reasoning_content": reasoning}
         return {"id": rid, "object": "chat.completion", "created": created, "model": served_name,
                 "choices": [{"index": 0, "message": msg, "finish_reason": run.finish, "logprobs": None}],
                 "usage": run.usage()}
@@ -343,8 +342,6 @@ def main(argv=None) -> int:
     a = ap.parse_args(argv)
     if a.threads:
         torch.set_num_threads(a.threads)
-    from pathlib import Path
-
     model = ChatModel(a.model)
     name = a.served_model_name or Path(a.model).resolve().name
     app = create_app(model, name, a.api_key, Limits(max_tokens=a.max_tokens_limit, max_queue=a.max_queue))

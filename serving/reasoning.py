@@ -5,14 +5,17 @@ from __future__ import annotations
 THINK, END = "<think>", "</think>"
 
 
-def split_reasoning(text: str) -> tuple[str | None, str]:
+def split_reasoning(text: str, strip: bool = True) -> tuple[str | None, str]:
     """(reasoning or None, answer). A reply without ``</think>`` that opened ``<think>`` is all reasoning
-    (truncated while thinking); a reply without ``<think>`` is all answer."""
+    (truncated while thinking); a reply without ``<think>`` is all answer. ``strip=False`` keeps the parts exactly
+    as a stream through ``ReasoningStream`` delivers them."""
     p = ReasoningStream()
     r, c = p.feed(text)
     r2, c2 = p.close()
-    reasoning = r + r2
-    return (reasoning.strip() if p.saw_think else None), (c + c2).strip()
+    reasoning, answer = r + r2, c + c2
+    if strip:
+        reasoning, answer = reasoning.strip(), answer.strip()
+    return (reasoning if p.saw_think else None), answer
 
 
 class ReasoningStream:

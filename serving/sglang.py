@@ -6,9 +6,9 @@ import os
 import signal
 import subprocess
 import sys
-import time
-import urllib.request
 from dataclasses import dataclass, field
+
+from .health import wait_healthy
 
 
 @dataclass
@@ -52,25 +52,6 @@ class SGLangServer:
     @property
     def url(self) -> str:
         return f"http://{self.host}:{self.port}"
-
-
-def healthy(url: str, timeout: float = 5.0) -> bool:
-    try:
-        with urllib.request.urlopen(url.rstrip("/") + "/health", timeout=timeout) as r:
-            return r.status == 200
-    except OSError:
-        return False
-
-
-def wait_healthy(url: str, proc: subprocess.Popen | None = None, timeout: float = 1800.0) -> None:
-    t0 = time.time()
-    while time.time() - t0 < timeout:
-        if proc is not None and proc.poll() is not None:
-            raise RuntimeError(f"sglang server exited with code {proc.returncode} before becoming healthy")
-        if healthy(url):
-            return
-        time.sleep(2.0)
-    raise TimeoutError(f"sglang server at {url} not healthy after {timeout:.0f} s")
 
 
 def launch(server: SGLangServer, log_path: str | None = None, wait: bool = True) -> subprocess.Popen:

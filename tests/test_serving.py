@@ -7,7 +7,6 @@ import os
 import shutil
 import subprocess
 import sys
-import time
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -21,6 +20,7 @@ from .conftest import PY, ROOT, cli, free_port
 
 sys.path.insert(0, str(ROOT))
 from benchmarks.serve_load import run_load, table  # noqa: E402
+from serving.health import wait_healthy  # noqa: E402
 from serving.reasoning import ReasoningStream, split_reasoning  # noqa: E402
 
 KEY = "test-key"
@@ -82,19 +82,6 @@ def _reference(export: Path, question: str, max_new: int = 96) -> str:
     return tok.decode(new, skip_special_tokens=False)
 
 
-def _wait(url: str, proc: subprocess.Popen, timeout: float = 120.0):
-    t0 = time.time()
-    while time.time() - t0 < timeout:
-        if proc.poll() is not None:
-            raise AssertionError(f"{proc.args} exited with {proc.returncode}")
-        try:
-            with urllib.request.urlopen(url, timeout=2):
-                return
-        except (OSError, urllib.error.URLError):
-            time.sleep(0.3)
-    raise AssertionError(f"{url} not up in {timeout} s")
-
-
 @pytest.fixture(scope="module")
 def server(served):
     port = free_port()
@@ -102,7 +89,7 @@ def server(served):
                              "--served-model-name", "ring-tiny", "--api-key", KEY, "--max-tokens-limit", "256",
                              "--threads", "1"], cwd=ROOT)
     try:
-        _wait(f"http://127.0.0.1:{port}/health", proc)
+        wait_healthy(f"http://127.0.0.1:{port}", proc, timeout=120, interval=0.3)
         yield {"url": f"http://127.0.0.1:{port}", "proc": proc}
     finally:
         proc.terminate()
@@ -217,7 +204,7 @@ def test_gradio_demo_in_headless_chromium(server, served):
     q, taught = CHATS[0]
     want_r, want_c = split_reasoning(taught)
     try:
-        _wait(f"http://127.0.0.1:{port}/", ui, timeout=180)
+        wait_healthy(f"http://127.0.0.1:{port}", ui, timeout=180, path="/", interval=0.3)
         ARTIFACTS.mkdir(exist_ok=True)
         with sync_playwright() as p:
             b = p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox", "--headless=new"])

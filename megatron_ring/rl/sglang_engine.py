@@ -49,7 +49,7 @@ class SGLangEngine:
         self.colocated, self.sync_dir, self.version = colocated, sync_dir, -1
 
     def health(self) -> bool:
-        from serving.sglang import healthy
+        from serving.health import healthy
 
         return all(healthy(u) for u in self.urls)
 
