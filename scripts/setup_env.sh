@@ -25,4 +25,7 @@ if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
   "$VENV/bin/python" -m pip install -q -e ".[dev]"
   touch "$stamp"
 fi
+# AIME24/25 for `megatron-ring eval` ship inside sgl-eval; its pins (openai<3, pillow<12) clash with ours and only its
+# data files are read, so it goes in without dependencies
+"$VENV/bin/python" -c 'import sgl_eval' 2>/dev/null || "$VENV/bin/python" -m pip install -q --no-deps "sgl-eval==0.1.3"
 "$VENV/bin/python" -c 'import megatron.core, torch, transformers; print(f"setup_env: ok (torch {torch.__version__}, megatron-core {megatron.core.__version__}, transformers {transformers.__version__})")'

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The whole recipe as chained Slurm jobs (each starts only if the one before succeeded: --dependency=afterok):
-#   data -> SFT -> select -> RL stage 1 -> RL stage 2 -> export
+#   data -> SFT -> select -> RL stage 1 -> RL stage 2 -> export -> eval (the selected SFT checkpoint, then the final
+#   model, into one table: $RUN/eval/results.md)
 # Run it on the login node: `bash slurm/pipeline.sh`. Defaults: the tiny recipes on a CPU cluster (RUN=runs/tiny);
 # for Ling-lite set SIZE=ling_lite and the GPU sbatch defaults of each script apply (SBATCH_EXTRA to add flags).
 # DRY_RUN=1 prints the sbatch commands instead of submitting. Every stage script also runs without Slurm.
@@ -38,4 +39,12 @@ submit rl_stage1 slurm/rl_stage1.sh RECIPE="rl_stage1_$SIZE" NPROC="${NPROC:-1}"
 submit rl_stage2 slurm/rl_stage2.sh RECIPE="rl_stage2_$SIZE" NPROC="${NPROC:-1}" \
   RL_ARGS="--init $RUN/rl_stage1 --out $RUN/rl_stage2 --prompts $D/rl_stage2/4_filtered.parquet --tokenizer $D/tokenizer --eval-sets $D/eval/code.parquet $D/eval/science.parquet"
 submit export slurm/export.sh CKPT="$RUN/rl_stage2" OUT="$RUN/export" TOKENIZER="$D/tokenizer"
+if [ "$SIZE" = tiny ]; then  # the embedded held-out math and AIME24, short replies; the RL recipe's temperature
+  EV=(BENCHMARKS="${BENCHMARKS:-heldout_math aime24}" K="${K:-4}" MAX_TOKENS=192
+      EVAL_ARGS="--data-dir $D/eval --limit ${EVAL_LIMIT:-64} --temperature ${EVAL_T:-0.8}")
+else
+  EV=(BENCHMARKS="${BENCHMARKS:-aime24 aime25 humaneval}")
+fi
+submit eval_sft slurm/eval.sh CKPT="$RUN/sft" EXPORT="$RUN/sft/export" TOKENIZER="$D/tokenizer" LABEL=sft OUT="$RUN/eval" "${EV[@]}"
+submit eval_final slurm/eval.sh MODEL="$RUN/export" LABEL=final OUT="$RUN/eval" "${EV[@]}"
 echo "$prev"

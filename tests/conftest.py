@@ -50,5 +50,42 @@ def tiny(tmp_path_factory):
     return {"root": d, "hf": d / "hf", "mcore": d / "mcore", "export": d / "hf_export"}
 
 
+def teach_tiny(tiny: dict, chats: list[tuple[str, str]], d: Path, steps: int = 120, lr: float = 3e-3) -> Path:
+    """The random tiny model taught ``chats`` [(question, reply)] (plain PyTorch on the HF model), written as a HF
+    checkpoint, converted to a megatron checkpoint and exported back by ``megatron-ring convert mcore-to-hf``:
+    a servable folder whose greedy replies are the taught ones."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from megatron_ring.convert.hf_io import write_hf_checkpoint
+
+    tok = AutoTokenizer.from_pretrained(tiny["export"])
+    model = AutoModelForCausalLM.from_pretrained(tiny["export"], trust_remote_code=True, dtype=torch.float32)
+    torch.manual_seed(0)
+    batch = []
+    for q, a in chats:
+        p = tok.apply_chat_template([{"role": "user", "content": q}], tokenize=True, add_generation_prompt=True,
+                                    return_dict=False)
+        r = tok.encode(a, add_special_tokens=False) + [tok.eos_token_id]
+        batch.append((torch.tensor([p + r]), len(p)))
+    opt = torch.optim.AdamW(model.parameters(), lr=lr)
+    model.train()
+    for _ in range(steps):
+        loss = 0.0
+        for ids, n in batch:
+            labels = ids.clone()
+            labels[:, :n] = -100
+            loss = loss + model(input_ids=ids, labels=labels).loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert float(loss) / len(batch) < 0.05, f"the tiny model did not learn its replies: loss {float(loss):.3f}"
+    cfg = json.loads((tiny["export"] / "config.json").read_text())
+    write_hf_checkpoint({k: v.detach() for k, v in model.state_dict().items()}, cfg, d / "taught")
+    cli("convert", "hf-to-mcore", "--hf", d / "taught", "--out", d / "mcore")
+    cli("convert", "mcore-to-hf", "--ckpt", d / "mcore", "--out", d / "export", "--tokenizer", tiny["hf"])
+    return d / "export"
+
+
 def read_json(p):
     return json.loads(Path(p).read_text())

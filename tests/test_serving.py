@@ -16,7 +16,7 @@ import pytest
 import torch
 from openai import OpenAI
 
-from .conftest import PY, ROOT, cli, free_port
+from .conftest import PY, ROOT, cli, free_port, teach_tiny
 
 sys.path.insert(0, str(ROOT))
 from benchmarks.serve_load import run_load, table  # noqa: E402
@@ -34,39 +34,8 @@ CHATS = [  # what the model is taught (a long-CoT reply with <think>…</think>,
 
 @pytest.fixture(scope="module")
 def served(tiny, tmp_path_factory):
-    """A tiny model taught three replies (plain PyTorch on the HF model), written as a HF checkpoint, converted to a
-    megatron checkpoint and exported back by ``megatron-ring convert mcore-to-hf`` — the servable folder."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from megatron_ring.convert.hf_io import write_hf_checkpoint
-
-    d = tmp_path_factory.mktemp("served")
-    tok = AutoTokenizer.from_pretrained(tiny["export"])
-    model = AutoModelForCausalLM.from_pretrained(tiny["export"], trust_remote_code=True, dtype=torch.float32)
-    torch.manual_seed(0)
-    batch = []
-    for q, a in CHATS:
-        p = tok.apply_chat_template([{"role": "user", "content": q}], tokenize=True, add_generation_prompt=True,
-                                    return_dict=False)
-        r = tok.encode(a, add_special_tokens=False) + [tok.eos_token_id]
-        batch.append((torch.tensor([p + r]), len(p)))
-    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
-    model.train()
-    for _ in range(120):
-        loss = 0.0
-        for ids, n in batch:
-            labels = ids.clone()
-            labels[:, :n] = -100
-            loss = loss + model(input_ids=ids, labels=labels).loss
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    assert float(loss) / len(batch) < 0.05, f"the tiny model did not learn its replies: loss {float(loss):.3f}"
-    cfg = json.loads((tiny["export"] / "config.json").read_text())
-    write_hf_checkpoint({k: v.detach() for k, v in model.state_dict().items()}, cfg, d / "taught")
-    cli("convert", "hf-to-mcore", "--hf", d / "taught", "--out", d / "mcore")
-    cli("convert", "mcore-to-hf", "--ckpt", d / "mcore", "--out", d / "export", "--tokenizer", tiny["hf"])
-    return d / "export"
+    """A tiny model taught three replies, exported as a servable folder (see conftest.teach_tiny)."""
+    return teach_tiny(tiny, CHATS, tmp_path_factory.mktemp("served"))
 
 
 def _reference(export: Path, question: str, max_new: int = 96) -> str:

@@ -1,5 +1,6 @@
 """The code reward: the last fenced program of the answer (after the reasoning) runs in the sandbox on
-every test case; reward 1 only if all pass (outputs compared line by line, trailing spaces ignored)."""
+every test case; reward 1 only if all pass (outputs compared line by line, trailing spaces ignored).
+``function_reward`` is the HumanEval form: the answer's function runs against a ``check`` program."""
 from __future__ import annotations
 
 import re
@@ -34,4 +35,28 @@ def code_reward(response: str, test_cases: list[dict], sandbox: Sandbox, truncat
             return Reward(0.0, f"test_{i}:{r.status}")
         if not _same(r.stdout, case.get("output", "")):
             return Reward(0.0, f"test_{i}:wrong_output")
+    return Reward(1.0, "all_tests_passed")
+
+
+def _imports(stub: str) -> str:
+    return "\n".join(ln for ln in stub.splitlines() if ln.startswith(("import ", "from ")))
+
+
+def function_reward(response: str, prefix: str, check: str, entry_point: str, sandbox: Sandbox,
+                    truncated: bool = False) -> Reward:
+    """1 if the answer's ``entry_point`` passes ``check`` (exit status 0). An answer that repeats the whole
+    function gets the stub's imports in front; one that gives only the body is appended to the stub."""
+    if truncated:
+        return Reward(0.0, "truncated")
+    code = extract_program(response)
+    if code is None:
+        return Reward(0.0, "no_program")
+    if re.search(rf"^\s*def\s+{re.escape(entry_point)}\s*\(", code, re.M):
+        program = f"{_imports(prefix)}\n{code}"
+    else:
+        program = prefix + code
+    r = sandbox.run(f"{program}\n\n{check}")
+    if r.status != "ok":
+        last = (r.stderr.strip().splitlines() or [""])[-1][:120]
+        return Reward(0.0, f"check:{r.status}" + (f": {last}" if last else ""))
     return Reward(1.0, "all_tests_passed")

@@ -1,5 +1,6 @@
 """Scoring rollouts in a pool of worker processes (spawned: they never share the trainer's threads or
-its process group). A job is {domain, response, answer | test_cases, truncated}; a worker failure is a
+its process group). A job is {domain, response, answer | test_cases | prefix+check+entry_point, truncated}
+(domain: math, science, code, code_check — HumanEval —, choice — GPQA); a worker failure is a
 reward 0 with the reason, never an exception in the trainer."""
 from __future__ import annotations
 
@@ -25,8 +26,8 @@ def reward_job(row: dict, response: str, truncated: bool) -> dict:
 
 
 def score(job: dict, sandbox: Sandbox | None = None) -> Reward:
-    from .code import code_reward
-    from .verify_math import math_reward
+    from .code import code_reward, function_reward
+    from .verify_math import choice_reward, math_reward
 
     domain, truncated = job.get("domain"), bool(job.get("truncated"))
     try:
@@ -34,6 +35,11 @@ def score(job: dict, sandbox: Sandbox | None = None) -> Reward:
             return math_reward(job["response"], job["answer"], truncated)
         if domain == "code":
             return code_reward(job["response"], job.get("test_cases") or [], sandbox or _SANDBOX, truncated)
+        if domain == "code_check":
+            return function_reward(job["response"], job["prefix"], job["check"], job["entry_point"],
+                                   sandbox or _SANDBOX, truncated)
+        if domain == "choice":
+            return choice_reward(job["response"], job["answer"], truncated)
         return Reward(0.0, f"no_reward_for_domain:{domain}")
     except Exception as e:  # a grader bug must not take the trainer down
         return Reward(0.0, f"grader_error:{type(e).__name__}: {e}"[:200])

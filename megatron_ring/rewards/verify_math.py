@@ -37,3 +37,20 @@ def math_reward(response: str, answer: str, truncated: bool = False) -> Reward:
     if not pred:
         return Reward(0.0, "unparsable_answer")
     return Reward(1.0, "correct") if verify(gold, pred) else Reward(0.0, "wrong_answer")
+
+
+_LETTER = re.compile(r"^\s*(?:\\text\{)?\(?([A-Da-d])\)?\}?\s*$")
+
+
+def choice_reward(response: str, answer: str, truncated: bool = False) -> Reward:
+    """Multiple choice (GPQA): the boxed letter (``\\boxed{B}``, ``\\boxed{(b)}``, ``\\boxed{\\text{B}}``) equals
+    the reference letter."""
+    if truncated:
+        return Reward(0.0, "truncated")
+    boxed = final_answer_text(response)
+    if boxed is None:
+        return Reward(0.0, "no_boxed_answer")
+    m = _LETTER.match(boxed)
+    if not m:
+        return Reward(0.0, "not_a_letter")
+    return Reward(1.0, "correct") if m.group(1).upper() == answer.strip().upper() else Reward(0.0, "wrong_answer")
