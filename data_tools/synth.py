@@ -4,12 +4,6 @@ A programmatic teacher writes long chain-of-thought inside ``<think>…</think>`
 ``\\boxed{}`` answer (math: column addition with explicit carries, linear equations; science: one-formula
 quantities) or a Python program (code: stdin -> stdout, checked by test cases). Deterministic by seed.
 Every item is unique by its normalised question, and each question goes to exactly one split.
-
-Like a real teacher, this one does not always show its work: for a fraction ``SHORTCUT`` of the math items it
-states the (correct) result "at a glance". A 16.8B student can imitate either style; a ~1M-parameter student
-cannot add four-digit numbers in one step, so after SFT its shortcut replies are mostly wrong while its worked
-replies are mostly right. That is the situation the paper's RL stage exploits (Ring-lite's replies grow longer
-and more careful under RL): verifiable rewards must teach the student to prefer the worked style.
 """
 from __future__ import annotations
 
@@ -19,7 +13,6 @@ from typing import Callable, Iterator
 from .text import normalize
 
 SUFFIX = "Please reason step by step, and put your final answer within \\boxed{}."
-SHORTCUT = 0.3  # fraction of math items the teacher answers without working
 PLACES = ["ones", "tens", "hundreds", "thousands", "ten-thousands", "hundred-thousands"]
 
 
@@ -27,11 +20,6 @@ def addition(rng: random.Random) -> dict:
     da, db = rng.randint(1, 4), rng.randint(1, 4)
     a, b = rng.randint(10 ** (da - 1), 10**da - 1), rng.randint(10 ** (db - 1), 10**db - 1)
     s = a + b
-    prompt = f"What is {a} + {b}? {SUFFIX}"
-    if rng.random() < SHORTCUT:
-        return {"domain": "math", "prompt": prompt, "answer": str(s), "difficulty": (da + db) / 8,
-                "response": f"<think>\nAt a glance: {a} + {b} = {s}.\n</think>\n"
-                            f"{a} + {b} = {s}, so the answer is \\boxed{{{s}}}."}
     lines, carry = [f"We add {a} and {b} column by column, starting from the ones."], 0
     xa, xb = str(a)[::-1], str(b)[::-1]
     for i in range(max(len(xa), len(xb))):
@@ -44,7 +32,7 @@ def addition(rng: random.Random) -> dict:
         lines.append(f"{PLACES[max(len(xa), len(xb))]}: the carry {carry} is written in front.")
     lines.append(f"Reading the digits from the top: {s}.")
     lines.append(f"Check: {s} - {b} = {a}. Correct.")
-    return {"domain": "math", "prompt": prompt, "answer": str(s),
+    return {"domain": "math", "prompt": f"What is {a} + {b}? {SUFFIX}", "answer": str(s),
             "response": "<think>\n" + "\n".join(lines) + f"\n</think>\n{a} + {b} = {s}, so the answer is \\boxed{{{s}}}.",
             "difficulty": (da + db) / 8}
 
@@ -52,15 +40,11 @@ def addition(rng: random.Random) -> dict:
 def linear_equation(rng: random.Random) -> dict:
     a, x, b = rng.randint(2, 12), rng.randint(-20, 30), rng.randint(1, 60)
     c = a * x + b
-    prompt = f"Solve for x: {a}x + {b} = {c}. {SUFFIX}"
-    if rng.random() < SHORTCUT:
-        return {"domain": "math", "prompt": prompt, "answer": str(x), "difficulty": 0.5,
-                "response": f"<think>\nAt a glance: x = {x}.\n</think>\nThe solution is \\boxed{{{x}}}."}
     lines = [f"We want x with {a}x + {b} = {c}.",
              f"Subtract {b} from both sides: {a}x = {c} - {b} = {c - b}.",
              f"Divide both sides by {a}: x = {c - b} / {a} = {x}.",
              f"Check: {a} * {x} + {b} = {a * x} + {b} = {c}. Correct."]
-    return {"domain": "math", "prompt": prompt, "answer": str(x),
+    return {"domain": "math", "prompt": f"Solve for x: {a}x + {b} = {c}. {SUFFIX}", "answer": str(x),
             "response": "<think>\n" + "\n".join(lines) + f"\n</think>\nThe solution is \\boxed{{{x}}}.",
             "difficulty": 0.5}
 

@@ -144,7 +144,7 @@ def setup(tiny, tmp_path_factory):
     aime = B.load("aime24")
     taught = {r["id"]: (r["prompt"], f"<think>\nI recall this one.\n</think>\nThe answer is \\boxed{{{r['answer']}}}.")
               for r in math[:3] + aime[:1]}
-    export = teach_tiny(tiny, list(taught.values()), d, steps=200)
+    export = teach_tiny(tiny, list(taught.values()), d, steps=120)
     return {"data": data_dir, "export": export, "taught": taught}
 
 
