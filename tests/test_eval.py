@@ -185,6 +185,11 @@ def test_protocol_on_cpu_server_heldout_and_aime24(setup, tmp_path):
     assert float(table["aime24"]["tiny"]) == pytest.approx(100 * aime["avg@2"], abs=0.006)
     assert table["aime24"]["ring_lite_paper"] == "76.61" and table["heldout_math"]["ring_lite_paper"] == ""
     assert (out / "results.png").stat().st_size > 10_000
+    # problems that do not fit the context score 0 (counted and warned about), the run goes on
+    big = cli("eval", "--serve", setup["export"], "--out", out, "--label", "big", "--benchmarks", "aime24",
+              "--limit", "3", "--k", "1", "--max-tokens", "2040")
+    rep = json.loads((out / "big" / "aime24.json").read_text())
+    assert rep["context_exceeded"] == 3 and rep["metrics"]["avg@1"] == 0.0 and "did not fit" in big.stderr
     # a rerun with other sampling settings into the same folder is refused, not mixed into the cache
     again = cli("eval", "--serve", setup["export"], "--data-dir", setup["data"], "--out", out, "--label", "tiny",
                 "--benchmarks", "heldout_math", "--k", "2", "--max-tokens", "40", "--temperature", "0.6", check=False)

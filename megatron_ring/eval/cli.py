@@ -158,6 +158,9 @@ def main(argv: list[str] | None = None) -> int:
         n = m["samples_per_problem"]
         print(f"{cfg.name} {b}: avg@{n} {100 * m[f'avg@{n}']:.2f}  pass@k "
               + " ".join(f"{k}:{100 * v:.1f}" for k, v in m["pass@k"].items()) + f"  ({m['problems']} problems)")
+        if r["context_exceeded"]:
+            print(f"  warning: {r['context_exceeded']} samples did not fit the model's context (prompt + --max-tokens "
+                  f"{cfg.max_tokens}); they score 0", file=sys.stderr)
     print(f"table: {Path(cfg.out) / 'results.md'}")
     return 0
 

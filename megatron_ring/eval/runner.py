@@ -101,7 +101,8 @@ async def _one(client, cfg: EvalConfig, row: dict, s: int) -> dict:
             break
         except openai.APIStatusError as e:
             body = e.body if isinstance(e.body, dict) else {}
-            if "context_length_exceeded" in (str(body.get("code")), str((body.get("error") or {}).get("code"))):
+            codes = (str(body.get("code")), str((body.get("error") or {}).get("code")))
+            if "context_length_exceeded" in codes or "context length" in str(e.message).lower():  # ours / SGLang's
                 # the problem does not fit this model's context: a wrong answer, not a broken run
                 return {"id": row["id"], "sample": s, "response": "", "finish_reason": "length",
                         "completion_tokens": 0, "seconds": round(time.perf_counter() - t0, 3),
@@ -184,6 +185,7 @@ def report_benchmark(cfg: EvalConfig, bench: str, rows: list[dict], samples: dic
            "mean_completion_tokens": _mean([samples[(r["id"], s)]["completion_tokens"] for r in rows
                                              for s in range(cfg.k)]),
            "truncated": sum(samples[(r["id"], s)]["finish_reason"] == "length" for r in rows for s in range(cfg.k)),
+           "context_exceeded": sum("error" in samples[(r["id"], s)] for r in rows for s in range(cfg.k)),
            "samples": [{**samples[(r["id"], s)], "prompt": r["prompt"]} for r in rows for s in range(cfg.k)]}
     (Path(cfg.out) / cfg.name / f"{bench}.json").write_text(json.dumps(out, indent=1) + "\n")
     return out
