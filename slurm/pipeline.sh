@@ -5,6 +5,8 @@
 # Run it on the login node: `bash slurm/pipeline.sh`. Defaults: the tiny recipes on a CPU cluster (RUN=runs/tiny);
 # for Ling-lite set SIZE=ling_lite and the GPU sbatch defaults of each script apply (SBATCH_EXTRA to add flags).
 # DRY_RUN=1 prints the sbatch commands instead of submitting. Every stage script also runs without Slurm.
+# FROM=STAGE (data sft select rl_stage1 rl_stage2 export eval_sft eval_final) submits that stage and the ones after it,
+# reusing what the earlier stages left in $RUN (e.g. FROM=rl_stage1 after changing an RL setting).
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 RUN=${RUN:-runs/tiny}
@@ -16,8 +18,14 @@ else
 fi
 read -r -a EXTRA <<< "${SBATCH_EXTRA:-}"
 prev=""
+STAGES=(data sft select rl_stage1 rl_stage2 export eval_sft eval_final)
+FROM=${FROM:-data}
+[[ " ${STAGES[*]} " == *" $FROM "* ]] || { echo "FROM=$FROM: not a stage (${STAGES[*]})" >&2; exit 2; }
+started=0
 submit() {  # submit NAME SCRIPT VAR=VALUE...: prints the job id
   local name=$1 script=$2; shift 2
+  [ "$name" = "$FROM" ] && started=1
+  if [ "$started" = 0 ]; then echo "skipped $name (FROM=$FROM)" >&2; return; fi
   local dep=(); [ -n "$prev" ] && dep=(--dependency="afterok:$prev" --kill-on-invalid-dep=yes)
   local cmd=(env "$@" sbatch --parsable --export=ALL --job-name="$name" "${RES[@]}" "${EXTRA[@]}" "${dep[@]}" "$script")
   if [ "${DRY_RUN:-0}" = 1 ]; then
