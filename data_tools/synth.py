@@ -4,13 +4,6 @@ A programmatic teacher writes long chain-of-thought inside ``<think>…</think>`
 ``\\boxed{}`` answer (math: column addition with explicit carries, linear equations; science: one-formula
 quantities) or a Python program (code: stdin -> stdout, checked by test cases). Deterministic by seed.
 Every item is unique by its normalised question, and each question goes to exactly one split.
-
-Like a real long-CoT teacher, this one is imperfect in a way curation cannot see: in ``DOUBT`` of its math
-answers it second-guesses a correct, checked result ("Hmm, wait. Maybe I lost a carry ...") and switches to a
-wrong final answer (the overthinking flip-flop of distilled reasoning models). The SFT student imitates the
-habit at sampling temperature; verifiable-reward RL is what removes it (the per-digit slips of a ~1M-parameter
-student are too diverse for a few minutes of RL to fix). Whether an answer doubts is a hash of its question,
-so the item stream, the splits and every other response are the same as without it.
 """
 from __future__ import annotations
 
@@ -20,7 +13,6 @@ from typing import Callable, Iterator
 from .text import normalize
 
 SUFFIX = "Please reason step by step, and put your final answer within \\boxed{}."
-DOUBT = 0.4  # the teacher's flip-flop rate on math (see above)
 PLACES = ["ones", "tens", "hundreds", "thousands", "ten-thousands", "hundred-thousands"]
 
 
@@ -40,17 +32,9 @@ def addition(rng: random.Random) -> dict:
         lines.append(f"{PLACES[max(len(xa), len(xb))]}: the carry {carry} is written in front.")
     lines.append(f"Reading the digits from the top: {s}.")
     lines.append(f"Check: {s} - {b} = {a}. Correct.")
-    final = s
-    if _doubts(f"{a}+{b}"):
-        final = s + 10
-        lines.append(f"Hmm, wait. Maybe I lost a carry in the tens. Adding it back: {s} + 10 = {final}.")
     return {"domain": "math", "prompt": f"What is {a} + {b}? {SUFFIX}", "answer": str(s),
-            "response": "<think>\n" + "\n".join(lines) + f"\n</think>\n{a} + {b} = {final}, so the answer is \\boxed{{{final}}}.",
+            "response": "<think>\n" + "\n".join(lines) + f"\n</think>\n{a} + {b} = {s}, so the answer is \\boxed{{{s}}}.",
             "difficulty": (da + db) / 8}
-
-
-def _doubts(key: str) -> bool:
-    return random.Random(f"doubt:{key}").random() < DOUBT
 
 
 def linear_equation(rng: random.Random) -> dict:
@@ -60,12 +44,8 @@ def linear_equation(rng: random.Random) -> dict:
              f"Subtract {b} from both sides: {a}x = {c} - {b} = {c - b}.",
              f"Divide both sides by {a}: x = {c - b} / {a} = {x}.",
              f"Check: {a} * {x} + {b} = {a * x} + {b} = {c}. Correct."]
-    final = x
-    if _doubts(f"{a}x+{b}={c}"):
-        final = -x if x else 1
-        lines.append(f"Hmm, wait. Maybe the sign flips when dividing. Then x = {final}.")
     return {"domain": "math", "prompt": f"Solve for x: {a}x + {b} = {c}. {SUFFIX}", "answer": str(x),
-            "response": "<think>\n" + "\n".join(lines) + f"\n</think>\nThe solution is \\boxed{{{final}}}.",
+            "response": "<think>\n" + "\n".join(lines) + f"\n</think>\nThe solution is \\boxed{{{x}}}.",
             "difficulty": 0.5}
 
 
