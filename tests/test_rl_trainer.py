@@ -73,3 +73,43 @@ def test_refuses_a_start_checkpoint_that_disagrees_with_the_recipe(tiny, data, t
     r = subprocess.run([PY, "-m", "megatron_ring.cli", "rl", "--recipe", "rl_stage1_tiny", "--init", str(tmp_path),
                         "--out", str(tmp_path / "o")], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert r.returncode != 0 and "no checkpoints/selected or checkpoints/latest" in r.stderr
+
+
+SNIPPET = """
+import json, sys
+from megatron_ring.config.recipe import load_recipe
+from megatron_ring.rl.config import rl_config
+from megatron_ring.rl.trainer import RLState
+init, data, out, overrides = sys.argv[1:5]
+r = load_recipe("rl_stage1_tiny")
+cfg = rl_config(r, init=init, prompts=data + "/rl_stage1/4_filtered.parquet", tokenizer=data + "/tokenizer", out=out,
+                eval_sets=[], prompts_per_step=4, lr=1e-4, lr_overrides=json.loads(overrides))
+try:
+    s = RLState(r, cfg)
+except ValueError as e:
+    print(json.dumps({"error": str(e)})); sys.exit(0)
+names = {id(p): n for n, p in s.ddp.named_parameters()}
+print(json.dumps([{"lr": g["lr"], "wd_mult": g.get("wd_mult", 1.0), "params": [names[id(p)] for p in g["params"]]}
+                  for g in s.opt.param_groups]))
+"""
+
+
+def test_lr_overrides_give_a_parameter_group_its_own_lr(tiny, data, tmp_path):
+    """The recipe's `lr_overrides` (name glob -> lr) become megatron-core param groups: the final norm gets its
+    own lr (and keeps no weight decay), every other weight keeps the base lr; a glob matching nothing is refused."""
+    def run(overrides, out):
+        r = subprocess.run([PY, "-c", SNIPPET, str(tiny["mcore"]), str(data), str(out), json.dumps(overrides)],
+                           cwd=ROOT, capture_output=True, text=True, timeout=300,
+                           env=dict(os.environ, OMP_NUM_THREADS="1", MASTER_PORT=str(free_port())))
+        assert r.returncode == 0, r.stderr[-3000:]
+        return json.loads(r.stdout.strip().splitlines()[-1])
+
+    groups = run({"*final_layernorm*": 2e-2}, tmp_path / "a")
+    special = [g for g in groups if any("final_layernorm" in n for n in g["params"])]
+    assert len(special) == 1 and special[0]["lr"] == pytest.approx(2e-2) and special[0]["wd_mult"] == 0.0
+    assert all("final_layernorm" in n for n in special[0]["params"])
+    others = [g for g in groups if g is not special[0]]
+    assert others and all(g["lr"] == pytest.approx(1e-4) for g in others)
+    assert sum(len(g["params"]) for g in groups) > 50
+    bad = run({"*no_such_weight*": 1e-3}, tmp_path / "b")
+    assert "'*no_such_weight*' matches no parameter" in bad["error"]

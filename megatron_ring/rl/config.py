@@ -33,6 +33,7 @@ class RLConfig:
     entropy_coef: float = 5e-4  # α_ent
     lr: float = 3e-6
     lr_warmup_steps: int = 0
+    lr_overrides: dict = field(default_factory=dict)  # parameter-name glob -> its own lr (megatron-core param group)
     weight_decay: float = 0.01
     adam_beta1: float = 0.9
     adam_beta2: float = 0.95

@@ -46,7 +46,7 @@ class RLState:
         self.ddp = wrap_ddp(self.policy)
         self.opt = build_optimizer([self.ddp], OptimConfig(
             lr=cfg.lr, min_lr=cfg.lr, weight_decay=cfg.weight_decay, adam_beta1=cfg.adam_beta1,
-            adam_beta2=cfg.adam_beta2, adam_eps=cfg.adam_eps, clip_grad=cfg.clip_grad))
+            adam_beta2=cfg.adam_beta2, adam_eps=cfg.adam_eps, clip_grad=cfg.clip_grad, lr_overrides=cfg.lr_overrides))
         n_opt = cfg.steps * cfg.mini_batches
         self.sched = OptimizerParamScheduler(
             self.opt, init_lr=0.0 if cfg.lr_warmup_steps else cfg.lr, max_lr=cfg.lr, min_lr=cfg.lr,

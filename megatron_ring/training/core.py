@@ -3,8 +3,10 @@ one global step over micro-batches with a per-token loss averaged over the whole
 (the same result whatever the DP / micro-batch split)."""
 from __future__ import annotations
 
+import fnmatch
+
 from dataclasses import dataclass
-from typing import Callable, Iterable
+from typing import Callable, Iterable, Optional
 
 import torch
 from megatron.core import parallel_state as ps
@@ -25,6 +27,7 @@ class OptimConfig:
     adam_eps: float = 1e-8
     clip_grad: float = 1.0
     use_distributed_optimizer: bool = False
+    lr_overrides: Optional[dict] = None  # parameter-name glob -> lr (a megatron-core param-group override)
 
 
 def wrap_ddp(model: torch.nn.Module, use_distributed_optimizer: bool = False) -> DistributedDataParallel:
@@ -41,13 +44,21 @@ def wrap_ddp(model: torch.nn.Module, use_distributed_optimizer: bool = False) ->
 
 
 def build_optimizer(chunks: list[torch.nn.Module], oc: OptimConfig):
+    from megatron.core.optimizer import get_standard_config_overrides
+    from megatron.core.optimizer.optimizer_config import ParamKey
+
     cfg = chunks[0].config
-    return get_megatron_optimizer(
-        OptimizerConfig(optimizer="adam", lr=oc.lr, min_lr=oc.min_lr, weight_decay=oc.weight_decay,
-                        adam_beta1=oc.adam_beta1, adam_beta2=oc.adam_beta2, adam_eps=oc.adam_eps,
-                        clip_grad=oc.clip_grad, bf16=cfg.bf16, fp16=cfg.fp16, params_dtype=cfg.params_dtype,
-                        use_distributed_optimizer=oc.use_distributed_optimizer),
-        chunks)
+    mc = OptimizerConfig(optimizer="adam", lr=oc.lr, min_lr=oc.min_lr, weight_decay=oc.weight_decay,
+                         adam_beta1=oc.adam_beta1, adam_beta2=oc.adam_beta2, adam_eps=oc.adam_eps,
+                         clip_grad=oc.clip_grad, bf16=cfg.bf16, fp16=cfg.fp16, params_dtype=cfg.params_dtype,
+                         use_distributed_optimizer=oc.use_distributed_optimizer)
+    overrides = get_standard_config_overrides(mc)  # (no weight decay on norms and biases)
+    names = [n for c in chunks for n, _ in c.named_parameters()]
+    for glob, lr in (oc.lr_overrides or {}).items():
+        if not any(fnmatch.fnmatch(n, glob) for n in names):
+            raise ValueError(f"lr_overrides: {glob!r} matches no parameter (e.g. {names[-1]!r})")
+        overrides[ParamKey(name=glob)] = {"max_lr": float(lr), "min_lr": float(lr)}
+    return get_megatron_optimizer(mc, chunks, config_overrides=overrides)
 
 
 def lm_loss_func(loss_mask: torch.Tensor):
