@@ -4,14 +4,14 @@ one global step over micro-batches with a per-token loss averaged over the whole
 from __future__ import annotations
 
 import fnmatch
-
 from dataclasses import dataclass
 from typing import Callable, Iterable, Optional
 
 import torch
 from megatron.core import parallel_state as ps
 from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
-from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer, get_standard_config_overrides
+from megatron.core.optimizer.optimizer_config import ParamKey
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
 from ..model.inference import position_ids_for
@@ -44,9 +44,6 @@ def wrap_ddp(model: torch.nn.Module, use_distributed_optimizer: bool = False) ->
 
 
 def build_optimizer(chunks: list[torch.nn.Module], oc: OptimConfig):
-    from megatron.core.optimizer import get_standard_config_overrides
-    from megatron.core.optimizer.optimizer_config import ParamKey
-
     cfg = chunks[0].config
     mc = OptimizerConfig(optimizer="adam", lr=oc.lr, min_lr=oc.min_lr, weight_decay=oc.weight_decay,
                          adam_beta1=oc.adam_beta1, adam_beta2=oc.adam_beta2, adam_eps=oc.adam_eps,
