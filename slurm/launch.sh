@@ -8,6 +8,8 @@ set -euo pipefail
 REPO=${REPO:-$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)}
 cd "$REPO"
 PY=${PY:-$REPO/.venv/bin/python}
+# One intra-op thread per rank unless told: on CPU, 2 x threads > CPUs makes libgomp throttle every barrier once
+# gloo worker threads hold OpenMP teams (from the first checkpoint save on; see parallel/dist.py).
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 
 nproc_per_node() {

@@ -52,3 +52,15 @@ def test_detect_env_slurm_srun_port_from_job_id():
 def test_detect_env_single_process():
     e = detect_env({})
     assert (e.rank, e.world_size, e.launcher) == (0, 1, "single") and e.master_port > 0
+
+
+def test_omp_oversubscription_warning_threshold():
+    """2 x intra-op threads > CPUs is where libgomp starts throttling once gloo threads hold teams."""
+    from megatron_ring.parallel.dist import omp_oversubscription
+
+    assert omp_oversubscription(1, 2) is None  # the launcher's default on this machine
+    assert omp_oversubscription(2, 4) is None
+    assert omp_oversubscription(8, 16) is None
+    msg = omp_oversubscription(2, 2)
+    assert msg and "OMP_NUM_THREADS <= 1" in msg
+    assert "OMP_NUM_THREADS <= 8" in omp_oversubscription(16, 16)
