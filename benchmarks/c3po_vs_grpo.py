@@ -9,7 +9,6 @@ C3PO's constant Φ makes per-step compute and gradient scale steady (Ring-lite F
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import statistics
@@ -17,6 +16,8 @@ import subprocess
 import sys
 import tempfile
 from pathlib import Path
+
+from _rl_args import rl_run_parser  # benchmarks/ (this script's folder)
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -27,7 +28,7 @@ def run(mode: str, a, out: Path) -> list[dict]:
            "--steps", str(a.steps), "--token-budget", str(a.budget), "--prompts-per-step", str(a.prompts),
            "--eval-interval", "0", "--eval-limit", "1", "--save-interval", "0", "--prompts", a.prompts_file,
            "--tokenizer", a.tokenizer, "--eval-sets", a.eval_set]
-    r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=dict(os.environ, OMP_NUM_THREADS="2"))
+    r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "2")})
     if r.returncode != 0:
         raise SystemExit(f"{mode} run failed:\n{r.stderr[-3000:]}")
     return [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines() if '"reward/mean"' in x]
@@ -38,15 +39,8 @@ def cv(xs: list[float]) -> float:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--recipe", default="rl_stage1_tiny")
-    ap.add_argument("--init", default="runs/tiny/sft")
-    ap.add_argument("--prompts-file", default="runs/tiny/data/rl_stage1/4_filtered.parquet")
-    ap.add_argument("--tokenizer", default="runs/tiny/data/tokenizer")
+    ap = rl_run_parser(steps=12, budget=8192, prompts=16)
     ap.add_argument("--eval-set", default="runs/tiny/data/eval/math.parquet")
-    ap.add_argument("--steps", type=int, default=12)
-    ap.add_argument("--budget", type=int, default=8192)
-    ap.add_argument("--prompts", type=int, default=16)
     a = ap.parse_args()
     rows = {}
     with tempfile.TemporaryDirectory() as td:

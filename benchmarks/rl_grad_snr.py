@@ -11,7 +11,6 @@ SNR_B and the samples needed for SNR 1 — side by side with the reward of each 
 """
 from __future__ import annotations
 
-import argparse
 import itertools
 import json
 import os
@@ -22,6 +21,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+from _rl_args import rl_run_parser  # noqa: E402  (benchmarks/, this script's folder)
 
 
 def groups_of(name: str) -> str:
@@ -71,18 +71,10 @@ def batch_grad(s, step: int):
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--recipe", default="rl_stage1_tiny")
-    ap.add_argument("--init", default="runs/tiny/sft")
-    ap.add_argument("--prompts-file", default="runs/tiny/data/rl_stage1/4_filtered.parquet")
-    ap.add_argument("--tokenizer", default="runs/tiny/data/tokenizer")
-    ap.add_argument("--batches", type=int, default=4)
-    ap.add_argument("--prompts", type=int, default=32)
-    ap.add_argument("--k", type=int, default=8)
-    ap.add_argument("--budget", type=int, default=8192)
+    ap = rl_run_parser(batches=4, prompts=32, k=8, budget=8192)
     ap.add_argument("--temperature", type=float, default=None)
     a = ap.parse_args()
-    os.environ.setdefault("OMP_NUM_THREADS", "2")
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
     import torch
 
     from megatron_ring.config.recipe import load_recipe

@@ -327,6 +327,26 @@ async def _sse(run: _Run, rid, created, name, separate: bool, usage: bool, reque
     yield "data: [DONE]\n\n"
 
 
+def _exit_with(pid: int, every: float = 2.0) -> None:
+    import os
+    import signal
+    import threading
+    import time
+
+    def watch():
+        while True:
+            try:
+                os.kill(pid, 0)
+            except ProcessLookupError:
+                os.kill(os.getpid(), signal.SIGTERM)  # uvicorn's graceful shutdown
+                return
+            except PermissionError:
+                pass
+            time.sleep(every)
+
+    threading.Thread(target=watch, name="parent-watch", daemon=True).start()
+
+
 def main(argv=None) -> int:
     import uvicorn
 
@@ -339,7 +359,11 @@ def main(argv=None) -> int:
     ap.add_argument("--max-tokens-limit", type=int, default=2048)
     ap.add_argument("--max-queue", type=int, default=64)
     ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    ap.add_argument("--parent-pid", type=int, help="exit when this process is gone (a server started for one run "
+                                                   "must not outlive a run that was killed)")
     a = ap.parse_args(argv)
+    if a.parent_pid:
+        _exit_with(a.parent_pid)
     if a.threads:
         torch.set_num_threads(a.threads)
     model = ChatModel(a.model)

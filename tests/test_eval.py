@@ -196,6 +196,13 @@ def test_protocol_on_cpu_server_heldout_and_aime24(setup, tmp_path):
     assert again.returncode == 1 and "temperature=1.0 (now 0.6)" in again.stderr
 
 
+def _cmdline(pid: str) -> str:
+    try:
+        return open(f"/proc/{pid}/cmdline").read()
+    except OSError:
+        return ""
+
+
 def test_interrupted_eval_resumes_without_repeating_samples(setup, tmp_path):
     args = ["--benchmarks", "heldout_math", "--k", "4", "--max-tokens", "40", "--concurrency", "2"]
     ref = tmp_path / "ref"
@@ -208,8 +215,14 @@ def test_interrupted_eval_resumes_without_repeating_samples(setup, tmp_path):
     t0 = time.time()
     while time.time() - t0 < 300 and (not path.exists() or len(path.read_text().splitlines()) < 12):
         time.sleep(0.2)
-    os.killpg(p.pid, signal.SIGKILL)  # the eval and the server it started
+    server = [int(d) for d in os.listdir("/proc") if d.isdigit() and _cmdline(d).endswith(f"--parent-pid\0{p.pid}\0")]
+    assert len(server) == 1, server
+    os.killpg(p.pid, signal.SIGKILL)  # the eval (its server is in a session of its own)
     p.wait()
+    t0 = time.time()
+    while time.time() - t0 < 30 and os.path.exists(f"/proc/{server[0]}") and _cmdline(str(server[0])):
+        time.sleep(0.2)
+    assert not _cmdline(str(server[0])), "the server outlived the eval that started it"
     before = path.read_text()
     done = [json.loads(line) for line in before.splitlines() if line.endswith("}")]
     assert 12 <= len(done) < 48, len(done)

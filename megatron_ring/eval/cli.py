@@ -59,7 +59,8 @@ def serving(model_dir: str, name: str, max_tokens: int, log: Path, threads: int 
                                    reasoning_parser="deepseek-r1"), str(log), wait=False)
     else:
         cmd = [sys.executable, "-m", "serving.openai_server", "--model", model_dir, "--port", str(port),
-               "--served-model-name", name, "--max-tokens-limit", str(max_tokens), "--max-queue", "4096"]
+               "--served-model-name", name, "--max-tokens-limit", str(max_tokens), "--max-queue", "4096",
+               "--parent-pid", str(os.getpid())]
         if threads:
             cmd += ["--threads", str(threads)]
         proc = subprocess.Popen(cmd, stdout=open(log, "ab"), stderr=subprocess.STDOUT, start_new_session=True, env=env,
