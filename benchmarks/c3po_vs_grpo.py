@@ -28,7 +28,7 @@ def run(mode: str, a, out: Path) -> list[dict]:
            "--steps", str(a.steps), "--token-budget", str(a.budget), "--prompts-per-step", str(a.prompts),
            "--eval-interval", "0", "--eval-limit", "1", "--save-interval", "0", "--prompts", a.prompts_file,
            "--tokenizer", a.tokenizer, "--eval-sets", a.eval_set]
-    r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "2")})
+    r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env={"OMP_NUM_THREADS": "2", **os.environ})
     if r.returncode != 0:
         raise SystemExit(f"{mode} run failed:\n{r.stderr[-3000:]}")
     return [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines() if '"reward/mean"' in x]

@@ -52,10 +52,7 @@ def batch_grad(s, step: int):
     s.add_reference_logprobs(seqs)
     s.ddp.zero_grad_buffer()
     for mbs, part in s.minis:
-        fcfg = {"clip_eps": c.clip_eps, "kl_coef": c.kl_coef, "kl_kind": c.kl_estimator, "entropy_coef": c.entropy_coef,
-                "temperature": c.temperature, "tis_cap": c.tis_cap,
-                "denominators": iter([s._denominator(part)] + [0.0] * (len(mbs) - 1))}
-        get_forward_backward_func()(forward_step_func=rl_forward_step(fcfg), data_iterator=iter(mbs), model=[s.ddp],
+        get_forward_backward_func()(forward_step_func=rl_forward_step(s.loss_config(part, len(mbs))), data_iterator=iter(mbs), model=[s.ddp],
                                     num_microbatches=len(mbs), seq_length=mbs[0]["tokens"].shape[1],
                                     micro_batch_size=mbs[0]["tokens"].shape[0], forward_only=False)
     grads = {}

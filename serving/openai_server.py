@@ -15,6 +15,8 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
+import signal
 import threading
 import time
 import uuid
@@ -328,11 +330,6 @@ async def _sse(run: _Run, rid, created, name, separate: bool, usage: bool, reque
 
 
 def _exit_with(pid: int, every: float = 2.0) -> None:
-    import os
-    import signal
-    import threading
-    import time
-
     def watch():
         while True:
             try:

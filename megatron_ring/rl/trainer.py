@@ -175,6 +175,14 @@ class RLState:
             return float(sum(len(s["response_ids"]) for s in part))
         return float(len(part))
 
+    def loss_config(self, part: list[dict], n_microbatches: int) -> dict:
+        """What ``rl_forward_step`` needs for one mini-batch: the coefficients and its loss denominator (carried
+        by its first micro-batch)."""
+        c = self.cfg
+        return {"clip_eps": c.clip_eps, "kl_coef": c.kl_coef, "kl_kind": c.kl_estimator, "entropy_coef": c.entropy_coef,
+                "temperature": c.temperature, "tis_cap": c.tis_cap,
+                "denominators": iter([self._denominator(part)] + [0.0] * (n_microbatches - 1))}
+
     def update(self, seqs: list[dict]) -> dict:
         from ..training.core import report_moe_metrics, train_step
 
@@ -184,10 +192,7 @@ class RLState:
         if n.item() == 0:  # no group with signal anywhere: no optimizer step (Adam would move on momentum alone)
             return {"grad_norm": 0.0, "lr": self.opt.param_groups[0]["lr"], "skipped": 1.0}
         for mbs, part in self.minis:
-            d = self._denominator(part)
-            fcfg = {"clip_eps": self.cfg.clip_eps, "kl_coef": self.cfg.kl_coef, "kl_kind": self.cfg.kl_estimator,
-                    "entropy_coef": self.cfg.entropy_coef, "temperature": self.cfg.temperature,
-                    "tis_cap": self.cfg.tis_cap, "denominators": iter([d] + [0.0] * (len(mbs) - 1))}
+            fcfg = self.loss_config(part, len(mbs))
             out = train_step([self.ddp], self.opt, mbs, len(mbs), mbs[0]["tokens"].shape[1], mbs[0]["tokens"].shape[0],
                              forward_step=rl_forward_step(fcfg), report_keys=REPORT)
             self.sched.step(increment=1)
