@@ -41,7 +41,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--kind", choices=["sft", "rl"], required=True)
 
     s = step("difficulty", "drop all-solved / never-solved prompts by rollout pass rate")
-    s.add_argument("--rollouts", required=True)
+    s.add_argument("--rollouts", required=True, nargs="+", help="rollouts Parquet(s): one file or the shards")
     s.add_argument("--drop-unrated", action="store_true")
 
     s = step("mix", "sample to domain ratios")

@@ -1,11 +1,14 @@
 #!/usr/bin/env bash
 # The whole recipe as chained Slurm jobs (each starts only if the one before succeeded: --dependency=afterok):
-#   data -> SFT -> select -> RL stage 1 -> RL stage 2 -> export -> eval (the selected SFT checkpoint, then the final
-#   model, into one table: $RUN/eval/results.md)
+#   data -> SFT -> select -> RL stage 1 -> difficulty -> RL stage 2 -> export -> eval (the selected SFT checkpoint,
+#   then the final model, into one table: $RUN/eval/results.md)
+# difficulty: stage 1's policy samples K answers per stage-2 prompt and only the prompts it sometimes solves go on
+# to stage 2 (slurm/difficulty.sh). On by default for the tiny recipes; DIFFICULTY=0 skips it (stage 2 then takes
+# the data stage's prompts), as it does by default for Ling-lite, whose rollouts would need SGLang (not wired).
 # Run it on the login node: `bash slurm/pipeline.sh`. Defaults: the tiny recipes on a CPU cluster (RUN=runs/tiny);
 # for Ling-lite set SIZE=ling_lite and the GPU sbatch defaults of each script apply (SBATCH_EXTRA to add flags).
 # DRY_RUN=1 prints the sbatch commands instead of submitting. Every stage script also runs without Slurm.
-# FROM=STAGE (data sft select rl_stage1 rl_stage2 export eval_sft eval_final) submits that stage and the ones after it,
+# FROM=STAGE (data sft select rl_stage1 difficulty rl_stage2 export eval_sft eval_final) submits that stage and the ones after it,
 # reusing what the earlier stages left in $RUN (e.g. FROM=rl_stage1 after changing an RL setting).
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
@@ -18,7 +21,8 @@ else
 fi
 read -r -a EXTRA <<< "${SBATCH_EXTRA:-}"
 prev=""
-STAGES=(data sft select rl_stage1 rl_stage2 export eval_sft eval_final)
+STAGES=(data sft select rl_stage1 difficulty rl_stage2 export eval_sft eval_final)
+if [ "$SIZE" = tiny ]; then DIFFICULTY=${DIFFICULTY:-1}; else DIFFICULTY=${DIFFICULTY:-0}; fi
 FROM=${FROM:-data}
 [[ " ${STAGES[*]} " == *" $FROM "* ]] || { echo "FROM=$FROM: not a stage (${STAGES[*]})" >&2; exit 2; }
 started=0
@@ -26,6 +30,7 @@ submit() {  # submit NAME SCRIPT VAR=VALUE...: prints the job id
   local name=$1 script=$2; shift 2
   [ "$name" = "$FROM" ] && started=1
   if [ "$started" = 0 ]; then echo "skipped $name (FROM=$FROM)" >&2; return; fi
+  if [ "$name" = difficulty ] && [ "$DIFFICULTY" != 1 ]; then echo "skipped $name (DIFFICULTY=$DIFFICULTY)" >&2; return; fi
   local dep=(); [ -n "$prev" ] && dep=(--dependency="afterok:$prev" --kill-on-invalid-dep=yes)
   local cmd=(env "$@" sbatch --parsable --export=ALL --job-name="$name" "${RES[@]}" "${EXTRA[@]}" "${dep[@]}" "$script")
   if [ "${DRY_RUN:-0}" = 1 ]; then
@@ -44,11 +49,15 @@ submit select slurm/select_ckpt.sh RUN="$RUN/sft" PROMPTS="$D/rl_stage1/4_filter
   EVAL="$D/eval/math.parquet" SELECT_ARGS="--limit 100 --max-new-tokens 192"
 submit rl_stage1 slurm/rl_stage1.sh RECIPE="rl_stage1_$SIZE" NPROC="${NPROC:-1}" \
   RL_ARGS="--init $RUN/sft --out $RUN/rl_stage1 --prompts $D/rl_stage1/4_filtered.parquet --tokenizer $D/tokenizer --eval-sets $D/eval/math.parquet"
+S2=$D/rl_stage2/4_filtered.parquet
+if [ "$DIFFICULTY" = 1 ]; then S2=$D/rl_stage2/5_difficulty.parquet; fi
+submit difficulty slurm/difficulty.sh CKPT="$RUN/rl_stage1" PROMPTS="$D/rl_stage2/4_filtered.parquet" \
+  TOKENIZER="$D/tokenizer" OUT="$S2" RECIPE="rl_stage2_$SIZE" K="${DIFFICULTY_K:-4}"
 submit rl_stage2 slurm/rl_stage2.sh RECIPE="rl_stage2_$SIZE" NPROC="${NPROC:-1}" \
-  RL_ARGS="--init $RUN/rl_stage1 --out $RUN/rl_stage2 --prompts $D/rl_stage2/4_filtered.parquet --tokenizer $D/tokenizer --eval-sets $D/eval/code.parquet $D/eval/science.parquet"
+  RL_ARGS="--init $RUN/rl_stage1 --out $RUN/rl_stage2 --prompts $S2 --tokenizer $D/tokenizer --eval-sets $D/eval/code.parquet $D/eval/science.parquet"
 submit export slurm/export.sh CKPT="$RUN/rl_stage2" OUT="$RUN/export" TOKENIZER="$D/tokenizer"
-if [ "$SIZE" = tiny ]; then  # the embedded held-out math and AIME24, short replies; the RL recipe's temperature
-  EV=(BENCHMARKS="${BENCHMARKS:-heldout_math aime24}" K="${K:-4}" MAX_TOKENS=192
+if [ "$SIZE" = tiny ]; then  # the embedded held-out sets and AIME24, short replies; the RL recipe's temperature
+  EV=(BENCHMARKS="${BENCHMARKS:-heldout_math heldout_code heldout_science aime24}" K="${K:-4}" MAX_TOKENS=192
       EVAL_ARGS="--data-dir $D/eval --limit ${EVAL_LIMIT:-64} --temperature ${EVAL_T:-0.8}")
 else
   EV=(BENCHMARKS="${BENCHMARKS:-aime24 aime25 humaneval}")

@@ -174,6 +174,13 @@ def test_difficulty_filter(tmp_path):
     assert kept == {"r2": 0.75, "r3": None}  # r3 has no rollouts: kept unrated by default
     r = difficulty_filter(src, tmp_path / "e.parquet", tmp_path / "roll.parquet", keep_unrated=False, progress=False)
     assert r["removed_by_reason"]["no_rollouts"] == 1
+    # the same rollouts split over shard files (`megatron-ring rollouts --shard`): the same pass rates
+    for i in range(3):
+        pq.write_table(pa.Table.from_pylist(rollouts[i::3]), str(tmp_path / f"roll-{i}.parquet"))
+    r = difficulty_filter(src, tmp_path / "s.parquet", [tmp_path / f"roll-{i}.parquet" for i in range(3)],
+                          progress=False)
+    assert r["removed_by_reason"] == {"all_solved": 1, "never_solved": 1}
+    assert {x["id"]: x["difficulty"] for x in _rows(tmp_path / "s.parquet")} == kept
 
 
 def test_mix_hits_the_ratios(tmp_path):

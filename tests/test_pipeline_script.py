@@ -1,12 +1,13 @@
 """slurm/pipeline.sh without a cluster (DRY_RUN=1 prints the sbatch commands): the stages in the recipe's order,
 each one `afterok` on the one before, the tiny CPU overrides, and FROM=STAGE resubmitting only that stage and the
-ones after it (a bad FROM is refused before anything is submitted)."""
+ones after it (a bad FROM is refused before anything is submitted); the difficulty filter between the RL stages
+feeds stage 2 its output, and DIFFICULTY=0 (Ling-lite's default) leaves it out."""
 import re
 import subprocess
 
 from .conftest import ROOT
 
-STAGES = ["data", "sft", "select", "rl_stage1", "rl_stage2", "export", "eval_sft", "eval_final"]
+STAGES = ["data", "sft", "select", "rl_stage1", "difficulty", "rl_stage2", "export", "eval_sft", "eval_final"]
 
 
 def _dry(**env):
@@ -30,7 +31,20 @@ def test_pipeline_chains_every_stage_afterok():
     jobs = _jobs(r.stderr)
     assert [n for n, _ in jobs] == STAGES
     assert [d for _, d in jobs] == [None] + [f"DRY_{n}" for n in STAGES[:-1]]
-    assert "--gpus-per-node=0" in r.stderr and "--init runs/p/sft --out runs/p/rl_stage1" in r.stderr.replace("\\ ", " ")
+    cmds = r.stderr.replace("\\ ", " ")
+    assert "--gpus-per-node=0" in cmds and "--init runs/p/sft --out runs/p/rl_stage1" in cmds
+    assert "OUT=runs/p/data/rl_stage2/5_difficulty.parquet" in cmds and "CKPT=runs/p/rl_stage1" in cmds
+    assert "--prompts runs/p/data/rl_stage2/5_difficulty.parquet" in cmds  # stage 2 trains on what it kept
+
+
+def test_pipeline_without_the_difficulty_filter():
+    for env in ({"DIFFICULTY": "0"}, {"SIZE": "ling_lite"}):
+        r = _dry(**env)
+        assert r.returncode == 0, r.stderr
+        jobs = _jobs(r.stderr)
+        assert [n for n, _ in jobs] == [n for n in STAGES if n != "difficulty"]
+        assert dict(jobs)["rl_stage2"] == "DRY_rl_stage1" and "skipped difficulty (DIFFICULTY=0)" in r.stderr
+        assert "--prompts runs/p/data/rl_stage2/4_filtered.parquet" in r.stderr.replace("\\ ", " ")
 
 
 def test_pipeline_from_a_stage_reuses_the_earlier_ones():

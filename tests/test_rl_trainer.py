@@ -113,3 +113,32 @@ def test_lr_overrides_give_a_parameter_group_its_own_lr(tiny, data, tmp_path):
     assert sum(len(g["params"]) for g in groups) > 50
     bad = run({"*no_such_weight*": 1e-3}, tmp_path / "b")
     assert "'*no_such_weight*' matches no parameter" in bad["error"]
+
+
+def test_difficulty_script_shards_rollouts_like_one_run(tiny, data, tmp_path):
+    """`slurm/difficulty.sh` (run here without Slurm): SHARDS rollout processes, each on every SHARDS-th chunk of
+    prompts, give exactly the samples of one unsharded `megatron-ring rollouts` (each chunk's seed is its first
+    row), and `data_tools difficulty` over the shard files writes its filtered prompts and report."""
+    import pyarrow.parquet as pq
+
+    prompts, out = data / "rl_stage2" / "4_filtered.parquet", tmp_path / "5_difficulty.parquet"
+    flags = dict(K="2", MAX_NEW_TOKENS="12", TEMPERATURE="1.0")
+    env = dict(os.environ, PY=PY, CKPT=str(tiny["mcore"]), PROMPTS=str(prompts), TOKENIZER=str(data / "tokenizer"),
+               OUT=str(out), SHARDS="3", CHUNK="4", **flags)
+    r = subprocess.run(["bash", "slurm/difficulty.sh"], cwd=ROOT, capture_output=True, text=True, timeout=600,
+                       env=env)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-4000:]
+    whole = tmp_path / "whole.parquet"
+    subprocess.run([PY, "-m", "megatron_ring.cli", "rollouts", "--ckpt", str(tiny["mcore"]), "--prompts", str(prompts),
+                    "--tokenizer", str(data / "tokenizer"), "--out", str(whole), "--k", "2", "--max-new-tokens", "12",
+                    "--temperature", "1.0", "--chunk", "4"], cwd=ROOT, check=True, capture_output=True, timeout=300,
+                   env=dict(os.environ, OMP_NUM_THREADS="1"))
+    key = lambda x: (x["id"], x["sample"])  # noqa: E731
+    shards = [pq.read_table(str(tmp_path / f"5_difficulty.rollouts-{i}.parquet")).to_pylist() for i in range(3)]
+    n_rows = pq.read_metadata(str(prompts)).num_rows
+    assert n_rows == 16 and [len(s) for s in shards] == [16, 8, 8]  # 4 chunks of 4 prompts x K=2: 0+3, 1, 2
+    assert sorted(sum(shards, []), key=key) == sorted(pq.read_table(str(whole)).to_pylist(), key=key)
+    report = json.loads((tmp_path / "5_difficulty.report.json").read_text())
+    assert report["rated_prompts"] == 16 and report["rows_in"] == 16
+    assert report["rows_kept"] + sum(report["removed_by_reason"].values()) == 16
+    assert pq.read_metadata(str(out)).num_rows == report["rows_kept"]

@@ -13,6 +13,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from tqdm import tqdm
 
+SCHEMA = pa.schema([("id", pa.string()), ("sample", pa.int64()), ("reward", pa.float64()), ("reason", pa.string()),
+                    ("length", pa.int64()), ("finish_reason", pa.string()), ("response", pa.string())])
+
 
 def load_engine(ckpt: str | Path, tokenizer_dir: str | Path, batch_size: int = 64):
     from ..convert.hf_io import read_hf_state
@@ -30,16 +33,24 @@ def load_engine(ckpt: str | Path, tokenizer_dir: str | Path, batch_size: int = 6
 
 
 def rollout_stats(ckpt, prompts, tokenizer_dir, out, k: int = 8, limit: int | None = None, max_new_tokens: int = 192,
-                  temperature: float = 1.0, seed: int = 0, chunk: int = 16, workers: int = 2) -> dict:
+                  temperature: float = 1.0, seed: int = 0, chunk: int = 16, workers: int = 2,
+                  shard: tuple[int, int] = (0, 1)) -> dict:
+    """``shard=(i, n)``: only chunks i, i+n, i+2n, … of ``chunk`` prompts (n processes side by side;
+    ``data_tools difficulty`` takes all their outputs). Each chunk's sampling seed is ``seed`` + its first row,
+    so the union of the shards' samples is exactly one unsharded run's."""
     from ..rewards import RewardPool, reward_job
     from .config import resolve_start
     from .rollout import SamplingParams, chat_prompt_ids
 
+    i, n = shard
+    if not 0 <= i < n:
+        raise ValueError(f"shard {i}/{n}: need 0 <= i < n")
     eng, tok = load_engine(resolve_start(ckpt), tokenizer_dir)
     rows = pq.read_table(str(prompts)).to_pylist()[:limit]
+    starts = [s for s in range(0, len(rows), chunk) if (s // chunk) % n == i]
     recs = []
     with RewardPool(workers) as pool:
-        for s in tqdm(range(0, len(rows), chunk), desc="rollouts", unit="chunk"):
+        for s in tqdm(starts, desc=f"rollouts {i}/{n}" if n > 1 else "rollouts", unit="chunk"):
             part = rows[s:s + chunk]
             rs = eng.generate(chat_prompt_ids(tok, part), k, SamplingParams(max_new_tokens, temperature, seed=seed + s))
             jobs = [reward_job(part[r.prompt_index], r.text, r.finish_reason == "length") for r in rs]
@@ -47,7 +58,9 @@ def rollout_stats(ckpt, prompts, tokenizer_dir, out, k: int = 8, limit: int | No
                 recs.append({"id": part[r.prompt_index]["id"], "sample": j % k, "reward": rw.value, "reason": rw.reason,
                              "length": len(r.response_ids), "finish_reason": r.finish_reason, "response": r.text})
     Path(out).parent.mkdir(parents=True, exist_ok=True)
-    pq.write_table(pa.Table.from_pylist(recs), str(out))
+    tmp = Path(f"{out}.tmp")
+    pq.write_table(pa.Table.from_pylist(recs, schema=SCHEMA), str(tmp))
+    tmp.replace(out)  # a killed run leaves no half-written file behind
     by: dict[str, list[float]] = {}
     for r in recs:
         by.setdefault(r["id"], []).append(r["reward"])
@@ -69,7 +82,14 @@ def main(argv=None) -> int:
     ap.add_argument("--max-new-tokens", type=int, default=192)
     ap.add_argument("--temperature", type=float, default=1.0)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--chunk", type=int, default=16, help="prompts generated together")
+    ap.add_argument("--shard", default="0/1", help="I/N: this process takes every N-th chunk of prompts from chunk I")
     a = ap.parse_args(argv)
+    try:
+        shard = tuple(int(x) for x in a.shard.split("/"))
+        assert len(shard) == 2 and 0 <= shard[0] < shard[1]
+    except (ValueError, AssertionError):
+        ap.error(f"--shard {a.shard}: expected I/N with 0 <= I < N")
     print(json.dumps(rollout_stats(a.ckpt, a.prompts, a.tokenizer, a.out, a.k, a.limit, a.max_new_tokens,
-                                   a.temperature, a.seed)))
+                                   a.temperature, a.seed, a.chunk, shard=shard)))
     return 0
