@@ -8,8 +8,8 @@
 # Run it on the login node: `bash slurm/pipeline.sh`. Defaults: the tiny recipes on a CPU cluster (RUN=runs/tiny);
 # for Ling-lite set SIZE=ling_lite and the GPU sbatch defaults of each script apply (SBATCH_EXTRA to add flags).
 # DRY_RUN=1 prints the sbatch commands instead of submitting. Every stage script also runs without Slurm.
-# FROM=STAGE (data sft select rl_stage1 difficulty rl_stage2 export eval_sft eval_final) submits that stage and the ones after it,
-# reusing what the earlier stages left in $RUN (e.g. FROM=rl_stage1 after changing an RL setting).
+# FROM=STAGE (data sft select rl_stage1 difficulty rl_stage2 export eval_sft eval_final) submits that stage and the
+# ones after it, reusing what the earlier stages left in $RUN (e.g. FROM=rl_stage1 after changing an RL setting).
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 RUN=${RUN:-runs/tiny}

@@ -71,6 +71,16 @@ def rollout_stats(ckpt, prompts, tokenizer_dir, out, k: int = 8, limit: int | No
     return summary
 
 
+def _shard(text: str) -> tuple[int, int]:
+    try:
+        i, n = (int(x) for x in text.split("/"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected I/N") from None
+    if not 0 <= i < n:
+        raise argparse.ArgumentTypeError(f"{text!r}: need 0 <= I < N")
+    return i, n
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="megatron-ring rollouts")
     ap.add_argument("--ckpt", required=True, help="a checkpoint or a run dir (its selected/latest pointer)")
@@ -83,13 +93,9 @@ def main(argv=None) -> int:
     ap.add_argument("--temperature", type=float, default=1.0)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--chunk", type=int, default=16, help="prompts generated together")
-    ap.add_argument("--shard", default="0/1", help="I/N: this process takes every N-th chunk of prompts from chunk I")
+    ap.add_argument("--shard", type=_shard, default=(0, 1),
+                    help="I/N: this process takes every N-th chunk of prompts from chunk I")
     a = ap.parse_args(argv)
-    try:
-        shard = tuple(int(x) for x in a.shard.split("/"))
-        assert len(shard) == 2 and 0 <= shard[0] < shard[1]
-    except (ValueError, AssertionError):
-        ap.error(f"--shard {a.shard}: expected I/N with 0 <= I < N")
     print(json.dumps(rollout_stats(a.ckpt, a.prompts, a.tokenizer, a.out, a.k, a.limit, a.max_new_tokens,
-                                   a.temperature, a.seed, a.chunk, shard=shard)))
+                                   a.temperature, a.seed, a.chunk, shard=a.shard)))
     return 0
