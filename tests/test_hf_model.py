@@ -66,3 +66,59 @@ def test_router_renormalises_top_k_in_fp32():
     assert logits.dtype == torch.float32 and w.shape == (7, 2)
     assert torch.allclose(w.sum(-1), torch.ones(7))
     assert torch.equal(idx, logits.topk(2, dim=-1).indices)
+
+
+def _argmax_loop(m, ids, n):
+    """Greedy decoding without any cache: the whole sequence through the model for every token."""
+    seq = ids
+    for _ in range(n):
+        seq = torch.cat([seq, m(seq, use_cache=False).logits[:, -1:].argmax(-1)], 1)
+    return seq
+
+
+def test_generate_batched_left_padded_equals_argmax_loop():
+    """generate() with its KV cache (under whatever name the installed transformers passes it: ``cache`` from
+    5.24 on, ``past_key_values`` before) equals a no-cache argmax loop per prompt, also left-padded in a batch.
+    A model that misses the cache argument decodes each step from its newest token alone and fails here."""
+    m = _model(5)
+    a, b = torch.randint(6, 512, (1, 9)), torch.randint(6, 512, (1, 4))
+    ids = torch.cat([a, torch.cat([torch.ones(1, 5, dtype=torch.long), b], 1)])
+    mask = torch.ones_like(ids)
+    mask[1, :5] = 0
+    with torch.no_grad():
+        g = m.generate(ids, attention_mask=mask, max_new_tokens=8, min_new_tokens=8, do_sample=False, pad_token_id=1)
+        ref_a, ref_b = _argmax_loop(m, a, 8), _argmax_loop(m, b, 8)
+    assert torch.equal(g[0], ref_a[0])
+    assert torch.equal(g[1, 5:], ref_b[0])
+
+
+def test_cache_is_accepted_and_returned_under_both_names():
+    from megatron_ring.hf.modeling_bailing_moe import output_cache
+
+    m = _model(6)
+    x = torch.randint(6, 512, (2, 10))
+    with torch.no_grad():
+        full = m(x, use_cache=False).logits[:, 6:]
+        first = m(x[:, :6])
+        assert output_cache(first).get_seq_length() == 6
+        new = m(x[:, 6:], cache=output_cache(first)).logits
+        old = m(x[:, 6:], past_key_values=output_cache(m(x[:, :6]))).logits
+    assert (new - full).abs().max() < 1e-5 and (old - full).abs().max() < 1e-5
+
+
+def test_unimplemented_config_values_are_refused_naming_the_field():
+    import pytest
+
+    for over, field in (({"hidden_act": "gelu"}, "hidden_act"),
+                        ({"rope_scaling": {"type": "linear", "factor": 4.0}}, "rope_scaling"),
+                        ({"rope_scaling": {"rope_type": "yarn", "factor": 4.0}}, "rope_scaling")):
+        with pytest.raises(ValueError, match=field):
+            _model(0, **over)
+    _model(0, rope_scaling=None)  # the published configs' value
+
+
+def test_use_bias_puts_a_bias_on_attention_dense_only():
+    """The reference modeling code: ``use_bias`` -> attention.dense; MLPs and experts never have a bias."""
+    m = _model(7, use_bias=True)
+    with_bias = sorted({n.split(".", 3)[-1] for n, _ in m.named_parameters() if n.endswith(".bias")})
+    assert with_bias == ["attention.dense.bias"]

@@ -4,7 +4,7 @@ from transformers import PretrainedConfig
 
 class BailingMoeConfig(PretrainedConfig):
     model_type = "bailing_moe"
-    keys_to_ignore_at_inference = ["past_key_values"]
+    keys_to_ignore_at_inference = ["cache", "past_key_values"]
 
     def __init__(
         self,

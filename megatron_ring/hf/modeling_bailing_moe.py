@@ -9,6 +9,8 @@ the output layer is a NormHead (weight normalised over the vocab dimension per h
 """
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -23,6 +25,33 @@ except ImportError:  # imported as a plain module
     from configuration_bailing_moe import BailingMoeConfig
 
 NORM_HEAD_EPS = 1e-7
+# The transformers releases this file is written and tested for (also stated in an export's config.json).
+SUPPORTED_TRANSFORMERS = ">=5.0,<6"
+
+
+def _cache_field(output_cls) -> str:
+    """The name under which an output class carries the KV cache: ``cache`` from transformers 5.24 on,
+    ``past_key_values`` before. ``generate()`` passes it back to ``forward`` under the same name."""
+    return "cache" if "cache" in {f.name for f in dataclasses.fields(output_cls)} else "past_key_values"
+
+
+def output_cache(out):
+    """The KV cache of a model output, whatever the transformers version named it."""
+    return getattr(out, _cache_field(type(out)))
+
+
+def check_supported(config) -> None:
+    """Refuse config values that would change the function but are not implemented here (the reference
+    modeling code reads them), instead of silently computing something else."""
+    act = getattr(config, "hidden_act", "silu")
+    if act != "silu":
+        raise ValueError(f"bailing_moe: hidden_act={act!r} is not supported (only 'silu' is implemented)")
+    # transformers 5 folds rope_scaling into rope_parameters ({"rope_type": "default", "rope_theta": ...} = plain)
+    for field in ("rope_scaling", "rope_parameters"):
+        rope = getattr(config, field, None)
+        kind = (rope.get("rope_type") or rope.get("type") or "default") if isinstance(rope, dict) else rope
+        if kind not in (None, "default"):
+            raise ValueError(f"bailing_moe: rope_scaling={rope!r} is not supported (only plain RoPE: rope_scaling null)")
 
 
 class BailingMoeRMSNorm(nn.Module):
@@ -65,12 +94,14 @@ def apply_rotary(q, k, cos, sin):
 
 
 class BailingMoeMLP(nn.Module):
+    """SwiGLU without biases (the reference code's ``use_bias`` adds a bias to ``attention.dense`` only)."""
+
     def __init__(self, config, intermediate_size):
         super().__init__()
-        h, bias = config.hidden_size, config.use_bias
-        self.gate_proj = nn.Linear(h, intermediate_size, bias=bias)
-        self.up_proj = nn.Linear(h, intermediate_size, bias=bias)
-        self.down_proj = nn.Linear(intermediate_size, h, bias=bias)
+        h = config.hidden_size
+        self.gate_proj = nn.Linear(h, intermediate_size, bias=False)
+        self.up_proj = nn.Linear(h, intermediate_size, bias=False)
+        self.down_proj = nn.Linear(intermediate_size, h, bias=False)
 
     def forward(self, x):
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
@@ -131,7 +162,7 @@ class BailingMoeAttention(nn.Module):
         self.dense = nn.Linear(self.num_heads * self.head_dim, config.hidden_size, bias=config.use_bias)
         self.rotary = BailingMoeRotaryEmbedding(self.head_dim, config.rope_theta)
 
-    def forward(self, hidden_states, position_ids, attn_bias, past_key_values=None):
+    def forward(self, hidden_states, position_ids, attn_bias, cache=None):
         b, s, _ = hidden_states.shape
         qkv = self.query_key_value(hidden_states)
         q, k, v = qkv.split([self.num_heads * self.head_dim, self.num_kv * self.head_dim,
@@ -141,8 +172,8 @@ class BailingMoeAttention(nn.Module):
         v = v.view(b, s, self.num_kv, self.head_dim).transpose(1, 2)
         cos, sin = self.rotary(v, position_ids)
         q, k = apply_rotary(q, k, cos, sin)
-        if past_key_values is not None:
-            k, v = past_key_values.update(k, v, self.layer_idx)
+        if cache is not None:
+            k, v = cache.update(k, v, self.layer_idx)
         rep = self.num_heads // self.num_kv
         k = k.repeat_interleave(rep, dim=1)
         v = v.repeat_interleave(rep, dim=1)
@@ -159,9 +190,8 @@ class BailingMoeDecoderLayer(nn.Module):
         dense = layer_idx < config.first_k_dense_replace
         self.mlp = BailingMoeMLP(config, config.intermediate_size) if dense else BailingMoeSparseMoeBlock(config)
 
-    def forward(self, hidden_states, position_ids, attn_bias, past_key_values=None):
-        h = hidden_states + self.attention(self.input_layernorm(hidden_states), position_ids, attn_bias,
-                                           past_key_values)
+    def forward(self, hidden_states, position_ids, attn_bias, cache=None):
+        h = hidden_states + self.attention(self.input_layernorm(hidden_states), position_ids, attn_bias, cache)
         return h + self.mlp(self.post_attention_layernorm(h))
 
 
@@ -171,7 +201,7 @@ class BailingMoePreTrainedModel(PreTrainedModel):
     base_model_prefix = "model"
     supports_gradient_checkpointing = False
     _no_split_modules = ["BailingMoeDecoderLayer"]
-    _skip_keys_device_placement = ["past_key_values"]
+    _skip_keys_device_placement = ["cache", "past_key_values"]
     _supports_sdpa = True
 
     @torch.no_grad()
@@ -206,6 +236,7 @@ def _attention_bias(attention_mask, q_len, past_len, dtype, device):
 
 class BailingMoeModel(BailingMoePreTrainedModel):
     def __init__(self, config):
+        check_supported(config)
         super().__init__(config)
         self.word_embeddings = nn.Embedding(config.vocab_size, config.hidden_size)
         self.layers = nn.ModuleList([BailingMoeDecoderLayer(config, i) for i in range(config.num_hidden_layers)])
@@ -218,15 +249,20 @@ class BailingMoeModel(BailingMoePreTrainedModel):
     def set_input_embeddings(self, value):
         self.word_embeddings = value
 
-    def forward(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None,
+    def forward(self, input_ids=None, attention_mask=None, position_ids=None, cache=None, past_key_values=None,
                 inputs_embeds=None, use_cache=None, **kwargs):
+        """The KV cache comes as ``cache`` (transformers >= 5.24) or ``past_key_values`` (earlier 5.x) and is
+        returned under the name the installed release's output classes declare."""
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids or inputs_embeds")
+        if cache is not None and past_key_values is not None and cache is not past_key_values:
+            raise ValueError("pass the KV cache once, as cache= or past_key_values=")
+        cache = cache if cache is not None else past_key_values
         h = self.word_embeddings(input_ids) if inputs_embeds is None else inputs_embeds
         use_cache = self.config.use_cache if use_cache is None else use_cache
-        if use_cache and past_key_values is None:
-            past_key_values = DynamicCache()
-        past_len = past_key_values.get_seq_length() if past_key_values is not None else 0
+        if use_cache and cache is None:
+            cache = DynamicCache()
+        past_len = cache.get_seq_length() if cache is not None else 0
         q_len = h.shape[1]
         if position_ids is None:
             if attention_mask is not None:
@@ -236,9 +272,10 @@ class BailingMoeModel(BailingMoePreTrainedModel):
                 position_ids = torch.arange(past_len, past_len + q_len, device=h.device)[None].expand(h.shape[0], -1)
         attn_bias = _attention_bias(attention_mask, q_len, past_len, h.dtype, h.device)
         for layer in self.layers:
-            h = layer(h, position_ids, attn_bias, past_key_values)
+            h = layer(h, position_ids, attn_bias, cache)
         h = self.norm(h)
-        return BaseModelOutputWithPast(last_hidden_state=h, past_key_values=past_key_values if use_cache else None)
+        return BaseModelOutputWithPast(last_hidden_state=h,
+                                       **{_cache_field(BaseModelOutputWithPast): cache if use_cache else None})
 
 
 class BailingMoeForCausalLM(BailingMoePreTrainedModel, GenerationMixin):
@@ -264,10 +301,11 @@ class BailingMoeForCausalLM(BailingMoePreTrainedModel, GenerationMixin):
         norm = w.detach().float().pow(2).sum(dim=0, keepdim=True).sqrt()
         return w / (norm + NORM_HEAD_EPS).to(w.dtype)
 
-    def forward(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None,
+    def forward(self, input_ids=None, attention_mask=None, position_ids=None, cache=None, past_key_values=None,
                 inputs_embeds=None, labels=None, use_cache=None, logits_to_keep=0, **kwargs):
         out = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                         past_key_values=past_key_values, inputs_embeds=inputs_embeds, use_cache=use_cache)
+                         cache=cache, past_key_values=past_key_values, inputs_embeds=inputs_embeds,
+                         use_cache=use_cache)
         h = out.last_hidden_state
         if isinstance(logits_to_keep, int) and logits_to_keep > 0:
             h = h[:, -logits_to_keep:]
@@ -275,4 +313,5 @@ class BailingMoeForCausalLM(BailingMoePreTrainedModel, GenerationMixin):
         loss = None
         if labels is not None:
             loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=-100)
-        return CausalLMOutputWithPast(loss=loss, logits=logits, past_key_values=out.past_key_values)
+        return CausalLMOutputWithPast(loss=loss, logits=logits,
+                                      **{_cache_field(CausalLMOutputWithPast): output_cache(out)})

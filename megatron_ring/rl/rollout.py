@@ -81,6 +81,8 @@ class InProcessEngine:
 
     def _batch(self, jobs, sp: SamplingParams, gen: torch.Generator) -> list[Rollout]:
         """Left-padded batch, KV-cached decode, temperature/top-p sampling from our own generator."""
+        from ..hf.modeling_bailing_moe import output_cache
+
         B, L = len(jobs), max(len(p) for _, p in jobs)
         ids = torch.full((B, L), self.pad, dtype=torch.long)
         att = torch.zeros((B, L), dtype=torch.long)
@@ -88,7 +90,7 @@ class InProcessEngine:
             ids[b, L - len(p):], att[b, L - len(p):] = torch.tensor(p), 1
         pos = (att.cumsum(-1) - 1).clamp(min=0)
         out = self.model(input_ids=ids, attention_mask=att, position_ids=pos, use_cache=True, logits_to_keep=1)
-        past, logits = out.past_key_values, out.logits[:, -1]
+        past, logits = output_cache(out), out.logits[:, -1]
         toks, lps = [], []
         done = torch.zeros(B, dtype=torch.bool)
         for t in range(sp.max_new_tokens):
@@ -106,9 +108,8 @@ class InProcessEngine:
                 break
             att = torch.cat([att, torch.ones((B, 1), dtype=torch.long)], 1)
             pos = pos[:, -1:] + 1
-            out = self.model(input_ids=nxt[:, None], attention_mask=att, position_ids=pos, past_key_values=past,
-                             use_cache=True)
-            past, logits = out.past_key_values, out.logits[:, -1]
+            out = self.model(input_ids=nxt[:, None], attention_mask=att, position_ids=pos, cache=past, use_cache=True)
+            past, logits = output_cache(out), out.logits[:, -1]
         T, L_ = torch.stack(toks, 1), torch.stack(lps, 1)
         res = []
         for b, (i, p) in enumerate(jobs):
