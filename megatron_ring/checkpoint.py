@@ -8,6 +8,7 @@ Layout of a checkpoint directory::
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 from typing import Any
@@ -15,7 +16,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from .model.hf_config import architecture_diff, load_hf_config
+from .model.hf_config import architecture_diff, load_hf_config, map_hf_config
 
 FORMAT = "megatron-ring/1"
 
@@ -37,6 +38,19 @@ def check_compatible(path: str | Path, hf_config: dict[str, Any]) -> None:
     diff = architecture_diff(ckpt_cfg, hf_config)
     if diff:
         raise CheckpointMismatch(f"{path}: checkpoint config.json disagrees with the recipe's model: " + "; ".join(diff))
+
+
+def adopt_architecture(recipe, path: str | Path):
+    """The recipe a training run uses, with the architecture of the checkpoint it starts from (or resumes).
+
+    A training recipe does not repeat the model: its ``hf_config`` is null and the checkpoint's ``config.json``
+    (a published config with all its fields, as converted) is taken as is. A recipe that does name an architecture
+    must agree with the checkpoint, else it is refused here, before any model is built."""
+    if recipe.hf_config:
+        check_compatible(path, recipe.hf_config)
+    cfg = load_hf_config(Path(path) / "config.json")
+    map_hf_config(cfg)
+    return dataclasses.replace(recipe, hf_config=cfg)
 
 
 def save_checkpoint(model: torch.nn.Module, path: str | Path, hf_config: dict[str, Any], iteration: int = 0,

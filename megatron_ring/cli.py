@@ -22,16 +22,28 @@ def _cmd_recipes(a):
         print("\n".join(list_recipes()))
 
 
+def _note_ignored(cfg_path) -> None:
+    """The config fields accepted but ignored (no effect on the network), said once per command."""
+    from .model.hf_config import load_hf_config, map_hf_config
+
+    note = map_hf_config(load_hf_config(cfg_path)).ignored_note()
+    if note:
+        print(f"note: {note}", file=sys.stderr)
+
+
 def _cmd_init(a):
     from .init_model import init_hf_checkpoint
 
-    print(init_hf_checkpoint(a.out, a.recipe, a.seed))
+    if a.config:
+        _note_ignored(a.config)
+    print(init_hf_checkpoint(a.out, a.recipe, a.seed, config=a.config))
 
 
 def _cmd_convert(a):
     from .convert.run import hf_to_mcore_checkpoint, mcore_to_hf_checkpoint
 
     if a.direction == "hf-to-mcore":
+        _note_ignored(a.hf)
         out = hf_to_mcore_checkpoint(a.hf, a.out, dtype=a.dtype or "fp32")
     else:
         out = mcore_to_hf_checkpoint(a.ckpt, a.out, tokenizer_dir=a.tokenizer, dtype=a.dtype)
@@ -69,6 +81,7 @@ def _cmd_check_hf(a):
 
     cfg = load_hf_config(a.path)
     map_hf_config(cfg)
+    _note_ignored(a.path)
     state = read_hf_state(a.path)
     verify_hf_state(state, cfg)
     print(f"{a.path}: {len(state)} tensors, exactly the set SGLang's bailing_moe loader reads")
@@ -100,6 +113,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("init", help="write a randomly initialised HF checkpoint (+ tokenizer) for a recipe")
     s.add_argument("--recipe", default="tiny")
+    s.add_argument("--config", help="a HF config.json (file or folder) instead of the recipe's, used as is")
     s.add_argument("--out", required=True)
     s.add_argument("--seed", type=int, default=0)
     s.set_defaults(fn=_cmd_init)

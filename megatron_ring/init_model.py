@@ -11,13 +11,22 @@ from .convert.hf_io import write_hf_checkpoint
 from .convert.mapping import verify_hf_state
 
 
-def init_hf_checkpoint(out: str | Path, recipe: str = "tiny", seed: int = 0) -> Path:
+def init_hf_checkpoint(out: str | Path, recipe: str = "tiny", seed: int = 0, config: str | Path | None = None) -> Path:
+    """A random model for a recipe's architecture, or for a HF ``config.json`` as given (``config``: a file or a
+    folder holding one, e.g. a published config shrunk in size)."""
     from .hf.configuration_bailing_moe import BailingMoeConfig
     from .hf.modeling_bailing_moe import BailingMoeForCausalLM
+    from .model.hf_config import load_hf_config, map_hf_config
     from .tokenizer import build_tiny_tokenizer
 
-    r = load_recipe(recipe)
-    cfg = dict(r.hf_config)
+    if config is not None:
+        cfg = load_hf_config(config)
+    else:
+        cfg = load_recipe(recipe).hf_config
+        if not cfg:
+            raise ValueError(f"recipe {recipe} names no architecture (hf_config: null); use a model recipe or --config")
+        cfg = dict(cfg)
+    map_hf_config(cfg)  # refused before anything is built
     torch.manual_seed(seed)
     model = BailingMoeForCausalLM(BailingMoeConfig(**cfg))
     state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}

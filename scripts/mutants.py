@@ -55,7 +55,8 @@ def main(argv: list[str]) -> int:
         scratch = Path(d)
         copy_tree(scratch)
         where = subprocess.run([sys.executable, "-c", "import megatron_ring; print(megatron_ring.__file__)"],
-                               env={**os.environ, "PYTHONPATH": str(scratch)}, capture_output=True, text=True).stdout
+                               cwd=scratch, env={**os.environ, "PYTHONPATH": str(scratch)}, capture_output=True,
+                               text=True).stdout
         if not where.startswith(str(scratch)):
             raise SystemExit(f"mutants: megatron_ring imports from {where!r}, not the scratch copy")
         for m in mutants:

@@ -124,3 +124,46 @@ def test_recipe_yaml_errors_name_key_and_file(tmp_path):
     r = load_recipe(p)
     assert r.parallel.expert_model_parallel_size == 2 and r.parallel.resolved_etp() == 1
     assert r.hf_config["num_experts"] == 8  # inherited from the base recipe
+
+
+def test_published_configs_map_with_their_inert_fields_ignored():
+    import json
+    from pathlib import Path
+
+    d = Path(__file__).parent / "data" / "published_configs"
+    chat = json.loads((d / "ring-lite.chat.config.json").read_text())
+    base = json.loads((d / "ling-lite.base.config.json").read_text())
+    mc, mb = map_hf_config(chat), map_hf_config(base)
+    assert set(mb.ignored) == {"pretraining_tp", "embedding_dropout", "output_dropout", "norm_softmax",
+                               "output_router_logits"}
+    assert mb.ignored_note().count("pretraining_tp=1") == 1
+    # the base model's dropouts 0.1 are never read by the reference code: no megatron dropout either
+    assert mb.transformer["hidden_dropout"] == 0.0 and mb.transformer["layernorm_epsilon"] == 1e-5
+    assert mc.transformer["layernorm_epsilon"] == 1e-6 and mc.transformer["add_bias_linear"] is False
+    # the published chat config is the ling_lite recipe's architecture
+    assert architecture_diff(chat, load_recipe("ling_lite").hf_config) == []
+    assert architecture_diff(base, chat) == ["rms_norm_eps: 1e-05 != 1e-06 (megatron layernorm_epsilon: 1e-05 != 1e-06)"]
+
+
+def test_numbers_must_be_numbers():
+    cfg = dict(load_recipe("tiny").hf_config, rms_norm_eps="1e-06")
+    with pytest.raises(ConfigNotSupported, match="rms_norm_eps='1e-06': expected a number, got str"):
+        map_hf_config(cfg)
+
+
+def test_yaml_recipe_numbers_stay_numbers(tmp_path):
+    """YAML 1.1 reads ``1e-06`` as a string; recipes use YAML 1.2 floats, and a non-number is refused on load."""
+    p = tmp_path / "r.yaml"
+    p.write_text("base: tiny\nhf_config:\n  rms_norm_eps: 1e-06\n  rope_theta: 6e5\nmoe:\n  moe_aux_loss_coeff: 1e-5\n")
+    r = load_recipe(p)
+    assert r.hf_config["rms_norm_eps"] == 1e-6 and isinstance(r.hf_config["rms_norm_eps"], float)
+    assert r.hf_config["rope_theta"] == 600000.0 and r.moe.moe_aux_loss_coeff == 1e-5
+    p.write_text("base: tiny\nhf_config:\n  rms_norm_eps: 1e-6x\n")
+    with pytest.raises(ValueError, match=r"r.yaml: hf_config: .*rms_norm_eps='1e-6x': expected a number"):
+        load_recipe(p)
+
+
+def test_training_recipes_take_the_architecture_from_the_checkpoint():
+    for name in list_recipes():
+        if name.startswith(("sft_", "rl_")):
+            assert load_recipe(name).hf_config is None, name

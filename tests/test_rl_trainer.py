@@ -142,3 +142,22 @@ def test_difficulty_script_shards_rollouts_like_one_run(tiny, data, tmp_path):
     assert report["rated_prompts"] == 16 and report["rows_in"] == 16
     assert report["removed_by_reason"] == {"never_solved": 16}  # a random policy solves nothing: all dropped
     assert report["rows_kept"] == 0 and pq.read_metadata(str(out)).num_rows == 0
+
+
+def test_refuses_a_start_checkpoint_whose_architecture_differs(tiny, data, tmp_path):
+    """A recipe that names an architecture (here tiny's with 16 experts) and a real start checkpoint (8 experts):
+    refused naming the field, before any model is built or any output is written."""
+    import yaml
+
+    from megatron_ring.config import load_recipe
+
+    p = tmp_path / "rl_other.yaml"
+    p.write_text(yaml.safe_dump({"base": "rl_stage1_tiny", "hf_config": dict(load_recipe("tiny").hf_config,
+                                                                               num_experts=16)}))
+    r = subprocess.run([PY, "-m", "megatron_ring.cli", "rl", "--recipe", str(p), "--init", str(tiny["mcore"]),
+                        "--out", str(tmp_path / "o"), "--prompts", str(data / "rl_stage1" / "4_filtered.parquet"),
+                        "--tokenizer", str(data / "tokenizer")], cwd=ROOT, capture_output=True, text=True,
+                       timeout=120)
+    assert r.returncode != 0 and "checkpoint config.json disagrees with the recipe's model: num_experts: 8 != 16" \
+        in r.stderr, r.stderr[-3000:]
+    assert not (tmp_path / "o" / "checkpoints").exists()

@@ -103,3 +103,21 @@ def test_preemption_signal_checkpoints_and_resumes(tiny, packed, tmp_path):
                        text=True, timeout=600)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     assert [h["loss"] for h in _history(tmp_path / "run")] == [h["loss"] for h in _history(tmp_path / "ref")]
+
+
+def test_refuses_an_init_checkpoint_whose_architecture_differs(tiny, packed, tmp_path):
+    """SFT with a recipe naming another architecture than its --init checkpoint: refused naming the field, before
+    training (the shipped training recipes name none and take the checkpoint's)."""
+    import yaml
+
+    from megatron_ring.config import load_recipe
+
+    p = tmp_path / "sft_other.yaml"
+    p.write_text(yaml.safe_dump({"base": "sft_distill_tiny",
+                                 "hf_config": dict(load_recipe("tiny").hf_config, moe_intermediate_size=48)}))
+    r = subprocess.run([PY, "-m", "megatron_ring.cli", "sft", "--recipe", str(p), "--data", str(packed),
+                        "--init", str(tiny["mcore"]), "--out", str(tmp_path / "o"), "--max-steps", "1"],
+                       cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert r.returncode != 0 and "disagrees with the recipe's model: moe_intermediate_size: 64 != 48" in r.stderr, \
+        r.stderr[-3000:]
+    assert not (tmp_path / "o" / "checkpoints").exists()

@@ -1,12 +1,15 @@
 """Typed recipes: dataclasses + YAML, with megatron-core's own field names.
 
-A recipe names the architecture by its HF ``config.json`` (the single source of truth, also written
-into every checkpoint), plus the parallel layout, precision and MoE loss settings. Unknown keys in a
-YAML file are errors that name the key and the file.
+A model recipe (``tiny``, ``ling_lite``) names the architecture by its HF ``config.json`` (the single source of
+truth, also written into every checkpoint); training recipes (SFT, RL) set ``hf_config: null`` and take the
+architecture from the checkpoint they start from. Besides: the parallel layout, precision and MoE loss settings.
+Unknown keys in a YAML file are errors that name the key and the file; numbers stay numbers (YAML 1.2 floats:
+``1e-06`` is a float, not the string YAML 1.1 would make of it).
 """
 from __future__ import annotations
 
 import dataclasses
+import re
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -15,6 +18,17 @@ from typing import Any, Literal, Optional
 import yaml
 
 RECIPE_DIR = Path(__file__).parent / "recipes"
+
+
+class _Loader(yaml.SafeLoader):
+    """Safe YAML with YAML 1.2's float syntax: ``1e-06`` / ``1E5`` / ``.5`` are floats (YAML 1.1 needs a dot and a
+    signed exponent, and would hand ``rms_norm_eps: 1e-06`` on as the string "1e-06")."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9_]+)(?:[eE][-+]?[0-9]+)?$"),
+    list("-+0123456789."))
 
 
 @dataclass
@@ -65,7 +79,7 @@ class MoELossConfig:
 @dataclass
 class Recipe:
     name: str
-    hf_config: dict[str, Any]
+    hf_config: Optional[dict[str, Any]] = None  # null in training recipes: the checkpoint's config.json
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     precision: PrecisionConfig = field(default_factory=PrecisionConfig)
     moe: MoELossConfig = field(default_factory=MoELossConfig)
@@ -138,7 +152,7 @@ def load_recipe(name_or_path: str | Path, overrides: Optional[dict[str, Any]] = 
         p = RECIPE_DIR / f"{name_or_path}.yaml"
         if not p.exists():
             raise FileNotFoundError(f"no recipe named {name_or_path!r}; available: {list_recipes()}")
-    data = yaml.safe_load(p.read_text()) or {}
+    data = yaml.load(p.read_text(), Loader=_Loader) or {}
     base = data.pop("base", None)
     if base:
         merged = load_recipe(base).to_dict()
@@ -147,7 +161,15 @@ def load_recipe(name_or_path: str | Path, overrides: Optional[dict[str, Any]] = 
     if overrides:
         _deep_merge(data, overrides)
     data.setdefault("name", p.stem)
-    return _from_dict(Recipe, data, str(p))
+    recipe = _from_dict(Recipe, data, str(p))
+    if recipe.hf_config:  # the architecture is checked when the recipe is read, not when a model is built
+        from ..model.hf_config import map_hf_config
+
+        try:
+            map_hf_config(recipe.hf_config)
+        except ValueError as e:
+            raise ValueError(f"{p}: hf_config: {e}") from None
+    return recipe
 
 
 def _deep_merge(dst: dict, src: dict) -> None:

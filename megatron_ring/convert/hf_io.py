@@ -10,7 +10,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from ..hf import AUTO_MAP, HF_CODE_DIR, HF_CODE_FILES
+from ..hf import AUTO_MAP, HF_CODE_DIR, HF_CODE_FILES, SUPPORTED_TRANSFORMERS
 from .mapping import ConversionError
 
 SHARD_BYTES = 4 * 1024**3
@@ -42,7 +42,9 @@ def hf_export_config(cfg: dict[str, Any], dtype: torch.dtype) -> dict[str, Any]:
     out.update(model_type="bailing_moe", architectures=["BailingMoeForCausalLM"], auto_map=dict(AUTO_MAP),
                torch_dtype=str(dtype).replace("torch.", ""),
                # SGLang runs the gate in this dtype; megatron trains an fp32 router
-               router_dtype="fp32")
+               router_dtype="fp32",
+               # the transformers releases the shipped modeling code supports (scripts/hf_compat.sh checks them)
+               modeling_code_transformers=SUPPORTED_TRANSFORMERS)
     out.setdefault("head_dim", cfg["hidden_size"] // cfg["num_attention_heads"])
     return out
 

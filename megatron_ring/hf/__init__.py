@@ -8,3 +8,6 @@ AUTO_MAP = {
     "AutoModel": "modeling_bailing_moe.BailingMoeModel",
     "AutoModelForCausalLM": "modeling_bailing_moe.BailingMoeForCausalLM",
 }
+# The transformers releases the shipped modeling code is written and tested for (scripts/hf_compat.sh; pyproject has
+# the same range); stated in every export's config.json as ``modeling_code_transformers``.
+SUPPORTED_TRANSFORMERS = ">=5.0,<6"

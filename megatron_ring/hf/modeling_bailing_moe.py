@@ -25,8 +25,6 @@ except ImportError:  # imported as a plain module
     from configuration_bailing_moe import BailingMoeConfig
 
 NORM_HEAD_EPS = 1e-7
-# The transformers releases this file is written and tested for (also stated in an export's config.json).
-SUPPORTED_TRANSFORMERS = ">=5.0,<6"
 
 
 def _cache_field(output_cls) -> str:

@@ -28,9 +28,7 @@ DIRECT = {
     "rms_norm_eps": "layernorm_epsilon",
     "initializer_range": "init_method_std",
     "attention_dropout": "attention_dropout",
-    "output_dropout": "hidden_dropout",
     "use_qkv_bias": "add_qkv_bias",
-    "use_bias": "add_bias_linear",
     # bailing_moe_v2 (Ling 2.0)
     "n_group": "moe_router_num_groups",
     "topk_group": "moe_router_group_topk",
@@ -52,8 +50,20 @@ REQUIRED_VALUES = {
     "tie_word_embeddings": False,
     "use_sliding_window": False,
     "rope_scaling": None,
-    "embedding_dropout": 0.0,
+    # the reference code puts a bias on attention.dense only; megatron's add_bias_linear would add one to every
+    # projection (experts included), so a checkpoint with it would not convert faithfully
+    "use_bias": False,
     "moe_shared_expert_gate": False,
+}
+
+# Fields of published configs that the reference modeling code never reads (so they do not change the function):
+# accepted and reported once as ignored, with the reason.
+IGNORED = {
+    "pretraining_tp": "a tensor-parallel hint of the original training code",
+    "embedding_dropout": "never read by the reference modeling code",
+    "output_dropout": "never read by the reference modeling code",
+    "norm_softmax": "never read by the reference modeling code",
+    "output_router_logits": "an inference-time output switch",
 }
 
 # Pure metadata / inference-time switches, no effect on the math.
@@ -65,7 +75,15 @@ METADATA = {
     "output_attentions", "output_hidden_states", "return_dict", "is_encoder_decoder",
     "multi_gate", "rope_parameters", "layer_types",
     "max_seq_len", "tokenizer_class", "use_return_dict", "chunk_size_feed_forward",
+    "modeling_code_transformers",
 }
+
+# Fields that must be numbers (a YAML 1.1 ``1e-06`` or a hand-edited JSON string is refused naming the field).
+NUMERIC = {"num_hidden_layers", "hidden_size", "num_attention_heads", "num_key_value_heads", "head_dim",
+           "intermediate_size", "num_experts", "num_experts_per_tok", "moe_intermediate_size", "rms_norm_eps",
+           "initializer_range", "attention_dropout", "vocab_size", "max_position_embeddings", "rope_theta",
+           "partial_rotary_factor", "num_shared_experts", "first_k_dense_replace", "n_group", "topk_group",
+           "routed_scaling_factor", "num_nextn_predict_layers"}
 
 # Fields interpreted by code below (not a plain copy).
 HANDLED = {"num_shared_experts", "first_k_dense_replace", "norm_topk_prob", "norm_head",
@@ -85,6 +103,14 @@ class MappedConfig:
     model: dict[str, Any]
     norm_head: bool
     hf: dict[str, Any] = field(repr=False)
+    ignored: dict[str, str] = field(default_factory=dict)  # present fields that change nothing, with the reason
+
+    def ignored_note(self) -> str:
+        """One line listing the ignored fields (empty when there are none)."""
+        if not self.ignored:
+            return ""
+        return "config fields ignored (no effect on the network): " + ", ".join(
+            f"{k}={self.hf[k]!r} ({why})" for k, why in self.ignored.items())
 
 
 def load_hf_config(path_or_dict: str | Path | dict) -> dict[str, Any]:
@@ -110,10 +136,12 @@ def map_hf_config(hf: dict[str, Any]) -> MappedConfig:
                 "num_experts_per_tok", "moe_intermediate_size"):
         if key not in hf:
             raise ConfigNotSupported(f"config.json is missing required field '{key}'")
-    known = set(DIRECT) | set(MODEL_ARGS) | set(REQUIRED_VALUES) | METADATA | HANDLED
+    known = set(DIRECT) | set(MODEL_ARGS) | set(REQUIRED_VALUES) | METADATA | HANDLED | set(IGNORED)
     for key, value in hf.items():
         if key not in known:
             raise ConfigNotSupported(f"not supported yet: {key}={value!r} (unknown config field)")
+        if key in NUMERIC and value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))):
+            raise ConfigNotSupported(f"config field {key}={value!r}: expected a number, got {type(value).__name__}")
     for key, want in REQUIRED_VALUES.items():
         if key in hf and hf[key] != want and not (want is None and not hf[key]):
             raise ConfigNotSupported(f"not supported yet: {key}={hf[key]!r} (only {want!r} is implemented)")
@@ -125,7 +153,7 @@ def map_hf_config(hf: dict[str, Any]) -> MappedConfig:
     tc.setdefault("layernorm_epsilon", 1e-5)
     tc.setdefault("attention_dropout", 0.0)  # Bailing defaults (megatron's own default is 0.1)
     tc.setdefault("hidden_dropout", 0.0)
-    tc.update(normalization="RMSNorm", gated_linear_unit=True, add_bias_linear=bool(hf.get("use_bias", False)),
+    tc.update(normalization="RMSNorm", gated_linear_unit=True, add_bias_linear=False,
               moe_router_dtype="fp32", moe_grouped_gemm=False)
     n_shared = int(hf.get("num_shared_experts") or 0)
     if n_shared:
@@ -156,7 +184,7 @@ def map_hf_config(hf: dict[str, Any]) -> MappedConfig:
     model.setdefault("max_sequence_length", 4096)
     model.setdefault("rotary_base", 10000)
     return MappedConfig(model_type=mt, transformer=tc, model=model, norm_head=bool(hf.get("norm_head", False)),
-                        hf=dict(hf))
+                        hf=dict(hf), ignored={k: why for k, why in IGNORED.items() if k in hf})
 
 
 # Settings that change training behaviour but not the network (and so not the checkpoint).

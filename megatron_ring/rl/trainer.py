@@ -13,7 +13,7 @@ import torch
 import torch.distributed as dist
 from megatron.core import parallel_state as ps
 
-from ..checkpoint import check_compatible, load_checkpoint
+from ..checkpoint import adopt_architecture, load_checkpoint
 from ..config.recipe import Recipe, load_recipe
 from ..training.state import StopFlag, latest_checkpoint, load_training_state, save_training_state
 from .config import RLConfig, resolve_start, rl_config
@@ -34,10 +34,11 @@ class RLState:
         from ..tokenizer.tiny import load_tokenizer
         from ..training.core import OptimConfig, build_optimizer, wrap_ddp
 
-        self.recipe, self.cfg, self.run = recipe, cfg, Path(cfg.out)
+        self.cfg, self.run = cfg, Path(cfg.out)
         self.resume = latest_checkpoint(self.run)
         self.start = resolve_start(cfg.init)
-        check_compatible(self.resume or self.start, recipe.hf_config)  # refuse before building anything
+        # the checkpoint's architecture; a recipe that disagrees is refused before anything is built
+        self.recipe = recipe = adopt_architecture(recipe, self.resume or self.start)
         init_distributed(recipe.parallel, recipe.seed)
         self.rank0 = dist.get_rank() == 0
         self.policy = build_model(recipe)

@@ -14,7 +14,7 @@ import pyarrow.parquet as pq
 import torch
 import torch.distributed as dist
 
-from ..checkpoint import check_compatible, load_checkpoint
+from ..checkpoint import adopt_architecture, load_checkpoint
 from ..config.recipe import Recipe, _from_dict, load_recipe
 from ..training.state import StopFlag, latest_checkpoint, load_training_state, save_training_state
 from .data import collate, packed_row_to_sample
@@ -74,10 +74,10 @@ def train_sft(recipe: Recipe, cfg: SFTConfig) -> list[dict]:
 
     run = Path(cfg.out)
     resume = latest_checkpoint(run)
-    if resume is not None:
-        check_compatible(resume, recipe.hf_config)
-    elif cfg.init:
-        check_compatible(cfg.init, recipe.hf_config)
+    if resume is not None or cfg.init:  # the model is the checkpoint's; a recipe that disagrees is refused here
+        recipe = adopt_architecture(recipe, resume if resume is not None else cfg.init)
+    elif not recipe.hf_config:
+        raise ValueError(f"recipe {recipe.name}: no --init checkpoint and no hf_config: nothing names the model")
     init_distributed(recipe.parallel, recipe.seed)
     model = build_model(recipe)
     if resume is None and cfg.init:
