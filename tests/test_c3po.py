@@ -61,6 +61,16 @@ def test_clipped_objective_by_hand():
     assert clipped.tolist() == [1.0, 0.0, 0.0, 1.0]
 
 
+def test_clipped_objective_gradient_by_hand():
+    """d/dlogp min(r·A, clip(r)·A) = r·A where the unclipped term is taken, 0 where the clip binds (r = e^(logp-old)):
+    the policy gradient flows through the ratio only inside the trust region."""
+    logp = torch.log(torch.tensor([1.5, 0.5, 1.1, 0.7])).requires_grad_()
+    adv = torch.tensor([1.0, 1.0, -1.0, -1.0])
+    obj, _ = clipped_objective(logp, torch.zeros(4), adv, 0.2)
+    obj.sum().backward()
+    assert logp.grad.tolist() == pytest.approx([0.0, 0.5, -1.1, 0.0], rel=1e-6, abs=1e-7)
+
+
 def test_c3po_loss_by_hand():
     """Two responses, Φ = 3: response 0 keeps both tokens, response 1 keeps its first token only.
     loss = -(1/Φ)·Σ_kept(min(r·A, clip(r)·A) - β·KL_k1)."""

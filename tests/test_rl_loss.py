@@ -1,5 +1,6 @@
 """The megatron side of the C3PO step: micro-batched and distributed (TP vocab-parallel, EP x DP) loss
-equal to the whole-batch reference formula; entropy equal to the full-logits entropy; weight sync exact."""
+equal to the whole-batch reference formula with π_old ≠ π_θ (ratios away from 1, some clipped), and its gradient
+norm equal to autograd of that formula on the HF model; entropy equal to the full-logits entropy; weight sync exact."""
 import json
 
 import pytest
@@ -26,4 +27,7 @@ def test_distributed_loss_equals_reference(tiny, ref_ckpt, tmp_path, nproc, args
     assert r["pg_loss"] == pytest.approx(r["reference"], abs=1e-5, rel=1e-5), r
     assert r["entropy"] == pytest.approx(r["entropy_full_logits"], rel=1e-5), r
     assert r["kl"] > 1e-3 and r["grad_norm"] > 0  # a real reference policy, a real gradient
+    assert 0.05 < r["clipfrac"] < 0.95, r  # the ratio moved: some tokens clip, some do not
+    # the gradient itself (through the ratio, the clip, the KL): megatron == HF autograd of the reference loss
+    assert r["grad_norm"] == pytest.approx(r["grad_norm_reference"], rel=1e-5), r
     assert r["sync_ok"] is True

@@ -1,5 +1,7 @@
 """Run under torchrun: the micro-batched, distributed C3PO loss of the megatron policy equals the
-whole-batch ``reference_loss`` on the same log-probs; the vocab-parallel entropy equals the entropy of
+whole-batch ``reference_loss`` on the same log-probs, with π_old ≠ π_θ (old log-probs shifted per token, so the
+ratio moves and some tokens clip); its gradient norm equals that of autograd through the reference loss on the HF
+model with the same weights (an independent implementation); the vocab-parallel entropy equals the entropy of
 the gathered full-vocab logits; the weight sync gathers the exact HF state. Writes a JSON report (rank 0)."""
 import argparse
 import json
@@ -67,21 +69,41 @@ def main():
             for (_, pr, r, adv), k, wi in zip(mine, kept, w) if k]
     mbs = make_microbatches(seqs, max_tokens=64, seq_multiple=a.tp)  # several micro-batches
     lp_ref = score_logprobs(ref, mbs)
-    lp_old = score_logprobs(model, mbs)
-    for b, lr_ in zip(mbs, lp_ref):
-        b["ref_logp"] = lr_
+    lp_cur = score_logprobs(model, mbs)
+    # π_old ≠ π_θ: shift the old log-probs per token by U(-0.4, 0.4), so ratios spread around 1 and some clip
+    gs = torch.Generator().manual_seed(100 + dpr)
+    lp_old = [lp + (torch.rand(lp.shape, generator=gs) - 0.5) * 0.8 for lp in lp_cur]
+    for b, lr_, lo_ in zip(mbs, lp_ref, lp_old):
+        b["ref_logp"], b["old_logp"] = lr_, lo_
     # per-response token log-probs for the reference computation
-    resp_lp, resp_ref, advs, ks = [], [], [], []
+    resp_lp, resp_old, resp_ref, advs, ks = [], [], [], [], []
     per = mbs[0]["tokens"].shape[0]
     for i, s in enumerate(seqs):
         b, j = divmod(i, per)
         lo, k = len(s["prompt_ids"]) - 1, len(s["response_ids"])
-        resp_lp.append(lp_old[b][j, lo:lo + k])
+        resp_lp.append(lp_cur[b][j, lo:lo + k])
+        resp_old.append(lp_old[b][j, lo:lo + k])
         resp_ref.append(lp_ref[b][j, lo:lo + k])
         advs.append(s["adv"])
         ks.append(k)
     w_kept = [wi for wi, k in zip(w, kept) if k]
-    want = reference_loss(resp_lp, resp_lp, resp_ref, advs, ks, agg=a.agg, budget=phi, clip_eps=0.2, kl_coef=0.1)
+    want = reference_loss(resp_lp, resp_old, resp_ref, advs, ks, agg=a.agg, budget=phi, clip_eps=0.2, kl_coef=0.1)
+    # the same loss by autograd on the HF model (same weights, independent code): this rank's share of the gradient
+    from transformers import AutoModelForCausalLM
+
+    hf_model = AutoModelForCausalLM.from_pretrained(a.hf, trust_remote_code=True, dtype=torch.float32)
+    hf_lp = []
+    for s in seqs:
+        ids = torch.tensor([s["prompt_ids"] + s["response_ids"]])
+        lo, k = len(s["prompt_ids"]) - 1, len(s["response_ids"])
+        lps = hf_model(ids, use_cache=False).logits[0].float().log_softmax(-1)
+        hf_lp.append(lps[lo:lo + k].gather(-1, ids[0, lo + 1:lo + 1 + k, None])[:, 0])
+    (reference_loss(hf_lp, resp_old, resp_ref, advs, ks, agg=a.agg, budget=phi, clip_eps=0.2, kl_coef=0.1)
+     * denom).backward()
+    # (an expert no token of this rank reached has no .grad: zeros keep the vectors aligned across ranks)
+    g_hf = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).flatten().double()
+                      for p in hf_model.parameters()])
+    dist.all_reduce(g_hf, group=ps.get_data_parallel_group())
     if a.agg == "seq-mean-token-mean":
         assert all(abs(x - 1 / k) < 1e-12 for x, k in zip(w_kept, ks))
     # entropy of the policy on the response positions, from gathered full logits
@@ -95,12 +117,13 @@ def main():
     fcfg = {"clip_eps": 0.2, "kl_coef": 0.1, "kl_kind": "k3", "entropy_coef": 0.0, "temperature": 1.0,
             "tis_cap": None, "denominators": iter([denom] + [0.0] * (len(mbs) - 1))}
     out = train_step([ddp], opt, mbs, len(mbs), mbs[0]["tokens"].shape[1], per, forward_step=rl_forward_step(fcfg),
-                     report_keys=("pg loss", "kl", "entropy"))
+                     report_keys=("pg loss", "kl", "entropy", "clipfrac"))
     # every DP rank's reference loss, combined as megatron combines them: Σ numerators / Σ denominators
     t = torch.tensor([float(want) * denom, denom, ent_num, ent_den])
     dist.all_reduce(t, group=ps.get_data_parallel_group())
     if dist.get_rank() == 0:
         json.dump({"pg_loss": out["pg_loss"], "reference": float(t[0] / t[1]), "entropy": out["entropy"],
+                   "grad_norm_reference": float(g_hf.norm() / t[1]), "clipfrac": out["clipfrac"],
                    "entropy_full_logits": float(t[2] / t[3]), "kl": out["kl"], "grad_norm": out["grad_norm"],
                    "sync_ok": sync_ok, "microbatches": len(mbs)}, open(a.out, "w"))
 
