@@ -101,3 +101,26 @@ def test_pool_scores_a_mixed_batch():
         out = pool.map(jobs)
     assert [r.value for r in out] == [1.0, 1.0, 0.0, 0.0]
     assert out[2].reason == "test_0:cpu_limit" and out[3].reason == "no_reward_for_domain:other"
+
+
+def test_isolation_seen_from_inside(sandbox):
+    """What the program itself sees: its own PID namespace (it is process 2 or so, its parent the jail), and,
+    when the grader runs as root, an unprivileged uid that cannot write a root-owned host folder outside the
+    hidden /tmp, /var/tmp and /dev/shm (here the checkout's tests/_artifacts)."""
+    import json as _json
+
+    art = ROOT / "tests" / "_artifacts"
+    art.mkdir(parents=True, exist_ok=True)
+    os.chmod(art, 0o755)
+    target = art / "sandbox_pwned"
+    target.unlink(missing_ok=True)
+    prog = ("import os, json\nr = {'uid': os.getuid(), 'euid': os.geteuid(), 'pid': os.getpid()}\n"
+            f"try:\n    open({str(target)!r}, 'w').write('x')\n    r['wrote'] = True\n"
+            "except OSError:\n    r['wrote'] = False\nprint(json.dumps(r))\n")
+    res = sandbox.run(prog)
+    assert res.status == "ok", res
+    seen = _json.loads(res.stdout)
+    assert seen["pid"] < 10, seen  # a fresh PID namespace: host PIDs are in the thousands
+    if os.geteuid() == 0:
+        assert seen["uid"] == seen["euid"] == 65534 and seen["wrote"] is False, seen
+        assert not target.exists()
