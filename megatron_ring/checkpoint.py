@@ -60,6 +60,8 @@ def save_checkpoint(model: torch.nn.Module, path: str | Path, hf_config: dict[st
     state beside the model's)."""
     from megatron.core import dist_checkpointing
 
+    if not hf_config:  # a checkpoint is only as good as the config.json it carries
+        raise ValueError(f"{path}: refusing to save a checkpoint without its model's config (hf_config is empty)")
     p = Path(path)
     rank0 = not dist.is_initialized() or dist.get_rank() == 0
     if rank0:

@@ -247,6 +247,7 @@ class RLState:
 
 def train_rl(recipe: Recipe, cfg: RLConfig) -> list[dict]:
     s = RLState(recipe, cfg)
+    recipe = s.recipe  # with the start checkpoint's architecture (what every checkpoint of the run carries)
     s.tb = None
     if s.rank0:
         from torch.utils.tensorboard import SummaryWriter
