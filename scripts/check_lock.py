@@ -23,8 +23,8 @@ def read_lock(path: str) -> dict[str, str]:
 
 
 def main(path: str) -> int:
-    bad = []
-    for name, version in sorted(read_lock(path).items()):
+    bad, pins = [], read_lock(path)
+    for name, version in sorted(pins.items()):
         try:
             have = metadata.version(name)
         except metadata.PackageNotFoundError:
@@ -35,7 +35,7 @@ def main(path: str) -> int:
     if bad:
         print(f"check_lock: the environment differs from {path}:\n  " + "\n  ".join(bad), file=sys.stderr)
         return 1
-    print(f"check_lock: all {len(read_lock(path))} packages at their locked versions")
+    print(f"check_lock: all {len(pins)} packages at their locked versions")
     return 0
 
 

@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # The exported model's code (megatron_ring/hf/) against other transformers releases than the locked one: for each
 # version, transformers and the dependencies pip resolves for it (tokenizers, huggingface-hub, ...) go into a
-# throw-away folder (.hf-compat/VERSION; the venv is not touched) placed before the venv on PYTHONPATH, and the HF model tests run there (generate() == a no-cache argmax loop, greedy
-# and batched with left padding; the cache under both names; refusals).
+# throw-away folder (.hf-compat/VERSION; the venv is not touched) placed before the venv on PYTHONPATH, and the HF
+# model tests run there (generate() == a no-cache argmax loop, greedy and batched with left padding; the cache under
+# both names; refusals).
 #   bash scripts/hf_compat.sh                  # the oldest supported (5.0.0), 5.23.0 (last `past_key_values`
 #                                              # release), and the newest 5.x on the index
 #   bash scripts/hf_compat.sh 5.20.2 5.24.0    # chosen versions
