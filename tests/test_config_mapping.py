@@ -117,8 +117,8 @@ def test_recipe_yaml_errors_name_key_and_file(tmp_path):
     p.write_text("base: tiny\nparallel:\n  tensor_model_parallel_size: two\n")
     with pytest.raises(TypeError, match="tensor_model_parallel_size: expected int"):
         load_recipe(p)
-    p.write_text("base: tiny\nparallel:\n  moe_token_dispatcher_type: flex\n")
-    with pytest.raises(ValueError, match="'flex' is not one of"):
+    p.write_text("base: tiny\nparallel:\n  moe_token_dispatcher_type: deepep\n")
+    with pytest.raises(ValueError, match="'deepep' is not one of"):
         load_recipe(p)
     p.write_text("base: tiny\nparallel:\n  expert_model_parallel_size: 2\n")
     r = load_recipe(p)

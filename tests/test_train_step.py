@@ -14,11 +14,19 @@ def reference(tiny, tmp_path_factory):
     return read_json(out)["steps"]
 
 
-@pytest.mark.parametrize("name,args", [("tp2_sp", ["--tp", "2"]), ("ep2_dp2", ["--ep", "2"]), ("pp2", ["--pp", "2"])])
+@pytest.mark.parametrize("name,args", [
+    ("tp2_sp", ["--tp", "2"]), ("ep2_dp2", ["--ep", "2"]), ("pp2", ["--pp", "2"]),
+    # the memory settings the ling_lite recipes use: same numbers, less memory
+    ("ep2_dp2_distopt_full_recompute", ["--ep", "2", "--dist-opt", "--recompute", "full"]),
+    ("tp2_selective_recompute", ["--tp", "2", "--recompute", "selective"])])
 def test_losses_equal_tp1(tiny, tmp_path, reference, name, args):
     out = tmp_path / "r.json"
     torchrun("case_train_step.py", 2, "--ckpt", tiny["mcore"], "--out", out, "--steps", "3", *args)
-    steps = read_json(out)["steps"]
+    run = read_json(out)
+    steps = run["steps"]
+    if "--dist-opt" in args:  # the setting took effect (not silently the plain optimizer)
+        assert run["optimizers"] == ["DistributedOptimizer"], run["optimizers"]
+    assert run["recompute"] == (args[args.index("--recompute") + 1] if "--recompute" in args else None)
     assert reference[2]["loss"] < reference[0]["loss"] - 0.5  # it trains
     # DP=2 sums the gradients of the two data halves in another order than one rank does: allow
     # float32 round-off relative to the loss there; TP and PP must match to 1e-6 absolute.

@@ -39,7 +39,8 @@ class ParallelConfig:
     expert_tensor_parallel_size: Optional[int] = None  # None: 1 when EP>1, else = TP
     context_parallel_size: int = 1
     sequence_parallel: bool = False  # forced on for MoE with TP>1 (megatron requires it)
-    moe_token_dispatcher_type: Literal["alltoall", "allgather"] = "alltoall"
+    moe_token_dispatcher_type: Literal["alltoall", "allgather", "flex"] = "alltoall"  # flex: DeepEP/HybridEP
+    moe_flex_dispatcher_backend: Literal["deepep", "hybridep"] = "deepep"
 
     def resolved_etp(self) -> int:
         if self.expert_tensor_parallel_size is not None:
@@ -77,12 +78,40 @@ class MoELossConfig:
 
 
 @dataclass
+class KernelConfig:
+    """Fused kernels. ``None``: on exactly when Transformer Engine runs on a GPU (TEGroupedMLP's checkpoint keys
+    equal SequentialMLP's, so a checkpoint moves between the two)."""
+    moe_grouped_gemm: Optional[bool] = None
+    moe_permute_fusion: Optional[bool] = None
+
+
+@dataclass
+class MemoryConfig:
+    """Activation recompute and optimizer-state sharding (megatron-core's names and meanings)."""
+    recompute_granularity: Optional[Literal["full", "selective"]] = None
+    recompute_method: Optional[Literal["uniform", "block"]] = None  # full recompute only
+    recompute_num_layers: Optional[int] = None  # full: layers per chunk (uniform) or recomputed layers (block)
+    recompute_modules: Optional[list] = None  # selective: e.g. [core_attn, moe_act, layernorm, mlp]
+    use_distributed_optimizer: bool = False  # shard fp32 master weights + Adam moments over DP
+
+    def check(self, where: str = "memory") -> None:
+        if self.recompute_granularity == "full" and (self.recompute_method is None or not self.recompute_num_layers):
+            raise ValueError(f"{where}: recompute_granularity full needs recompute_method and recompute_num_layers")
+        if self.recompute_granularity != "full" and (self.recompute_method or self.recompute_num_layers):
+            raise ValueError(f"{where}: recompute_method/recompute_num_layers apply to recompute_granularity full only")
+        if self.recompute_modules and self.recompute_granularity != "selective":
+            raise ValueError(f"{where}: recompute_modules apply to recompute_granularity selective only")
+
+
+@dataclass
 class Recipe:
     name: str
     hf_config: Optional[dict[str, Any]] = None  # null in training recipes: the checkpoint's config.json
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     precision: PrecisionConfig = field(default_factory=PrecisionConfig)
     moe: MoELossConfig = field(default_factory=MoELossConfig)
+    kernels: KernelConfig = field(default_factory=KernelConfig)
+    memory: MemoryConfig = field(default_factory=MemoryConfig)
     seed: int = 1234
     # Sections owned by later stages (sft, rl, ...) are kept as plain dicts until their loaders read them.
     stages: dict[str, Any] = field(default_factory=dict)
@@ -162,6 +191,7 @@ def load_recipe(name_or_path: str | Path, overrides: Optional[dict[str, Any]] = 
         _deep_merge(data, overrides)
     data.setdefault("name", p.stem)
     recipe = _from_dict(Recipe, data, str(p))
+    recipe.memory.check(f"{p}: memory")
     if recipe.hf_config:  # the architecture is checked when the recipe is read, not when a model is built
         from ..model.hf_config import map_hf_config
 

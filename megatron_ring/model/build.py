@@ -36,9 +36,45 @@ def use_transformer_engine(recipe: Recipe) -> bool:
     return use
 
 
+@functools.lru_cache(maxsize=1)
+def fused_wgrad_available() -> bool:
+    """apex's ``fused_weight_gradient_mlp_cuda``: megatron's ColumnParallelLinear raises at construction when
+    ``gradient_accumulation_fusion`` is on without it (TE alone does not provide it)."""
+    try:
+        import fused_weight_gradient_mlp_cuda  # noqa: F401
+    except ImportError:
+        return False
+    return torch.cuda.is_available()
+
+
+def moe_kernels(recipe: Recipe, te: bool) -> dict:
+    """The MoE kernel choices: the recipe's, else on with TE on a GPU; refused where they cannot run."""
+    k, par = recipe.kernels, recipe.parallel
+    grouped = te if k.moe_grouped_gemm is None else k.moe_grouped_gemm
+    permute = te if k.moe_permute_fusion is None else k.moe_permute_fusion
+    for name, on in (("moe_grouped_gemm", grouped), ("moe_permute_fusion", permute)):
+        if on and not te:
+            raise RuntimeError(f"kernels.{name}: true needs Transformer Engine on a GPU (set it to null or false)")
+    out = dict(moe_grouped_gemm=grouped, moe_permute_fusion=permute)
+    if par.moe_token_dispatcher_type == "flex":
+        if not te:
+            raise RuntimeError("parallel.moe_token_dispatcher_type: flex (DeepEP/HybridEP) needs CUDA, Transformer "
+                               "Engine and the DeepEP/HybridEP kernels; use alltoall")
+        out["moe_flex_dispatcher_backend"] = par.moe_flex_dispatcher_backend
+    return out
+
+
+def kernel_settings(recipe: Recipe, te: bool, cuda: bool) -> dict:
+    """TransformerConfig's fused-kernel switches: fused kernels exist only with CUDA (+TE/apex); the torch paths
+    are numerically the reference."""
+    return dict(gradient_accumulation_fusion=te and fused_wgrad_available(),
+                bias_dropout_fusion=cuda, masked_softmax_fusion=cuda and te, apply_rope_fusion=te,
+                persist_layer_norm=False, **moe_kernels(recipe, te))
+
+
 def transformer_config(recipe: Recipe, mapped: MappedConfig | None = None) -> TransformerConfig:
     mapped = mapped or map_hf_config(recipe.hf_config)
-    par, prec, moe = recipe.parallel, recipe.precision, recipe.moe
+    par, prec, moe, mem = recipe.parallel, recipe.precision, recipe.moe, recipe.memory
     te = use_transformer_engine(recipe)
     cuda = torch.cuda.is_available()
     dtype = torch.bfloat16 if prec.bf16 else torch.float16 if prec.fp16 else torch.float32
@@ -54,11 +90,12 @@ def transformer_config(recipe: Recipe, mapped: MappedConfig | None = None) -> Tr
         moe_z_loss_coeff=moe.moe_z_loss_coeff,
         bf16=prec.bf16, fp16=prec.fp16, params_dtype=dtype, pipeline_dtype=dtype,
         use_cpu_initialization=not cuda,
-        # fused kernels exist only with CUDA (+TE/apex); the torch paths are numerically the reference
-        gradient_accumulation_fusion=te,
-        bias_dropout_fusion=cuda, masked_softmax_fusion=cuda and te, apply_rope_fusion=te,
-        persist_layer_norm=False,
+        **kernel_settings(recipe, te, cuda),
+        recompute_granularity=mem.recompute_granularity, recompute_method=mem.recompute_method,
+        recompute_num_layers=mem.recompute_num_layers,
     )
+    if mem.recompute_modules:
+        kw["recompute_modules"] = list(mem.recompute_modules)
     if kw.get("moe_router_enable_expert_bias"):
         kw["moe_router_bias_update_rate"] = moe.moe_router_bias_update_rate
     if prec.fp8:

@@ -154,7 +154,7 @@ def map_hf_config(hf: dict[str, Any]) -> MappedConfig:
     tc.setdefault("attention_dropout", 0.0)  # Bailing defaults (megatron's own default is 0.1)
     tc.setdefault("hidden_dropout", 0.0)
     tc.update(normalization="RMSNorm", gated_linear_unit=True, add_bias_linear=False,
-              moe_router_dtype="fp32", moe_grouped_gemm=False)
+              moe_router_dtype="fp32")  # (grouped GEMM / permute fusion: the recipe's kernels section)
     n_shared = int(hf.get("num_shared_experts") or 0)
     if n_shared:
         tc["moe_shared_expert_intermediate_size"] = n_shared * hf["moe_intermediate_size"]

@@ -25,7 +25,9 @@ def forward_logits(model: torch.nn.Module, tokens: torch.Tensor) -> torch.Tensor
     captured: dict[str, torch.Tensor] = {}
 
     def step(data_iter, chunk):
-        t = next(data_iter)
+        from ..parallel.dist import module_device
+
+        t = next(data_iter).to(module_device(chunk))
         out = chunk(t, position_ids_for(t), None)
 
         def keep(output):
@@ -56,10 +58,15 @@ def greedy_generate(model: torch.nn.Module, prompt: torch.Tensor, max_new_tokens
     tokens = prompt.clone()
     for _ in range(max_new_tokens):
         logits = forward_logits(model, tokens)
-        nxt = logits[:, -1].argmax(-1) if logits is not None else torch.zeros(tokens.shape[0], dtype=torch.long)
+        if logits is not None:
+            nxt = logits[:, -1].argmax(-1)
+        else:  # filled by the broadcast from the last stage (on the collective device: NCCL takes CUDA only)
+            from ..parallel.dist import device
+
+            nxt = torch.zeros(tokens.shape[0], dtype=torch.long, device=device())
         if ps.get_pipeline_model_parallel_world_size() > 1:
             dist.broadcast(nxt, ps.get_pipeline_model_parallel_last_rank(), group=ps.get_pipeline_model_parallel_group())
-        tokens = torch.cat([tokens, nxt[:, None]], dim=1)
+        tokens = torch.cat([tokens, nxt[:, None].to(tokens.device)], dim=1)
         if eos_token_id is not None and bool((nxt == eos_token_id).all()):
             break
     return tokens

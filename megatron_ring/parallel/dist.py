@@ -119,3 +119,45 @@ def destroy_distributed() -> None:
         ps.destroy_model_parallel()
     if dist.is_initialized():
         dist.destroy_process_group()
+
+
+def device() -> torch.device:
+    """Where this rank's model, micro-batches and collective tensors live: its CUDA device when there is one
+    (the default process group is then NCCL, which takes CUDA tensors only), else the CPU (gloo)."""
+    if torch.cuda.is_available():
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def module_device(module: torch.nn.Module) -> torch.device:
+    """The device of a model chunk's parameters (a DDP wrapper or a bare GPTModel)."""
+    for p in module.parameters():
+        return p.device
+    return device()
+
+
+def to_device(batch, dev: torch.device):
+    """A micro-batch (dict / list / tuple of tensors, or objects with tensor fields such as megatron's
+    ``PackedSeqParams``) with every tensor on ``dev``; megatron's ``get_batch`` does the same per micro-batch."""
+    import dataclasses
+
+    if isinstance(batch, torch.Tensor):
+        return batch.to(dev, non_blocking=True)
+    if isinstance(batch, dict):
+        return {k: to_device(v, dev) for k, v in batch.items()}
+    if isinstance(batch, (list, tuple)):
+        return type(batch)(to_device(v, dev) for v in batch)
+    if dataclasses.is_dataclass(batch) and not isinstance(batch, type):
+        return dataclasses.replace(batch, **{f.name: to_device(getattr(batch, f.name), dev)
+                                             for f in dataclasses.fields(batch)
+                                             if isinstance(getattr(batch, f.name), torch.Tensor)})
+    return batch
+
+
+def all_reduce_floats(values: list[float], op: str = "sum", group=None) -> list[float]:
+    """All-reduce a few Python numbers over ``group``: the tensor is made on ``device()``, since an NCCL
+    group refuses CPU tensors ("No backend type associated with device type cpu"). Every scalar
+    collective of the trainers goes through here."""
+    t = torch.tensor([float(v) for v in values], dtype=torch.float64, device=device())
+    dist.all_reduce(t, op={"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX}[op], group=group)
+    return t.tolist()

@@ -10,6 +10,7 @@ from megatron.core.tensor_parallel import vocab_parallel_cross_entropy
 from megatron.core.tensor_parallel.mappings import reduce_from_tensor_model_parallel_region
 
 from ..model.inference import position_ids_for
+from ..parallel.dist import module_device, to_device
 from .c3po import policy_loss_terms
 
 PER_TOKEN = ("adv", "weight", "rollout_logp", "old_logp", "ref_logp")
@@ -77,7 +78,7 @@ def rl_forward_step(cfg: dict):
     of the loss denominator)."""
 
     def step(data_iter, model):
-        b = next(data_iter)
+        b = to_device(next(data_iter), module_device(model))  # built on the host, run where the model is
         logits = model(b["tokens"], b["position_ids"], None)
 
         def loss_func(logits):
@@ -94,7 +95,7 @@ def rl_forward_step(cfg: dict):
                                   entropy=ent, entropy_coef=cfg["entropy_coef"], tis_weight=tis)
             w = b["weight"] * mask
             n = mask.sum()
-            denom = torch.tensor(int(round(next(cfg["denominators"]))), dtype=torch.int)
+            denom = torch.tensor(int(round(next(cfg["denominators"]))), dtype=torch.int, device=logits.device)
             mismatch = ((logp.detach() - b["rollout_logp"]).abs() * mask).sum()
             report = {"pg loss": torch.stack([(t["loss"].detach() * w).sum(), denom.float()]),
                       "kl": torch.stack([(t["kl"] * mask).sum(), n]),
@@ -115,7 +116,7 @@ def score_logprobs(model: torch.nn.Module, mbs: list[dict], temperature: float =
     got: list[torch.Tensor] = []
 
     def step(data_iter, chunk):
-        b = next(data_iter)
+        b = to_device(next(data_iter), module_device(chunk))
         out = chunk(b["tokens"], b["position_ids"], None)
 
         def keep(logits):

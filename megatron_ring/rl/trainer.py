@@ -14,6 +14,7 @@ import torch.distributed as dist
 from megatron.core import parallel_state as ps
 
 from ..checkpoint import adopt_architecture, load_checkpoint
+from ..parallel.dist import all_reduce_floats
 from ..config.recipe import Recipe, load_recipe
 from ..training.state import StopFlag, latest_checkpoint, load_training_state, save_training_state
 from .config import RLConfig, resolve_start, rl_config
@@ -44,10 +45,12 @@ class RLState:
         self.policy = build_model(recipe)
         if self.resume is None:
             load_checkpoint(self.policy, self.start, recipe.hf_config)
-        self.ddp = wrap_ddp(self.policy)
+        dist_opt = recipe.memory.use_distributed_optimizer
+        self.ddp = wrap_ddp(self.policy, use_distributed_optimizer=dist_opt)
         self.opt = build_optimizer([self.ddp], OptimConfig(
             lr=cfg.lr, min_lr=cfg.lr, weight_decay=cfg.weight_decay, adam_beta1=cfg.adam_beta1,
-            adam_beta2=cfg.adam_beta2, adam_eps=cfg.adam_eps, clip_grad=cfg.clip_grad, lr_overrides=cfg.lr_overrides))
+            adam_beta2=cfg.adam_beta2, adam_eps=cfg.adam_eps, clip_grad=cfg.clip_grad, lr_overrides=cfg.lr_overrides,
+            use_distributed_optimizer=dist_opt))
         n_opt = cfg.steps * cfg.mini_batches
         self.sched = OptimizerParamScheduler(
             self.opt, init_lr=0.0 if cfg.lr_warmup_steps else cfg.lr, max_lr=cfg.lr, min_lr=cfg.lr,
@@ -157,15 +160,14 @@ class RLState:
 
     def _equalize(self, mbs: list[dict]) -> list[dict]:
         """Every DP rank runs the same number of micro-batches (EP all-to-alls pair them up)."""
-        n = torch.tensor([float(len(mbs))])
-        dist.all_reduce(n, op=dist.ReduceOp.MAX, group=ps.get_data_parallel_group())
+        n = int(all_reduce_floats([len(mbs)], op="max", group=ps.get_data_parallel_group())[0])
         if not mbs:
             S = max(self.tp, 2)
             mbs = [{"tokens": torch.zeros(1, S, dtype=torch.long), "labels": torch.zeros(1, S, dtype=torch.long),
                     "loss_mask": torch.zeros(1, S), "position_ids": torch.arange(S)[None], "adv": torch.zeros(1, S),
                     "weight": torch.zeros(1, S), "rollout_logp": torch.zeros(1, S)}]
-            return mbs + [empty_like(mbs[0]) for _ in range(int(n.item()) - 1)]
-        return mbs + [empty_like(mbs[0]) for _ in range(int(n.item()) - len(mbs))]
+            return mbs + [empty_like(mbs[0]) for _ in range(n - 1)]
+        return mbs + [empty_like(mbs[0]) for _ in range(n - len(mbs))]
 
     def _denominator(self, part: list[dict]) -> float:
         """This mini-batch's share of the loss denominator (summed over DP ranks by megatron)."""
@@ -188,9 +190,7 @@ class RLState:
         from ..training.core import report_moe_metrics, train_step
 
         agg: dict[str, list] = defaultdict(list)
-        n = torch.tensor([float(len(seqs))])
-        dist.all_reduce(n, group=ps.get_data_parallel_group())
-        if n.item() == 0:  # no group with signal anywhere: no optimizer step (Adam would move on momentum alone)
+        if all_reduce_floats([len(seqs)], group=ps.get_data_parallel_group())[0] == 0:  # no group with signal anywhere: no optimizer step (Adam would move on momentum alone)
             return {"grad_norm": 0.0, "lr": self.opt.param_groups[0]["lr"], "skipped": 1.0}
         for mbs, part in self.minis:
             fcfg = self.loss_config(part, len(mbs))
@@ -222,9 +222,8 @@ class RLState:
             by[prompts[r.prompt_index]["domain"]].append(r.reward)
         for d, v in by.items():
             m[f"reward/{d}"] = sum(v) / len(v)
-        t = torch.tensor([float(sum(lengths)), float(sum(kept))])
-        dist.all_reduce(t, group=ps.get_data_parallel_group())
-        m["tokens/generated"], m["tokens/kept"] = t.tolist()
+        m["tokens/generated"], m["tokens/kept"] = all_reduce_floats([sum(lengths), sum(kept)],
+                                                                    group=ps.get_data_parallel_group())
         return m
 
     # --- evaluation, checkpoints, the loop ----------------------------------------------------------------

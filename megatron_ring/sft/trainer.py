@@ -82,9 +82,10 @@ def train_sft(recipe: Recipe, cfg: SFTConfig) -> list[dict]:
     model = build_model(recipe)
     if resume is None and cfg.init:
         load_checkpoint(model, cfg.init, recipe.hf_config)
-    ddp = wrap_ddp(model)
+    dist_opt = recipe.memory.use_distributed_optimizer
+    ddp = wrap_ddp(model, use_distributed_optimizer=dist_opt)
     opt = build_optimizer([ddp], OptimConfig(lr=cfg.lr, min_lr=cfg.min_lr, weight_decay=cfg.weight_decay,
-                                             clip_grad=cfg.clip_grad))
+                                             clip_grad=cfg.clip_grad, use_distributed_optimizer=dist_opt))
     data = PackedDataset(cfg.data, pad_id=recipe.hf_config.get("pad_token_id", 0))
     dp, dpr = ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
     if cfg.global_batch_size % (dp * cfg.micro_batch_size):

@@ -15,6 +15,7 @@ from megatron.core.optimizer.optimizer_config import ParamKey
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
 from ..model.inference import position_ids_for
+from ..parallel.dist import all_reduce_floats, module_device, to_device
 
 
 @dataclass
@@ -72,7 +73,7 @@ def lm_loss_func(loss_mask: torch.Tensor):
 
 
 def lm_forward_step(data_iter, model):
-    batch = next(data_iter)
+    batch = to_device(next(data_iter), module_device(model))  # built on the host, run where the model is
     tokens, labels, loss_mask = batch["tokens"], batch["labels"], batch["loss_mask"]
     out = model(tokens, batch.get("position_ids", position_ids_for(tokens)), batch.get("attention_mask"),
                 labels=labels, packed_seq_params=batch.get("packed_seq_params"))
@@ -95,18 +96,20 @@ def train_step(chunks: list[torch.nn.Module], optimizer, micro_batches: Iterable
     update_ok, grad_norm, _ = optimizer.step()
     # every reported [sum, count] pair, summed over micro-batches and DP ranks, broadcast over PP
     keys = list(report_keys)
-    sums = torch.zeros(len(keys), 2)
+    sums = [0.0] * (2 * len(keys))
     if ps.is_pipeline_last_stage(ignore_virtual=True):
         for s in stats:
             for i, k in enumerate(keys):
-                sums[i] += s[k].float().cpu()
-    torch.distributed.all_reduce(sums, group=ps.get_data_parallel_group())
+                total, count = s[k].float().tolist()
+                sums[2 * i] += total
+                sums[2 * i + 1] += count
+    sums = all_reduce_floats(sums, group=ps.get_data_parallel_group())
     if ps.get_pipeline_model_parallel_world_size() > 1:
-        torch.distributed.all_reduce(sums, group=ps.get_pipeline_model_parallel_group())
+        sums = all_reduce_floats(sums, group=ps.get_pipeline_model_parallel_group())
     out = {"grad_norm": float(grad_norm) if grad_norm is not None else float("nan"), "update_ok": bool(update_ok)}
     for i, k in enumerate(keys):
-        out[k.replace(" ", "_")] = (sums[i, 0] / sums[i, 1].clamp(min=1e-12)).item()
-        out[k.replace(" ", "_") + "_count"] = sums[i, 1].item()
+        out[k.replace(" ", "_")] = sums[2 * i] / max(sums[2 * i + 1], 1e-12)
+        out[k.replace(" ", "_") + "_count"] = sums[2 * i + 1]
     if "lm_loss" in out:  # the SFT/LM names
         out["loss"], out["tokens"] = out.pop("lm_loss"), int(out.pop("lm_loss_count"))
     return out

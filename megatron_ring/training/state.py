@@ -85,6 +85,6 @@ class StopFlag:
         self.requested = True
 
     def agreed(self) -> bool:
-        t = torch.tensor([float(self.requested)])
-        dist.all_reduce(t, op=dist.ReduceOp.MAX)
-        return bool(t.item())
+        from ..parallel.dist import all_reduce_floats
+
+        return bool(all_reduce_floats([float(self.requested)], op="max")[0])

@@ -17,6 +17,8 @@ def main():
     ap.add_argument("--global-batch", type=int, default=4)
     ap.add_argument("--micro-batch", type=int, default=2)
     ap.add_argument("--seq", type=int, default=32)
+    ap.add_argument("--recompute", choices=["full", "selective"], help="activation recompute (memory section)")
+    ap.add_argument("--dist-opt", action="store_true", help="distributed optimizer (memory section)")
     ap.add_argument("--save", help="save the trained model as a dist checkpoint here")
     a = ap.parse_args()
 
@@ -24,7 +26,7 @@ def main():
     from megatron.core import parallel_state as ps
 
     from megatron_ring.checkpoint import load_checkpoint
-    from megatron_ring.config.recipe import MoELossConfig, ParallelConfig, PrecisionConfig, Recipe
+    from megatron_ring.config.recipe import MemoryConfig, MoELossConfig, ParallelConfig, PrecisionConfig, Recipe
     from megatron_ring.model.build import build_model
     from megatron_ring.model.hf_config import load_hf_config
     from megatron_ring.parallel.dist import init_distributed
@@ -34,12 +36,17 @@ def main():
     recipe = Recipe(name="t", hf_config=cfg, precision=PrecisionConfig(transformer_impl="local"),
                     moe=MoELossConfig(moe_aux_loss_coeff=1e-2, moe_z_loss_coeff=1e-3),
                     parallel=ParallelConfig(tensor_model_parallel_size=a.tp, pipeline_model_parallel_size=a.pp,
-                                            expert_model_parallel_size=a.ep))
+                                            expert_model_parallel_size=a.ep),
+                    memory=MemoryConfig(recompute_granularity=a.recompute,
+                                        recompute_method="uniform" if a.recompute == "full" else None,
+                                        recompute_num_layers=1 if a.recompute == "full" else None,
+                                        use_distributed_optimizer=a.dist_opt))
+    recipe.memory.check()
     init_distributed(recipe.parallel, seed=7)
     model = build_model(recipe)
     load_checkpoint(model, a.ckpt, cfg)
-    ddp = wrap_ddp(model)
-    opt = build_optimizer([ddp], OptimConfig(lr=1e-3))
+    ddp = wrap_ddp(model, use_distributed_optimizer=a.dist_opt)
+    opt = build_optimizer([ddp], OptimConfig(lr=1e-3, use_distributed_optimizer=a.dist_opt))
 
     g = torch.Generator().manual_seed(5)
     tokens = torch.randint(2, cfg["vocab_size"], (a.global_batch, a.seq + 1), generator=g)
@@ -59,7 +66,9 @@ def main():
         save_checkpoint(model, a.save, cfg, iteration=a.steps, parallel=vars(recipe.parallel))
     if dist.get_rank() == 0:
         with open(a.out, "w") as f:
-            json.dump({"steps": hist, "dp": dp}, f)
+            opts = getattr(opt, "chained_optimizers", [opt])
+            json.dump({"steps": hist, "dp": dp, "optimizers": sorted({type(o).__name__ for o in opts}),
+                       "recompute": model.config.recompute_granularity}, f)
     dist.barrier()
 
 
