@@ -18,7 +18,9 @@ import torch.distributed as dist
 
 from .model.hf_config import architecture_diff, load_hf_config, map_hf_config
 
-FORMAT = "megatron-ring/1"
+FORMAT = "megatron-ring/2"  # 2: MoE layers' pre-MLP norm under TE's name (model.build.canonical_keys)
+OLD_FORMATS = {"megatron-ring/1": "its MoE pre-MLP norms are under megatron's local-spec name; convert the HF "
+                                  "model again (megatron-ring convert hf-to-mcore) or re-save with the release that wrote it"}
 
 
 class CheckpointMismatch(ValueError):
@@ -87,15 +89,37 @@ def load_checkpoint(model: torch.nn.Module, path: str | Path, hf_config: dict[st
     from megatron.core import dist_checkpointing
 
     meta = read_meta(path)
+    if meta.get("format") in OLD_FORMATS:
+        raise ValueError(f"{path}: checkpoint format {meta['format']} is no longer read: {OLD_FORMATS[meta['format']]}")
     if meta.get("format") != FORMAT:
         raise ValueError(f"{path}: unknown checkpoint format {meta.get('format')!r} (want {FORMAT})")
     if hf_config is not None:
         check_compatible(path, hf_config)
     msd = model.sharded_state_dict()
     sd = {**msd, "optimizer": optimizer.sharded_state_dict(msd, is_loading=True)} if optimizer is not None else msd
-    state = dist_checkpointing.load(sd, str(Path(path) / "dist"))
+    state = load_sharded(sd, Path(path) / "dist")
     if optimizer is not None:
         optimizer.load_state_dict(state["optimizer"])
     # a training checkpoint also holds optimizer state; its common (non-sharded) part comes back too
-    model.load_state_dict({k: v for k, v in state.items() if k in msd}, strict=strict)
+    res = model.load_state_dict({k: v for k, v in state.items() if k in msd}, strict=False)
+    missing = [k for k in res.missing_keys if not k.endswith("_extra_state")]
+    if strict and (missing or res.unexpected_keys):
+        raise RuntimeError(f"{path}: checkpoint does not match the model: missing {missing[:5]}, "
+                           f"unexpected {res.unexpected_keys[:5]}")
     return meta
+
+
+def load_sharded(sharded_state_dict: dict, ckpt_dir: Path) -> dict:
+    """``dist_checkpointing.load`` that tolerates exactly one difference between specs: Transformer Engine
+    modules ask for ``_extra_state`` (FP8 scaling history), which a checkpoint written without TE lacks
+    (they start fresh, as at the first step). Any other requested key the checkpoint lacks is an error naming it."""
+    from megatron.core import dist_checkpointing
+    from megatron.core.dist_checkpointing.validation import StrictHandling
+
+    state, _, absent = dist_checkpointing.load(sharded_state_dict, str(ckpt_dir),
+                                               strict=StrictHandling.RETURN_UNEXPECTED)
+    absent = sorted(k for k in absent if not k.split("/")[0].endswith("_extra_state"))  # (objects: key/shard_i_n)
+    if absent:
+        raise RuntimeError(f"{ckpt_dir}: the checkpoint lacks {len(absent)} tensor(s) the model needs, e.g. "
+                           f"{absent[:5]}")
+    return state

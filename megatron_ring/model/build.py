@@ -103,6 +103,34 @@ def transformer_config(recipe: Recipe, mapped: MappedConfig | None = None) -> Tr
     return TransformerConfig(**kw)
 
 
+def canonical_keys(block_spec, te: bool):
+    """One checkpoint layout whatever the spec: the Transformer Engine one. TE fuses the input norm into
+    ``linear_qkv`` (``self_attention.linear_qkv.layer_norm_weight``) and, in dense layers, the pre-MLP norm into
+    ``mlp.linear_fc1``; megatron's local spec maps its separate norms onto those names, but it does so for MoE
+    layers too, where TE keeps ``pre_mlp_layernorm.weight`` (a router needs the normed input): a local MoE layer
+    would save ``mlp.linear_fc1.layer_norm_weight`` and not load a TE checkpoint, nor a TE run its. Drop that one
+    remap for the local MoE layers (TE's ``_extra_state`` is handled on load: ``checkpoint.load_checkpoint``)."""
+    import copy
+
+    from megatron.core.transformer.moe.moe_layer import MoELayer
+
+    if te:
+        return block_spec
+    out = copy.copy(block_spec)
+    out.layer_specs = []
+    for layer in block_spec.layer_specs:
+        sub = layer.submodules
+        mlp = getattr(sub, "mlp", None)
+        cls = getattr(mlp, "func", None) or getattr(mlp, "module", None) or mlp  # a partial or a ModuleSpec
+        if isinstance(cls, type) and issubclass(cls, MoELayer) and sub.sharded_state_dict_keys_map:
+            layer = copy.copy(layer)
+            layer.submodules = sub = copy.copy(sub)
+            sub.sharded_state_dict_keys_map = {k: v for k, v in sub.sharded_state_dict_keys_map.items()
+                                               if k != "pre_mlp_layernorm."}
+        out.layer_specs.append(layer)
+    return out
+
+
 def build_model(recipe: Recipe, pre_process: bool | None = None, post_process: bool | None = None,
                 vp_stage: int | None = None, parallel_output: bool = True) -> GPTModel:
     """The GPTModel for this rank's pipeline stage (call after ``init_distributed``)."""
@@ -115,8 +143,8 @@ def build_model(recipe: Recipe, pre_process: bool | None = None, post_process: b
         pre_process = ps.is_pipeline_first_stage(ignore_virtual=vp_stage is None, vp_stage=vp_stage)
     if post_process is None:
         post_process = ps.is_pipeline_last_stage(ignore_virtual=vp_stage is None, vp_stage=vp_stage)
-    spec = get_gpt_decoder_block_spec(cfg, use_transformer_engine=te, normalization="RMSNorm",
-                                      vp_stage=vp_stage)
+    spec = canonical_keys(get_gpt_decoder_block_spec(cfg, use_transformer_engine=te, normalization="RMSNorm",
+                                                     vp_stage=vp_stage), te)
     vocab = mapped.model["vocab_size"]
     tp = cfg.tensor_model_parallel_size
     if vocab % tp:
