@@ -94,6 +94,36 @@ def _cmd_verify(a):
         raise ValueError(f"megatron and HF disagree: max abs diff {r['max_abs_diff']:.3g}")
 
 
+def _cmd_plan(a):
+    """Per-rank GPU memory of a training recipe; exit 1 (naming the largest term) when it does not fit."""
+    import yaml
+
+    from .config import load_recipe
+    from .config.recipe import RECIPE_DIR
+    from .model.hf_config import load_hf_config
+    from .model.memory import GiB, recipe_plan
+
+    recipe = load_recipe(a.recipe)
+    hf, where = recipe.hf_config, f"recipe {recipe.name}"
+    if a.config:
+        hf, where = load_hf_config(a.config), a.config
+    elif not hf:  # a training recipe: the architecture of the model recipe it is (eventually) based on
+        from pathlib import Path
+
+        p = Path(a.recipe) if Path(a.recipe).suffix else RECIPE_DIR / f"{a.recipe}.yaml"
+        while not hf:
+            base = (yaml.safe_load(p.read_text()) or {}).get("base")
+            if not base:
+                raise ValueError(f"recipe {recipe.name} names no architecture: pass --config CONFIG_JSON")
+            hf, where, p = load_recipe(base).hf_config, f"recipe {base}", RECIPE_DIR / f"{base}.yaml"
+    p = recipe_plan(recipe, hf, a.gpus, a.gpu_mem, flash=not a.local_attention, prompt_tokens=a.prompt_tokens)
+    print(f"model: {where}\n{p.table()}")
+    if not p.fits:
+        big = p.largest()
+        raise ValueError(f"does not fit: {p.total / GiB:.1f} GiB per rank > {a.gpu_mem:g} GiB; the largest term is "
+                         f"{big} ({p.terms[big] / GiB:.1f} GiB)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="megatron-ring", description=__doc__)
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -144,6 +174,14 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out", help="write the JSON report here")
     s.set_defaults(fn=_cmd_verify)
 
+    s = sub.add_parser("plan", help="per-rank GPU memory of a training recipe (refused when it does not fit)")
+    s.add_argument("--recipe", required=True)
+    s.add_argument("--gpus", type=int, required=True, help="GPUs of the training job")
+    s.add_argument("--gpu-mem", type=float, default=80, help="GiB per GPU (default 80)")
+    s.add_argument("--config", help="the model's config.json (default: the recipe's, or its base recipe's)")
+    s.add_argument("--prompt-tokens", type=int, default=1024, help="RL: longest prompt (default 1024)")
+    s.add_argument("--local-attention", action="store_true", help="unfused attention (no Transformer Engine)")
+    s.set_defaults(fn=_cmd_plan)
     s = sub.add_parser("check-hf", help="verify a HF folder holds exactly the tensors its config implies")
     s.add_argument("path")
     s.set_defaults(fn=_cmd_check_hf)

@@ -189,3 +189,17 @@ def test_checkpoint_keys_are_the_transformer_engine_layout(tiny, tmp_path):
                    or "input_layernorm" in k for k in mixed), sorted(mixed)
     assert got["extra_state_tolerated"] is True
     assert "decoder.layers.pre_mlp_layernorm.bogus" in got["absent_tensor_error"]
+
+
+def test_fp8_pads_tokens_to_16_per_rank():
+    from megatron_ring.config.recipe import load_recipe
+    from megatron_ring.model.build import token_multiple
+
+    r = load_recipe("rl_stage1_ling_lite")
+    assert token_multiple(r) == 4  # TP4 + SP
+    r8 = load_recipe("rl_stage1_ling_lite", {"precision": {"fp8": "hybrid"}})
+    assert token_multiple(r8) == 64  # 16 tokens per rank under FP8
+    seqs = [{"prompt_ids": list(range(1, 8)), "response_ids": list(range(1, 30)), "adv": 1.0, "weight": 1.0,
+             "rollout_logp": [0.0] * 29}]
+    (mb,) = make_microbatches(seqs, max_tokens=1024, seq_multiple=token_multiple(r8))
+    assert mb["tokens"].shape[1] == 64 and (mb["tokens"].shape[1] // 4) % 16 == 0

@@ -64,6 +64,12 @@ def moe_kernels(recipe: Recipe, te: bool) -> dict:
     return out
 
 
+def token_multiple(recipe: Recipe) -> int:
+    """Micro-batch token counts must be multiples of this: TP (sequence parallelism splits the tokens) x 16 under
+    FP8 (TE's FP8 GEMMs take token dimensions in multiples of 16 on every rank)."""
+    return recipe.parallel.tensor_model_parallel_size * (16 if recipe.precision.fp8 else 1)
+
+
 def kernel_settings(recipe: Recipe, te: bool, cuda: bool) -> dict:
     """TransformerConfig's fused-kernel switches: fused kernels exist only with CUDA (+TE/apex); the torch paths
     are numerically the reference."""
@@ -98,8 +104,9 @@ def transformer_config(recipe: Recipe, mapped: MappedConfig | None = None) -> Tr
         kw["recompute_modules"] = list(mem.recompute_modules)
     if kw.get("moe_router_enable_expert_bias"):
         kw["moe_router_bias_update_rate"] = moe.moe_router_bias_update_rate
-    if prec.fp8:
-        kw.update(fp8=prec.fp8, fp8_recipe=prec.fp8_recipe, fp8_param=prec.fp8_param)
+    if prec.fp8:  # FP8 GEMMs need token counts in multiples of 16: pad each expert's tokens too
+        kw.update(fp8=prec.fp8, fp8_recipe=prec.fp8_recipe, fp8_param=prec.fp8_param,
+                  moe_router_padding_for_quantization=True)
     return TransformerConfig(**kw)
 
 

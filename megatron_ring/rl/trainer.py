@@ -4,6 +4,7 @@ metrics (TensorBoard + metrics.jsonl), atomic checkpoints and exact resume (prom
 seeds are functions of the step; model, optimizer, scheduler and RNG come from the checkpoint)."""
 from __future__ import annotations
 
+import dataclasses
 import json
 from collections import defaultdict
 from pathlib import Path
@@ -30,7 +31,8 @@ class RLState:
     def __init__(self, recipe: Recipe, cfg: RLConfig):
         from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
-        from ..model.build import build_model
+        from ..model.build import build_model, token_multiple
+        from ..model.memory import check_gpu_fits
         from ..parallel.dist import init_distributed
         from ..tokenizer.tiny import load_tokenizer
         from ..training.core import OptimConfig, build_optimizer, wrap_ddp
@@ -42,6 +44,7 @@ class RLState:
         self.recipe = recipe = adopt_architecture(recipe, self.resume or self.start)
         init_distributed(recipe.parallel, recipe.seed)
         self.rank0 = dist.get_rank() == 0
+        check_gpu_fits(recipe, {"rl": dataclasses.asdict(cfg)})  # refused here, before anything is allocated
         self.policy = build_model(recipe)
         if self.resume is None:
             load_checkpoint(self.policy, self.start, recipe.hf_config)
@@ -71,6 +74,7 @@ class RLState:
             raise ValueError(f"{cfg.prompts}: {len(self.rows)} prompts < prompts_per_step {cfg.prompts_per_step}")
         self.dp, self.dpr = ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
         self.tp = ps.get_tensor_model_parallel_world_size()
+        self.multiple = token_multiple(recipe)  # TP, x16 under FP8
         self.engine = self.pool = None
         if self.rank0:
             self.engine, self.pool = self._engine(), self._rewards()
@@ -148,7 +152,7 @@ class RLState:
     def add_reference_logprobs(self, seqs: list[dict]) -> None:
         self.minis = []
         for part in self._minibatches(seqs):
-            mbs = make_microbatches(part, self.cfg.max_tokens_per_microbatch, seq_multiple=self.tp)
+            mbs = make_microbatches(part, self.cfg.max_tokens_per_microbatch, seq_multiple=self.multiple)
             mbs = self._equalize(mbs)
             if self.ref is not None:
                 for b, lp in zip(mbs, score_logprobs(self.ref, mbs, self.cfg.temperature) or []):
@@ -162,7 +166,7 @@ class RLState:
         """Every DP rank runs the same number of micro-batches (EP all-to-alls pair them up)."""
         n = int(all_reduce_floats([len(mbs)], op="max", group=ps.get_data_parallel_group())[0])
         if not mbs:
-            S = max(self.tp, 2)
+            S = max(self.multiple, 2)
             mbs = [{"tokens": torch.zeros(1, S, dtype=torch.long), "labels": torch.zeros(1, S, dtype=torch.long),
                     "loss_mask": torch.zeros(1, S), "position_ids": torch.arange(S)[None], "adv": torch.zeros(1, S),
                     "weight": torch.zeros(1, S), "rollout_logp": torch.zeros(1, S)}]

@@ -28,6 +28,7 @@ class SFTConfig:
     epochs: int = 1
     global_batch_size: int = 8  # packed rows per optimizer step
     micro_batch_size: int = 2
+    seq_length: Optional[int] = None  # the packed rows' length: checked against the data; the memory plan uses it
     lr: float = 1e-3
     min_lr: float = 1e-5
     lr_warmup_fraction: float = 0.01
@@ -68,7 +69,8 @@ def train_sft(recipe: Recipe, cfg: SFTConfig) -> list[dict]:
     from megatron.core import parallel_state as ps
     from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
-    from ..model.build import build_model
+    from ..model.build import build_model, token_multiple
+    from ..model.memory import check_gpu_fits
     from ..parallel.dist import init_distributed
     from ..training.core import OptimConfig, build_optimizer, report_moe_metrics, train_step, wrap_ddp
 
@@ -78,7 +80,17 @@ def train_sft(recipe: Recipe, cfg: SFTConfig) -> list[dict]:
         recipe = adopt_architecture(recipe, resume if resume is not None else cfg.init)
     elif not recipe.hf_config:
         raise ValueError(f"recipe {recipe.name}: no --init checkpoint and no hf_config: nothing names the model")
+    data = PackedDataset(cfg.data, pad_id=recipe.hf_config.get("pad_token_id", 0))
+    if cfg.seq_length and data.seq_len != cfg.seq_length:
+        raise ValueError(f"{cfg.data}: packed rows are {data.seq_len} tokens long, the recipe's seq_length is "
+                         f"{cfg.seq_length} (data_tools pack --seq-len {cfg.seq_length})")
+    mult = token_multiple(recipe)
+    if (data.seq_len * cfg.micro_batch_size) % mult:
+        raise ValueError(f"{cfg.data}: micro-batches of {cfg.micro_batch_size} x {data.seq_len} tokens are not a multiple "
+                         f"of {mult} (TP{'; FP8 needs 16 per rank' if recipe.precision.fp8 else ''}): pack with "
+                         f"another --seq-len")
     init_distributed(recipe.parallel, recipe.seed)
+    check_gpu_fits(recipe, {"sft": {"micro_batch_size": cfg.micro_batch_size, "seq_length": data.seq_len}})
     model = build_model(recipe)
     if resume is None and cfg.init:
         load_checkpoint(model, cfg.init, recipe.hf_config)
@@ -86,7 +98,6 @@ def train_sft(recipe: Recipe, cfg: SFTConfig) -> list[dict]:
     ddp = wrap_ddp(model, use_distributed_optimizer=dist_opt)
     opt = build_optimizer([ddp], OptimConfig(lr=cfg.lr, min_lr=cfg.min_lr, weight_decay=cfg.weight_decay,
                                              clip_grad=cfg.clip_grad, use_distributed_optimizer=dist_opt))
-    data = PackedDataset(cfg.data, pad_id=recipe.hf_config.get("pad_token_id", 0))
     dp, dpr = ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
     if cfg.global_batch_size % (dp * cfg.micro_batch_size):
         raise ValueError(f"global_batch_size {cfg.global_batch_size} must be a multiple of DP {dp} x "
