@@ -44,7 +44,7 @@ def _cmd_convert(a):
 
     if a.direction == "hf-to-mcore":
         _note_ignored(a.hf)
-        out = hf_to_mcore_checkpoint(a.hf, a.out, dtype=a.dtype or "fp32")
+        out = hf_to_mcore_checkpoint(a.hf, a.out, dtype=a.dtype)
     else:
         out = mcore_to_hf_checkpoint(a.ckpt, a.out, tokenizer_dir=a.tokenizer, dtype=a.dtype)
     print(f"wrote {out}")

@@ -16,6 +16,52 @@ from .mapping import ConversionError
 SHARD_BYTES = 4 * 1024**3
 
 
+class LazyHF:
+    """An HF folder read one tensor at a time: names, shapes and dtypes come from the safetensors headers, data only
+    when ``get`` asks for it (the streaming converter holds one layer, not the model). Records what was read."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self._files = _hf_files(self.path)
+        self.where: dict[str, Path] = {}
+        self.shapes: dict[str, tuple[int, ...]] = {}
+        dtypes = set()
+        for f in self._files:
+            with safe_open(str(f), framework="pt") as fh:
+                for k in fh.keys():
+                    if k in self.where:
+                        raise ConversionError(f"{f}: tensor '{k}' appears in more than one shard")
+                    sl = fh.get_slice(k)
+                    self.where[k], self.shapes[k] = f, tuple(sl.get_shape())
+                    dtypes.add(sl.get_dtype())
+        self.dtype = {"BF16": torch.bfloat16, "F16": torch.float16}.get(dtypes.pop(), torch.float32) if len(dtypes) == 1 \
+            else torch.float32
+        self.used: set[str] = set()
+        self._open: dict[Path, Any] = {}
+
+    def get(self, name: str) -> torch.Tensor:
+        if name not in self.where:
+            raise ConversionError(f"{self.path}: no tensor '{name}'")
+        f = self.where[name]
+        if f not in self._open:
+            self._open[f] = safe_open(str(f), framework="pt")
+        self.used.add(name)
+        return self._open[f].get_tensor(name)
+
+
+def _hf_files(p: Path) -> list[Path]:
+    files = sorted(p.glob("*.safetensors"))
+    if not files:
+        raise ConversionError(f"{p}: no *.safetensors files")
+    index = p / "model.safetensors.index.json"
+    if index.exists():
+        listed = set(json.loads(index.read_text())["weight_map"].values())
+        absent = sorted(f for f in listed if not (p / f).exists())
+        if absent:
+            raise ConversionError(f"{index}: lists shard(s) that are missing: {absent}")
+    return files
+
+
 def read_hf_state(path: str | Path) -> dict[str, torch.Tensor]:
     p = Path(path)
     files = sorted(p.glob("*.safetensors"))
@@ -49,31 +95,51 @@ def hf_export_config(cfg: dict[str, Any], dtype: torch.dtype) -> dict[str, Any]:
     return out
 
 
-def write_hf_checkpoint(state: dict[str, torch.Tensor], cfg: dict[str, Any], out: str | Path,
-                        tokenizer_dir: str | Path | None = None) -> Path:
+def write_hf_checkpoint(state, cfg: dict[str, Any], out: str | Path, tokenizer_dir: str | Path | None = None,
+                        check=None) -> Path:
     """safetensors (sharded above 4 GiB, with an index), config.json with auto_map, modeling code,
-    generation_config.json, and the tokenizer files when given."""
+    generation_config.json, and the tokenizer files when given. ``state``: a dict, or an iterable of (name, tensor)
+    consumed as it comes: each shard is written when full and dropped (host memory: one shard, not the model).
+    ``check(shapes)`` runs on all names and shapes before the config is written (a folder without config.json is
+    not a checkpoint)."""
     o = Path(out)
     o.mkdir(parents=True, exist_ok=True)
-    dtype = next(iter(state.values())).dtype
-    shards: list[dict[str, torch.Tensor]] = [{}]
-    size = 0
-    for name, t in state.items():
+    for old in o.glob("model*.safetensors*"):
+        old.unlink()
+    items = state.items() if isinstance(state, dict) else state
+    shard: dict[str, torch.Tensor] = {}
+    files: list[tuple[Path, list[str]]] = []
+    shapes: dict[str, tuple[int, ...]] = {}
+    size = total = 0
+    dtype = None
+
+    def flush():
+        f = o / f"model-part{len(files) + 1:05d}.safetensors"
+        save_file(shard, str(f), metadata={"format": "pt"})
+        files.append((f, list(shard)))
+        shard.clear()
+
+    for name, t in items:
         nbytes = t.numel() * t.element_size()
-        if shards[-1] and size + nbytes > SHARD_BYTES:
-            shards.append({})
+        if shard and size + nbytes > SHARD_BYTES:
+            flush()
             size = 0
-        shards[-1][name] = t.contiguous()
+        shard[name] = t.contiguous()
+        shapes[name], dtype = tuple(t.shape), dtype or t.dtype
         size += nbytes
-    if len(shards) == 1:
-        save_file(shards[0], str(o / "model.safetensors"), metadata={"format": "pt"})
+        total += nbytes
+    if shard:
+        flush()
+    if check is not None:
+        check(shapes)
+    if len(files) == 1:
+        files[0][0].rename(o / "model.safetensors")
     else:
         weight_map = {}
-        for i, shard in enumerate(shards, 1):
-            fname = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
-            save_file(shard, str(o / fname), metadata={"format": "pt"})
-            weight_map.update({k: fname for k in shard})
-        total = sum(t.numel() * t.element_size() for t in state.values())
+        for i, (f, names) in enumerate(files, 1):
+            fname = f"model-{i:05d}-of-{len(files):05d}.safetensors"
+            f.rename(o / fname)
+            weight_map.update({k: fname for k in names})
         (o / "model.safetensors.index.json").write_text(
             json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
     (o / "config.json").write_text(json.dumps(hf_export_config(cfg, dtype), indent=2, sort_keys=True) + "\n")

@@ -95,75 +95,89 @@ def hf_to_mcore(hf: dict[str, torch.Tensor], cfg: dict[str, Any]) -> dict[str, t
     """Full HF state -> full megatron state (TP1/PP1/EP1 names). Every HF tensor must be used once,
     and every expected one must be present with its expected shape."""
     verify_hf_state(hf, cfg)
+    return dict(hf_to_mcore_items(hf.__getitem__, cfg))
+
+
+def hf_to_mcore_items(get, cfg: dict[str, Any]):
+    """(megatron name, tensor) one at a time, layer by layer; ``get(hf_name)`` reads one HF tensor."""
     H, G, D = _dims(cfg)
-    out = {"embedding.word_embeddings.weight": hf["model.word_embeddings.weight"],
-           "decoder.final_layernorm.weight": hf["model.norm.weight"],
-           "output_layer.weight": hf["lm_head.weight"]}
+    yield "embedding.word_embeddings.weight", get("model.word_embeddings.weight")
     k_dense = int(cfg.get("first_k_dense_replace") or 0)
     for i in range(cfg["num_hidden_layers"]):
         p, d = f"model.layers.{i}.", f"decoder.layers.{i}."
-        out[d + "input_layernorm.weight"] = hf[p + "input_layernorm.weight"]
-        out[d + "self_attention.linear_qkv.weight"] = qkv_hf_to_mcore(hf[p + "attention.query_key_value.weight"], H, G, D)
-        out[d + "self_attention.linear_proj.weight"] = hf[p + "attention.dense.weight"]
-        out[d + "pre_mlp_layernorm.weight"] = hf[p + "post_attention_layernorm.weight"]
+        yield d + "input_layernorm.weight", get(p + "input_layernorm.weight")
+        yield d + "self_attention.linear_qkv.weight", qkv_hf_to_mcore(get(p + "attention.query_key_value.weight"), H, G, D)
+        yield d + "self_attention.linear_proj.weight", get(p + "attention.dense.weight")
+        yield d + "pre_mlp_layernorm.weight", get(p + "post_attention_layernorm.weight")
         if i < k_dense:
-            _put_mlp(out, d + "mlp.", hf, p + "mlp.")
+            yield from _mlp_items(d + "mlp.", get, p + "mlp.")
             continue
-        out[d + "mlp.router.weight"] = hf[p + "mlp.gate.weight"]
+        yield d + "mlp.router.weight", get(p + "mlp.gate.weight")
         for e in range(cfg["num_experts"]):
-            _put_mlp(out, f"{d}mlp.experts.local_experts.{e}.", hf, f"{p}mlp.experts.{e}.")
+            yield from _mlp_items(f"{d}mlp.experts.local_experts.{e}.", get, f"{p}mlp.experts.{e}.")
         if cfg.get("num_shared_experts"):
-            _put_mlp(out, d + "mlp.shared_experts.", hf, p + "mlp.shared_experts.")
+            yield from _mlp_items(d + "mlp.shared_experts.", get, p + "mlp.shared_experts.")
+    yield "decoder.final_layernorm.weight", get("model.norm.weight")
+    yield "output_layer.weight", get("lm_head.weight")
+
+
+def _mlp_items(dst, get, src):
+    yield dst + "linear_fc1.weight", torch.cat([get(src + "gate_proj.weight"), get(src + "up_proj.weight")])
+    yield dst + "linear_fc2.weight", get(src + "down_proj.weight")
+
+
+def mcore_to_hf(mc: dict[str, torch.Tensor], cfg: dict[str, Any], consume: bool = False) -> dict[str, torch.Tensor]:
+    """Full megatron state -> HF state; refuses unless every megatron tensor is consumed exactly."""
+    out = dict(mcore_to_hf_items(mc, cfg, consume))
+    verify_hf_state(out, cfg)
     return out
 
 
-def _put_mlp(out, dst, hf, src):
-    out[dst + "linear_fc1.weight"] = torch.cat([hf[src + "gate_proj.weight"], hf[src + "up_proj.weight"]])
-    out[dst + "linear_fc2.weight"] = hf[src + "down_proj.weight"]
-
-
-def mcore_to_hf(mc: dict[str, torch.Tensor], cfg: dict[str, Any]) -> dict[str, torch.Tensor]:
-    """Full megatron state -> HF state; refuses unless every megatron tensor is consumed exactly."""
+def mcore_to_hf_items(mc: dict[str, torch.Tensor], cfg: dict[str, Any], consume: bool = False):
+    """(HF name, tensor) one at a time; with ``consume`` each megatron tensor leaves ``mc`` as it is converted
+    (host memory stays ~ one model). Raises at the end unless every megatron tensor was used exactly once."""
     check_convertible(cfg)
     H, G, D = _dims(cfg)
-    mc = {_canonical(k): v for k, v in mc.items()}
+    if not consume:
+        mc = dict(mc)
+    for k in [k for k in mc if _canonical(k) != k]:
+        mc[_canonical(k)] = mc.pop(k)
     used: set[str] = set()
 
     def take(name):
         if name not in mc:
             raise ConversionError(f"megatron checkpoint is missing tensor '{name}'")
         used.add(name)
-        return mc[name]
+        return mc.pop(name) if consume else mc[name]
 
-    out = {"model.word_embeddings.weight": take("embedding.word_embeddings.weight"),
-           "model.norm.weight": take("decoder.final_layernorm.weight"),
-           "lm_head.weight": take("output_layer.weight")}
+    yield "model.word_embeddings.weight", take("embedding.word_embeddings.weight")
     k_dense = int(cfg.get("first_k_dense_replace") or 0)
     for i in range(cfg["num_hidden_layers"]):
         p, d = f"model.layers.{i}.", f"decoder.layers.{i}."
-        out[p + "input_layernorm.weight"] = take(d + "input_layernorm.weight")
-        out[p + "attention.query_key_value.weight"] = qkv_mcore_to_hf(take(d + "self_attention.linear_qkv.weight"), H, G, D)
-        out[p + "attention.dense.weight"] = take(d + "self_attention.linear_proj.weight")
-        out[p + "post_attention_layernorm.weight"] = take(d + "pre_mlp_layernorm.weight")
+        yield p + "input_layernorm.weight", take(d + "input_layernorm.weight")
+        yield p + "attention.query_key_value.weight", qkv_mcore_to_hf(take(d + "self_attention.linear_qkv.weight"), H, G, D)
+        yield p + "attention.dense.weight", take(d + "self_attention.linear_proj.weight")
+        yield p + "post_attention_layernorm.weight", take(d + "pre_mlp_layernorm.weight")
         if i < k_dense:
-            _get_mlp(out, p + "mlp.", take, d + "mlp.")
+            yield from _hf_mlp_items(p + "mlp.", take, d + "mlp.")
             continue
-        out[p + "mlp.gate.weight"] = take(d + "mlp.router.weight")
+        yield p + "mlp.gate.weight", take(d + "mlp.router.weight")
         for e in range(cfg["num_experts"]):
-            _get_mlp(out, f"{p}mlp.experts.{e}.", take, f"{d}mlp.experts.local_experts.{e}.")
+            yield from _hf_mlp_items(f"{p}mlp.experts.{e}.", take, f"{d}mlp.experts.local_experts.{e}.")
         if cfg.get("num_shared_experts"):
-            _get_mlp(out, p + "mlp.shared_experts.", take, d + "mlp.shared_experts.")
+            yield from _hf_mlp_items(p + "mlp.shared_experts.", take, d + "mlp.shared_experts.")
+    yield "model.norm.weight", take("decoder.final_layernorm.weight")
+    yield "lm_head.weight", take("output_layer.weight")
     left = sorted(set(mc) - used)
     if left:
         raise ConversionError(f"{len(left)} megatron tensor(s) have no HF counterpart, e.g. {left[:5]}")
-    verify_hf_state(out, cfg)
-    return out
 
 
-def _get_mlp(out, dst, take, src):
+def _hf_mlp_items(dst, take, src):
     gate, up = take(src + "linear_fc1.weight").chunk(2)
-    out[dst + "gate_proj.weight"], out[dst + "up_proj.weight"] = gate.contiguous(), up.contiguous()
-    out[dst + "down_proj.weight"] = take(src + "linear_fc2.weight")
+    yield dst + "gate_proj.weight", gate.contiguous()
+    yield dst + "up_proj.weight", up.contiguous()
+    yield dst + "down_proj.weight", take(src + "linear_fc2.weight")
 
 
 def _canonical(name: str) -> str:
@@ -175,6 +189,11 @@ def _canonical(name: str) -> str:
 
 def verify_hf_state(hf: dict[str, torch.Tensor], cfg: dict[str, Any]) -> None:
     """Every expected tensor present with the shape the config implies; nothing unexpected."""
+    verify_hf_shapes({k: tuple(v.shape) for k, v in hf.items()}, cfg)
+
+
+def verify_hf_shapes(hf: dict[str, tuple[int, ...]], cfg: dict[str, Any]) -> None:
+    """``verify_hf_state`` on names and shapes only (a safetensors header is enough)."""
     want = expected_hf_shapes(cfg)
     missing = sorted(set(want) - set(hf), key=_natural)
     unexpected = sorted(set(hf) - set(want), key=_natural)
@@ -184,8 +203,8 @@ def verify_hf_state(hf: dict[str, torch.Tensor], cfg: dict[str, Any]) -> None:
     if unexpected:
         problems.append(f"unexpected {len(unexpected)} tensor(s) not implied by config.json: {unexpected[:8]}")
     for name in sorted(set(want) & set(hf), key=_natural):
-        if tuple(hf[name].shape) != want[name]:
-            problems.append(f"tensor '{name}' has shape {tuple(hf[name].shape)} but config.json implies "
+        if tuple(hf[name]) != want[name]:
+            problems.append(f"tensor '{name}' has shape {tuple(hf[name])} but config.json implies "
                             f"{want[name]} ({_fields_for(name)})")
             if len(problems) > 8:
                 break

@@ -153,6 +153,12 @@ def _patch_device_literals() -> None:
         factory.__cpu_compat_wrapped__ = fn
         return factory
 
+    # torch's device context manager (``with torch.device("meta")``) recognises factories by identity in a cached
+    # set built on first use: build it from the real functions before they are wrapped, else meta-device model
+    # construction (the streaming converter's) silently allocates on the CPU
+    from torch.utils._device import _device_constructors
+
+    _device_constructors()
     for name in _FACTORIES:
         fn = getattr(torch, name)
         if not hasattr(fn, "__cpu_compat_wrapped__"):

@@ -78,12 +78,17 @@ def omp_oversubscription(threads: int, cpus: int) -> str | None:
     return None
 
 
-def init_distributed(parallel: ParallelConfig, seed: int = 1234, timeout_minutes: int = 30) -> DistEnv:
-    """Start torch.distributed (nccl on GPU, gloo on CPU), megatron's parallel groups and RNG tracker."""
+def init_distributed(parallel: ParallelConfig, seed: int = 1234, timeout_minutes: int = 30, cpu: bool = False) -> DistEnv:
+    """Start torch.distributed (nccl on GPU, gloo on CPU), megatron's parallel groups and RNG tracker.
+    ``cpu``: stay on the CPU even where a GPU is visible (conversion, whose full model does not fit one)."""
     from megatron.core import parallel_state as ps
     from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
 
     env = detect_env()
+    if cpu:  # hide the GPUs before torch initialises CUDA (conversions are their own processes and start here)
+        os.environ["CUDA_VISIBLE_DEVICES"] = ""
+        if torch.cuda.is_available():
+            raise RuntimeError("init_distributed(cpu=True) after CUDA was initialised: run it in a fresh process")
     use_cuda = torch.cuda.is_available()
     if not use_cuda:
         cpu_compat.enable()

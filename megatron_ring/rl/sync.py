@@ -57,4 +57,6 @@ def _single_process_env() -> dict:
     drop = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "SLURM_PROCID",
             "SLURM_NTASKS")
     prefixes = ("TORCHELASTIC_", "GROUP_", "ROLE_")  # e.g. TORCHELASTIC_USE_AGENT_STORE would join the agent's store
-    return {k: v for k, v in os.environ.items() if k not in drop and not k.startswith(prefixes)}
+    env = {k: v for k, v in os.environ.items() if k not in drop and not k.startswith(prefixes)}
+    env["CUDA_VISIBLE_DEVICES"] = ""  # the converter runs on the CPU (the full model does not fit a trainer's GPU)
+    return env
