@@ -1,8 +1,11 @@
 """Packed SFT rows (from ``data_tools pack``) -> megatron micro-batches.
 
 A packed row holds several conversations back to back; ``seq_lens`` gives their lengths. Attention must
-stay inside each conversation: on the CPU/local path that is a block-diagonal causal mask (True =
-masked, megatron's convention); position ids restart at every boundary. Labels are the next token of
+stay inside each conversation. With Transformer Engine (GPU) a micro-batch is one THD sequence: its rows
+concatenated ([1, b*L]) with ``PackedSeqParams`` (``cu_seqlens`` at every conversation boundary) and no mask
+(TE's causal kernels ignore a dense mask, and a 32K row's would be 1 GiB). On the CPU/local path it is a
+block-diagonal causal mask (True = masked, megatron's convention) built per micro-batch. Position ids restart
+at every boundary. Labels are the next token of
 the *same* sequence, weighted by the loss mask of that label token (assistant tokens only), so the last
 token of each sequence and the padding carry no loss.
 
@@ -34,18 +37,38 @@ def packed_row_to_sample(tokens: list[int], loss_mask: list[int], seq_lens: list
     labels = torch.full((L,), pad_id, dtype=torch.long)
     weights = torch.zeros(L)
     position_ids = torch.zeros(L, dtype=torch.long)
-    allowed = torch.zeros(L, L, dtype=torch.bool)
-    for k, (a, b) in enumerate(_segments(seq_lens, L)):
-        allowed[a:b, a:b] = torch.ones(b - a, b - a, dtype=torch.bool).tril()
+    segs = _segments(seq_lens, L)
+    for k, (a, b) in enumerate(segs):
         position_ids[a:b] = torch.arange(b - a)
         if k < len(seq_lens) and b - a > 1:
             labels[a:b - 1] = t[a + 1:b]
             weights[a:b - 1] = m[a + 1:b]
     return {"tokens": t, "labels": labels, "loss_mask": weights, "position_ids": position_ids,
-            "attention_mask": ~allowed}
+            "segments": [b - a for a, b in segs if b > a]}
 
 
-def collate(samples: list[dict]) -> dict:
+def block_causal_mask(segments: list[int], length: int) -> torch.Tensor:
+    """[L, L] bool, True = masked: causal attention inside each segment only."""
+    allowed = torch.zeros(length, length, dtype=torch.bool)
+    a = 0
+    for n in segments:
+        allowed[a:a + n, a:a + n] = torch.ones(n, n, dtype=torch.bool).tril()
+        a += n
+    return ~allowed
+
+
+def collate(samples: list[dict], thd: bool = False) -> dict:
+    """A micro-batch: [b, L] with a [b, 1, L, L] block mask, or (``thd``) one [1, b*L] THD sequence."""
     out = {k: torch.stack([s[k] for s in samples]) for k in ("tokens", "labels", "loss_mask", "position_ids")}
-    out["attention_mask"] = torch.stack([s["attention_mask"] for s in samples]).unsqueeze(1)  # [b, 1, s, s]
+    if not thd:
+        L = out["tokens"].shape[1]
+        out["attention_mask"] = torch.stack([block_causal_mask(s["segments"], L) for s in samples]).unsqueeze(1)
+        return out
+    from megatron.core.packed_seq_params import PackedSeqParams
+
+    out = {k: v.reshape(1, -1) for k, v in out.items()}
+    lens = [n for s in samples for n in s["segments"]]
+    cu = torch.tensor([0] + lens, dtype=torch.int32).cumsum(0, dtype=torch.int32)
+    out["packed_seq_params"] = PackedSeqParams(qkv_format="thd", cu_seqlens_q=cu, cu_seqlens_kv=cu,
+                                               max_seqlen_q=max(lens), max_seqlen_kv=max(lens))
     return out

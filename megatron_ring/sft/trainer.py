@@ -69,7 +69,7 @@ def train_sft(recipe: Recipe, cfg: SFTConfig) -> list[dict]:
     from megatron.core import parallel_state as ps
     from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
-    from ..model.build import build_model, token_multiple
+    from ..model.build import build_model, token_multiple, use_transformer_engine
     from ..model.memory import check_gpu_fits
     from ..parallel.dist import init_distributed
     from ..training.core import OptimConfig, build_optimizer, report_moe_metrics, train_step, wrap_ddp
@@ -92,6 +92,9 @@ def train_sft(recipe: Recipe, cfg: SFTConfig) -> list[dict]:
     init_distributed(recipe.parallel, recipe.seed)
     check_gpu_fits(recipe, {"sft": {"micro_batch_size": cfg.micro_batch_size, "seq_length": data.seq_len}})
     model = build_model(recipe)
+    # TE: each micro-batch is one THD sequence of micro_batch_size rows (packed attention by cu_seqlens)
+    thd = use_transformer_engine(recipe)
+    shape = (data.seq_len * cfg.micro_batch_size, 1) if thd else (data.seq_len, cfg.micro_batch_size)
     if resume is None and cfg.init:
         load_checkpoint(model, cfg.init, recipe.hf_config)
     dist_opt = recipe.memory.use_distributed_optimizer
@@ -129,10 +132,10 @@ def train_sft(recipe: Recipe, cfg: SFTConfig) -> list[dict]:
         order = data.order(epoch, recipe.seed)
         while pos < steps_per_epoch and step < stop:
             rows = order[pos * cfg.global_batch_size:(pos + 1) * cfg.global_batch_size][dpr * per_rank:(dpr + 1) * per_rank]
-            mbs = [collate([data.sample(i) for i in rows[k:k + cfg.micro_batch_size]])
+            mbs = [collate([data.sample(i) for i in rows[k:k + cfg.micro_batch_size]], thd=thd)
                    for k in range(0, per_rank, cfg.micro_batch_size)]
             t0 = time.perf_counter()
-            out = train_step([ddp], opt, mbs, len(mbs), data.seq_len, cfg.micro_batch_size)
+            out = train_step([ddp], opt, mbs, len(mbs), *shape)
             sched.step(increment=1)
             step, pos = step + 1, pos + 1
             rec = {"step": step, "epoch": epoch, "loss": out["loss"], "grad_norm": out["grad_norm"],
