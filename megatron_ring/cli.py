@@ -39,7 +39,15 @@ def _cmd_init(a):
     print(init_hf_checkpoint(a.out, a.recipe, a.seed, config=a.config))
 
 
+def _hide_gpus() -> None:
+    """Conversions run on the CPU (16.8B parameters do not fit one GPU): hide CUDA before anything initialises it."""
+    import os
+
+    os.environ["CUDA_VISIBLE_DEVICES"] = ""
+
+
 def _cmd_convert(a):
+    _hide_gpus()
     from .convert.run import hf_to_mcore_checkpoint, mcore_to_hf_checkpoint
 
     if a.direction == "hf-to-mcore":
@@ -52,6 +60,7 @@ def _cmd_convert(a):
 
 def _cmd_export(a):
     """A training checkpoint (or a run dir: its selected, else latest) → a servable HF folder."""
+    _hide_gpus()
     from pathlib import Path
 
     from .config import load_recipe
