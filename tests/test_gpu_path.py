@@ -203,3 +203,38 @@ def test_fp8_pads_tokens_to_16_per_rank():
              "rollout_logp": [0.0] * 29}]
     (mb,) = make_microbatches(seqs, max_tokens=1024, seq_multiple=token_multiple(r8))
     assert mb["tokens"].shape[1] == 64 and (mb["tokens"].shape[1] // 4) % 16 == 0
+
+
+def test_rl_thd_micro_batches_pack_sequences_without_padding_to_the_longest():
+    g = torch.Generator().manual_seed(0)
+    seqs = []
+    for i, (p, r) in enumerate([(5, 40), (3, 4), (6, 9), (4, 3), (7, 21)]):
+        seqs.append({"prompt_ids": torch.randint(1, 50, (p,), generator=g).tolist(),
+                     "response_ids": torch.randint(1, 50, (r,), generator=g).tolist(), "adv": i - 2.0, "weight": 0.5,
+                     "rollout_logp": torch.rand(r, generator=g).tolist(), "old_logp": torch.rand(r, generator=g).tolist()})
+    dense = make_microbatches(seqs, max_tokens=64, seq_multiple=4)
+    thd = make_microbatches(seqs, max_tokens=64, seq_multiple=4, thd=True)
+    assert [b["tokens"].shape for b in thd] == [torch.Size([1, 64])] * 2  # 45+7+15 > 64: two rows of T=64
+    assert sum(b["tokens"].numel() for b in thd) < sum(b["tokens"].numel() for b in dense)  # 128 < 5 x 48
+    # every sequence's tokens and per-token fields are where its dense row has them, shifted to its segment
+    flat = {k: torch.cat([b[k].reshape(-1) for b in thd]) for k in dense[0]}
+    cus = [b["packed_seq_params"].cu_seqlens_q for b in thd]
+    assert all(cu.dtype == torch.int32 and cu[-1] == 64 for cu in cus)
+    bounds = {int(c) + 64 * i for i, cu in enumerate(cus) for c in cu}
+    row = off = 0
+    for j, s in enumerate(seqs):  # sequences packed in order into rows of 64; each a segment of its own
+        n = len(s["prompt_ids"]) + len(s["response_ids"])
+        if off + n > 64:
+            row, off = row + 1, 0
+        a = 64 * row + off
+        assert a in bounds and a + n in bounds, (j, a, n, cus)
+        d, r = dense[j // dense[0]["tokens"].shape[0]], j % dense[0]["tokens"].shape[0]
+        for k in ("tokens", "labels", "loss_mask", "adv", "weight", "rollout_logp", "old_logp"):
+            assert torch.equal(flat[k][a:a + n], d[k][r, :n]), (k, j)
+        assert flat["position_ids"][a:a + n].tolist() == list(range(n))
+        off += n
+    model = Recorder()
+    cfg = {"clip_eps": 0.2, "kl_coef": 0.0, "kl_kind": "k3", "entropy_coef": 0.0, "temperature": 1.0,
+           "tis_cap": None, "denominators": itertools.repeat(1.0)}
+    rl_forward_step(cfg)(iter(thd), model)
+    assert ("packed_seq_params.cu_seqlens_q", torch.device("meta")) in model.seen  # handed to the model, moved

@@ -32,44 +32,78 @@ def token_logprobs(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     return -vocab_parallel_cross_entropy(logits.float().clone(), labels)
 
 
-def make_microbatches(seqs: list[dict], max_tokens: int, seq_multiple: int = 1) -> list[dict]:
+def make_microbatches(seqs: list[dict], max_tokens: int, seq_multiple: int = 1, thd: bool = False) -> list[dict]:
     """``seqs``: {prompt_ids, response_ids (kept prefix), adv, weight, rollout_logp[, old_logp, ref_logp]}.
-    All micro-batches of a step share one padded length S (pipeline stages exchange fixed shapes);
-    each holds max(1, max_tokens // S) sequences. Loss positions are those that predict a kept response
-    token; per-token fields are aligned to label positions."""
+    Loss positions are those that predict a kept response token; per-token fields are aligned to label positions.
+
+    Padded (``thd=False``, the local/CPU path): all micro-batches of a step share one padded length S (pipeline
+    stages exchange fixed shapes); each holds max(1, max_tokens // S) rows. THD (Transformer Engine): sequences are
+    packed back to back into one row of T = max(max_tokens, longest) tokens (rounded to ``seq_multiple``; every
+    micro-batch the same T) with ``PackedSeqParams`` at their boundaries, so no micro-batch pads short responses
+    to the longest one."""
     if not seqs:
         return []
-    S = max(len(s["prompt_ids"]) + len(s["response_ids"]) for s in seqs)
-    S += (-S) % seq_multiple
+    longest = max(len(s["prompt_ids"]) + len(s["response_ids"]) for s in seqs)
+    if thd:
+        T = max(max_tokens, longest)
+        T += (-T) % seq_multiple
+        groups, cur, used = [], [], 0
+        for s in seqs:
+            n = len(s["prompt_ids"]) + len(s["response_ids"])
+            if cur and used + n > T:
+                groups.append(cur)
+                cur, used = [], 0
+            cur.append(s)
+            used += n
+        groups.append(cur)
+        return [_fill(g, 1, T, thd=True) for g in groups]
+    S = longest + (-longest) % seq_multiple
     per = min(max(1, max_tokens // S), len(seqs))  # every micro-batch has `per` rows (fixed PP shapes)
-    out = []
-    for i in range(0, len(seqs), per):
-        chunk = seqs[i:i + per]
-        b = {"tokens": torch.zeros(per, S, dtype=torch.long), "labels": torch.zeros(per, S, dtype=torch.long),
-             "loss_mask": torch.zeros(per, S)}
-        for k in PER_TOKEN:
-            if k in chunk[0]:
-                b[k] = torch.zeros(per, S)
-        for j, s in enumerate(chunk):
-            p, r = s["prompt_ids"], s["response_ids"]
-            seq = torch.tensor(p + r, dtype=torch.long)
-            b["tokens"][j, :len(seq)] = seq
-            b["labels"][j, :len(seq) - 1] = seq[1:]
-            lo, hi = len(p) - 1, len(p) - 1 + len(r)  # positions whose label is a response token
-            b["loss_mask"][j, lo:hi] = 1.0
-            b["adv"][j, lo:hi] = float(s["adv"])
-            b["weight"][j, lo:hi] = float(s["weight"])
-            for k in ("rollout_logp", "old_logp", "ref_logp"):
-                if k in s:
-                    b[k][j, lo:hi] = torch.as_tensor(s[k][:len(r)], dtype=torch.float32)
+    return [_fill(seqs[i:i + per], per, S) for i in range(0, len(seqs), per)]
+
+
+def _fill(chunk: list[dict], rows: int, S: int, thd: bool = False) -> dict:
+    b = {"tokens": torch.zeros(rows, S, dtype=torch.long), "labels": torch.zeros(rows, S, dtype=torch.long),
+         "loss_mask": torch.zeros(rows, S), "position_ids": torch.zeros(rows, S, dtype=torch.long)}
+    for k in PER_TOKEN:
+        if k in chunk[0]:
+            b[k] = torch.zeros(rows, S)
+    lens, off = [], 0
+    for j, s in enumerate(chunk):
+        p, r = s["prompt_ids"], s["response_ids"]
+        row, a = (0, off) if thd else (j, 0)
+        seq = torch.tensor(p + r, dtype=torch.long)
+        n = len(seq)
+        b["tokens"][row, a:a + n] = seq
+        b["labels"][row, a:a + n - 1] = seq[1:]
+        b["position_ids"][row, a:a + n] = torch.arange(n)
+        lo, hi = a + len(p) - 1, a + len(p) - 1 + len(r)  # positions whose label is a response token
+        b["loss_mask"][row, lo:hi] = 1.0
+        b["adv"][row, lo:hi] = float(s["adv"])
+        b["weight"][row, lo:hi] = float(s["weight"])
+        for k in ("rollout_logp", "old_logp", "ref_logp"):
+            if k in s:
+                b[k][row, lo:hi] = torch.as_tensor(s[k][:len(r)], dtype=torch.float32)
+        lens.append(n)
+        off += n
+    if not thd:
         b["position_ids"] = position_ids_for(b["tokens"])
-        out.append(b)
-    return out
+        return b
+    from megatron.core.packed_seq_params import PackedSeqParams
+
+    if off < S:  # the padding tail is a segment of its own
+        lens.append(S - off)
+        b["position_ids"][0, off:] = torch.arange(S - off)
+    cu = torch.tensor([0] + lens, dtype=torch.int32).cumsum(0, dtype=torch.int32)
+    b["packed_seq_params"] = PackedSeqParams(qkv_format="thd", cu_seqlens_q=cu, cu_seqlens_kv=cu,
+                                             max_seqlen_q=max(lens), max_seqlen_kv=max(lens))
+    return b
 
 
 def empty_like(mb: dict) -> dict:
     """A micro-batch with no loss tokens (keeps the micro-batch count equal across DP/EP ranks)."""
-    return {k: torch.zeros_like(v) if k != "position_ids" else v for k, v in mb.items()}
+    return {k: torch.zeros_like(v) if isinstance(v, torch.Tensor) and k != "position_ids" else v
+            for k, v in mb.items()}
 
 
 def rl_forward_step(cfg: dict):
@@ -79,7 +113,7 @@ def rl_forward_step(cfg: dict):
 
     def step(data_iter, model):
         b = to_device(next(data_iter), module_device(model))  # built on the host, run where the model is
-        logits = model(b["tokens"], b["position_ids"], None)
+        logits = model(b["tokens"], b["position_ids"], None, packed_seq_params=b.get("packed_seq_params"))
 
         def loss_func(logits):
             z = logits.float() / cfg["temperature"]
@@ -117,7 +151,7 @@ def score_logprobs(model: torch.nn.Module, mbs: list[dict], temperature: float =
 
     def step(data_iter, chunk):
         b = to_device(next(data_iter), module_device(chunk))
-        out = chunk(b["tokens"], b["position_ids"], None)
+        out = chunk(b["tokens"], b["position_ids"], None, packed_seq_params=b.get("packed_seq_params"))
 
         def keep(logits):
             got.append(token_logprobs(logits.float() / temperature, b["labels"]))

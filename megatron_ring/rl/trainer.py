@@ -31,7 +31,7 @@ class RLState:
     def __init__(self, recipe: Recipe, cfg: RLConfig):
         from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
-        from ..model.build import build_model, token_multiple
+        from ..model.build import build_model, token_multiple, use_transformer_engine
         from ..model.memory import check_gpu_fits
         from ..parallel.dist import init_distributed
         from ..tokenizer.tiny import load_tokenizer
@@ -75,6 +75,7 @@ class RLState:
         self.dp, self.dpr = ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
         self.tp = ps.get_tensor_model_parallel_world_size()
         self.multiple = token_multiple(recipe)  # TP, x16 under FP8
+        self.thd = use_transformer_engine(recipe)  # TE: sequences packed back to back (no padding to the longest)
         self.engine = self.pool = None
         if self.rank0:
             self.engine, self.pool = self._engine(), self._rewards()
@@ -152,7 +153,8 @@ class RLState:
     def add_reference_logprobs(self, seqs: list[dict]) -> None:
         self.minis = []
         for part in self._minibatches(seqs):
-            mbs = make_microbatches(part, self.cfg.max_tokens_per_microbatch, seq_multiple=self.multiple)
+            mbs = make_microbatches(part, self.cfg.max_tokens_per_microbatch, seq_multiple=self.multiple,
+                                    thd=self.thd)
             mbs = self._equalize(mbs)
             if self.ref is not None:
                 for b, lp in zip(mbs, score_logprobs(self.ref, mbs, self.cfg.temperature) or []):
