@@ -31,7 +31,7 @@ def free_port() -> int:
 def torchrun(script: str, nproc: int, *args, timeout=600) -> subprocess.CompletedProcess:
     """``script``: a file in tests/mp, or ``-m module`` style as 'module:megatron_ring.cli'."""
     target = ["-m", script.split(":", 1)[1]] if script.startswith("module:") else [str(MP / script)]
-    cmd = [PY, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}", f"--master-port={free_port()}",
+    cmd = [PY, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}", "--standalone",
            *target, *map(str, args)]
     env = dict(os.environ, OMP_NUM_THREADS="1")
     r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout, env=env)

@@ -23,7 +23,7 @@ def data(tmp_path_factory):
 
 
 def _rl(nproc, data, init, out, steps, *extra):
-    cmd = [PY, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}", f"--master-port={free_port()}",
+    cmd = [PY, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}", "--standalone",
            "-m", "megatron_ring.cli", "rl", "--recipe", "rl_stage1_tiny", "--init", str(init), "--out", str(out),
            "--prompts", str(data / "rl_stage1" / "4_filtered.parquet"), "--tokenizer", str(data / "tokenizer"),
            "--eval-sets", str(data / "eval" / "math.parquet"), "--eval-limit", "4", "--eval-interval", "0",
@@ -165,7 +165,7 @@ def test_refuses_a_start_checkpoint_whose_architecture_differs(tiny, data, tmp_p
 
 def _learns(nproc, init, data, tmp_path, lr, *extra):
     out = tmp_path / f"learn_{nproc}_{lr}.json"
-    cmd = [PY, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}", f"--master-port={free_port()}",
+    cmd = [PY, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}", "--standalone",
            str(ROOT / "tests" / "mp" / "case_rl_learns.py"), "--init", str(init), "--data", str(data), "--out", str(out),
            "--work", str(tmp_path / f"work_{nproc}_{lr}"), "--lr", str(lr), *extra]
     r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900,

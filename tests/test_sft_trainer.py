@@ -7,7 +7,7 @@ import subprocess
 
 import pytest
 
-from .conftest import PY, ROOT, cli, free_port
+from .conftest import PY, ROOT, cli
 
 
 @pytest.fixture(scope="module")
@@ -22,7 +22,7 @@ def packed(tmp_path_factory):
 
 
 def _sft(nproc, out, packed, init, max_steps, *extra):
-    cmd = [PY, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}", f"--master-port={free_port()}",
+    cmd = [PY, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}", "--standalone",
            "-m", "megatron_ring.cli", "sft", "--data", str(packed), "--init", str(init), "--out", str(out),
            "--global-batch-size", "4", "--micro-batch-size", "2", "--max-steps", str(max_steps), *extra]
     r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600,
