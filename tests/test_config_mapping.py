@@ -88,7 +88,11 @@ def test_v2_weight_conversion_is_refused_clearly():
 
 def test_architecture_diff_names_fields():
     a = load_recipe("tiny").hf_config
-    assert architecture_diff(a, dict(a, head_dim=32, auto_map={}, torch_dtype="float32", initializer_range=0.1)) == []
+    # spellings and non-architectural fields do not matter: head_dim left to its default (hidden / heads = 32)
+    same = {k: v for k, v in a.items() if k != "head_dim"}
+    assert a["head_dim"] == a["hidden_size"] // a["num_attention_heads"]
+    assert architecture_diff(a, dict(same, auto_map={}, torch_dtype="float32", initializer_range=0.1)) == []
+    assert [d.split(":")[0] for d in architecture_diff(a, dict(a, head_dim=64))] == ["head_dim"]
     diff = architecture_diff(a, dict(a, num_experts=6))
     assert len(diff) == 1 and diff[0].startswith("num_experts: 8 != 6")
 

@@ -44,10 +44,11 @@ def test_budget_and_exact_resume(tiny, data, tmp_path, nproc, extra):
     a = _rl(nproc, data, tiny["mcore"], tmp_path / "a", 4, *extra)
     steps = [r for r in a if r["step"] > 0]
     assert [r["step"] for r in a] == [0, 1, 2, 3, 4] and "eval/math" in a[0] and "eval/math" in a[-1]
-    for r in steps:  # Φ per DP rank, summed over ranks; a random model rambles to max-new-tokens
-        assert r["tokens/kept"] <= 160 * nproc, r  # Φ = 160 on each DP rank (EP2 x DP2: two)
-        if nproc == 1:
-            assert r["tokens/kept"] == min(160, r["tokens/generated"]), r
+    for r in steps:  # Φ = 160 on each DP rank (EP2 x DP2: two), exactly: every group is kept here
+        assert len(r["tokens/per_dp_rank"]) == nproc, r
+        for generated, kept in r["tokens/per_dp_rank"]:
+            assert kept == min(160, generated), r
+        assert r["tokens/kept"] == sum(k for _, k in r["tokens/per_dp_rank"])
         assert r["logp_mismatch"] < 1e-4  # the rollout engine got exactly the trainer's weights
     assert any(r["kl"] > 0 for r in steps[1:]) and all(r["grad_norm"] > 0 for r in steps)
     _rl(nproc, data, tiny["mcore"], tmp_path / "b", 2, *extra)  # stopped after step 2 (checkpoint written)

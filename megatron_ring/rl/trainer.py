@@ -230,6 +230,9 @@ class RLState:
             m[f"reward/{d}"] = sum(v) / len(v)
         m["tokens/generated"], m["tokens/kept"] = all_reduce_floats([sum(lengths), sum(kept)],
                                                                     group=ps.get_data_parallel_group())
+        per_rank = [None] * ps.get_data_parallel_world_size()  # [generated, kept] of each DP rank (Φ is per rank)
+        dist.all_gather_object(per_rank, [sum(lengths), sum(kept)], group=ps.get_data_parallel_group())
+        m["tokens/per_dp_rank"] = per_rank
         return m
 
     # --- evaluation, checkpoints, the loop ----------------------------------------------------------------
