@@ -113,6 +113,16 @@ def test_fp8_without_transformer_engine_is_a_clear_error():
         transformer_config(r)
 
 
+def test_memory_section_is_checked_when_the_recipe_is_read(tmp_path):
+    p = tmp_path / "r.yaml"
+    p.write_text("base: tiny\nmemory:\n  recompute_granularity: full\n")
+    with pytest.raises(ValueError, match="recompute_method"):
+        load_recipe(p)
+    p.write_text("base: tiny\nmemory:\n  recompute_granularity: selective\n  recompute_num_layers: 2\n")
+    with pytest.raises(ValueError, match="full only"):
+        load_recipe(p)
+
+
 def test_recipe_yaml_errors_name_key_and_file(tmp_path):
     p = tmp_path / "bad.yaml"
     p.write_text("base: tiny\nparallel:\n  tensor_parallel: 2\n")

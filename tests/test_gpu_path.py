@@ -154,20 +154,6 @@ def test_kernel_settings_on_a_te_gpu_and_on_the_cpu(monkeypatch):
         assert "flex" in str(e)
 
 
-def test_memory_section_is_checked_when_the_recipe_is_read(tmp_path):
-    import pytest
-
-    from megatron_ring.config.recipe import load_recipe
-
-    p = tmp_path / "r.yaml"
-    p.write_text("base: tiny\nmemory:\n  recompute_granularity: full\n")
-    with pytest.raises(ValueError, match="recompute_method"):
-        load_recipe(p)
-    p.write_text("base: tiny\nmemory:\n  recompute_granularity: selective\n  recompute_num_layers: 2\n")
-    with pytest.raises(ValueError, match="full only"):
-        load_recipe(p)
-
-
 def test_checkpoint_keys_are_the_transformer_engine_layout(tiny, tmp_path):
     """Our checkpoints use TE's names whatever spec wrote them (megatron's TE spec: the input norm fused into
     linear_qkv; a MoE layer's own pre_mlp_layernorm; a dense layer's pre-MLP norm fused into linear_fc1), so a

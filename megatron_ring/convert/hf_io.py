@@ -22,11 +22,10 @@ class LazyHF:
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
-        self._files = _hf_files(self.path)
         self.where: dict[str, Path] = {}
         self.shapes: dict[str, tuple[int, ...]] = {}
         dtypes = set()
-        for f in self._files:
+        for f in _hf_files(self.path):
             with safe_open(str(f), framework="pt") as fh:
                 for k in fh.keys():
                     if k in self.where:
@@ -34,8 +33,8 @@ class LazyHF:
                     sl = fh.get_slice(k)
                     self.where[k], self.shapes[k] = f, tuple(sl.get_shape())
                     dtypes.add(sl.get_dtype())
-        self.dtype = {"BF16": torch.bfloat16, "F16": torch.float16}.get(dtypes.pop(), torch.float32) if len(dtypes) == 1 \
-            else torch.float32
+        one = dtypes.pop() if len(dtypes) == 1 else None
+        self.dtype = {"BF16": torch.bfloat16, "F16": torch.float16}.get(one, torch.float32)
         self.used: set[str] = set()
         self._open: dict[Path, Any] = {}
 
@@ -63,24 +62,8 @@ def _hf_files(p: Path) -> list[Path]:
 
 
 def read_hf_state(path: str | Path) -> dict[str, torch.Tensor]:
-    p = Path(path)
-    files = sorted(p.glob("*.safetensors"))
-    if not files:
-        raise ConversionError(f"{p}: no *.safetensors files")
-    index = p / "model.safetensors.index.json"
-    if index.exists():
-        listed = set(json.loads(index.read_text())["weight_map"].values())
-        absent = sorted(f for f in listed if not (p / f).exists())
-        if absent:
-            raise ConversionError(f"{index}: lists shard(s) that are missing: {absent}")
-    out: dict[str, torch.Tensor] = {}
-    for f in files:
-        with safe_open(str(f), framework="pt") as fh:
-            for k in fh.keys():
-                if k in out:
-                    raise ConversionError(f"{f}: tensor '{k}' appears in more than one shard")
-                out[k] = fh.get_tensor(k)
-    return out
+    hf = LazyHF(path)
+    return {k: hf.get(k) for k in hf.where}
 
 
 def hf_export_config(cfg: dict[str, Any], dtype: torch.dtype) -> dict[str, Any]:

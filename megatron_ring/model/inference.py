@@ -7,9 +7,20 @@ from megatron.core import parallel_state as ps
 from megatron.core.pipeline_parallel import get_forward_backward_func
 from megatron.core.tensor_parallel import gather_from_tensor_model_parallel_region
 
+from ..parallel.dist import device, module_device
+
 
 def position_ids_for(tokens: torch.Tensor) -> torch.Tensor:
     return torch.arange(tokens.shape[1], device=tokens.device).unsqueeze(0).expand_as(tokens)
+
+
+def thd_params(lengths: list[int]):
+    """megatron's ``PackedSeqParams`` for one THD row of back-to-back segments of these lengths."""
+    from megatron.core.packed_seq_params import PackedSeqParams
+
+    cu = torch.tensor([0] + list(lengths), dtype=torch.int32).cumsum(0, dtype=torch.int32)
+    return PackedSeqParams(qkv_format="thd", cu_seqlens_q=cu, cu_seqlens_kv=cu,
+                           max_seqlen_q=max(lengths), max_seqlen_kv=max(lengths))
 
 
 @torch.no_grad()
@@ -25,8 +36,6 @@ def forward_logits(model: torch.nn.Module, tokens: torch.Tensor) -> torch.Tensor
     captured: dict[str, torch.Tensor] = {}
 
     def step(data_iter, chunk):
-        from ..parallel.dist import module_device
-
         t = next(data_iter).to(module_device(chunk))
         out = chunk(t, position_ids_for(t), None)
 
@@ -61,8 +70,6 @@ def greedy_generate(model: torch.nn.Module, prompt: torch.Tensor, max_new_tokens
         if logits is not None:
             nxt = logits[:, -1].argmax(-1)
         else:  # filled by the broadcast from the last stage (on the collective device: NCCL takes CUDA only)
-            from ..parallel.dist import device
-
             nxt = torch.zeros(tokens.shape[0], dtype=torch.long, device=device())
         if ps.get_pipeline_model_parallel_world_size() > 1:
             dist.broadcast(nxt, ps.get_pipeline_model_parallel_last_rank(), group=ps.get_pipeline_model_parallel_group())

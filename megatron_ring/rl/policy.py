@@ -9,7 +9,7 @@ from megatron.core.pipeline_parallel import get_forward_backward_func
 from megatron.core.tensor_parallel import vocab_parallel_cross_entropy
 from megatron.core.tensor_parallel.mappings import reduce_from_tensor_model_parallel_region
 
-from ..model.inference import position_ids_for
+from ..model.inference import position_ids_for, thd_params
 from ..parallel.dist import module_device, to_device
 from .c3po import policy_loss_terms
 
@@ -89,14 +89,10 @@ def _fill(chunk: list[dict], rows: int, S: int, thd: bool = False) -> dict:
     if not thd:
         b["position_ids"] = position_ids_for(b["tokens"])
         return b
-    from megatron.core.packed_seq_params import PackedSeqParams
-
     if off < S:  # the padding tail is a segment of its own
         lens.append(S - off)
         b["position_ids"][0, off:] = torch.arange(S - off)
-    cu = torch.tensor([0] + lens, dtype=torch.int32).cumsum(0, dtype=torch.int32)
-    b["packed_seq_params"] = PackedSeqParams(qkv_format="thd", cu_seqlens_q=cu, cu_seqlens_kv=cu,
-                                             max_seqlen_q=max(lens), max_seqlen_kv=max(lens))
+    b["packed_seq_params"] = thd_params(lens)
     return b
 
 

@@ -196,7 +196,8 @@ class RLState:
         from ..training.core import report_moe_metrics, train_step
 
         agg: dict[str, list] = defaultdict(list)
-        if all_reduce_floats([len(seqs)], group=ps.get_data_parallel_group())[0] == 0:  # no group with signal anywhere: no optimizer step (Adam would move on momentum alone)
+        # no group with signal anywhere: no optimizer step (Adam would move on momentum alone)
+        if all_reduce_floats([len(seqs)], group=ps.get_data_parallel_group())[0] == 0:
             return {"grad_norm": 0.0, "lr": self.opt.param_groups[0]["lr"], "skipped": 1.0}
         for mbs, part in self.minis:
             fcfg = self.loss_config(part, len(mbs))

@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import torch
 
+from ..model.inference import thd_params
+
 
 def _segments(seq_lens: list[int], length: int) -> list[tuple[int, int]]:
     segs, off = [], 0
@@ -64,11 +66,6 @@ def collate(samples: list[dict], thd: bool = False) -> dict:
         L = out["tokens"].shape[1]
         out["attention_mask"] = torch.stack([block_causal_mask(s["segments"], L) for s in samples]).unsqueeze(1)
         return out
-    from megatron.core.packed_seq_params import PackedSeqParams
-
     out = {k: v.reshape(1, -1) for k, v in out.items()}
-    lens = [n for s in samples for n in s["segments"]]
-    cu = torch.tensor([0] + lens, dtype=torch.int32).cumsum(0, dtype=torch.int32)
-    out["packed_seq_params"] = PackedSeqParams(qkv_format="thd", cu_seqlens_q=cu, cu_seqlens_kv=cu,
-                                               max_seqlen_q=max(lens), max_seqlen_kv=max(lens))
+    out["packed_seq_params"] = thd_params([n for s in samples for n in s["segments"]])
     return out

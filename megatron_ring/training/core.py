@@ -97,12 +97,8 @@ def train_step(chunks: list[torch.nn.Module], optimizer, micro_batches: Iterable
     # every reported [sum, count] pair, summed over micro-batches and DP ranks, broadcast over PP
     keys = list(report_keys)
     sums = [0.0] * (2 * len(keys))
-    if ps.is_pipeline_last_stage(ignore_virtual=True):
-        for s in stats:
-            for i, k in enumerate(keys):
-                total, count = s[k].float().tolist()
-                sums[2 * i] += total
-                sums[2 * i + 1] += count
+    if ps.is_pipeline_last_stage(ignore_virtual=True) and stats:
+        sums = torch.stack([torch.stack([s[k].float() for k in keys]) for s in stats]).sum(0).flatten().tolist()
     sums = all_reduce_floats(sums, group=ps.get_data_parallel_group())
     if ps.get_pipeline_model_parallel_world_size() > 1:
         sums = all_reduce_floats(sums, group=ps.get_pipeline_model_parallel_group())
