@@ -99,6 +99,9 @@ def transformer_config(recipe: Recipe, mapped: MappedConfig | None = None) -> Tr
         **kernel_settings(recipe, te, cuda),
         recompute_granularity=mem.recompute_granularity, recompute_method=mem.recompute_method,
         recompute_num_layers=mem.recompute_num_layers,
+        # losses are per token over the global batch (training.core); the MoE router reads this when it is
+        # built and scales its aux/z losses to match (set later, they come out 1/tokens-per-micro-batch weaker)
+        calculate_per_token_loss=True,
     )
     if mem.recompute_modules:
         kw["recompute_modules"] = list(mem.recompute_modules)

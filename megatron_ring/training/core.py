@@ -35,7 +35,9 @@ def wrap_ddp(model: torch.nn.Module, use_distributed_optimizer: bool = False) ->
     cfg = model.config
     # before DDP is built: with per-token losses DDP must sum (not average) gradients over DP
     cfg.finalize_model_grads_func = finalize_model_grads
-    cfg.calculate_per_token_loss = True
+    if not cfg.calculate_per_token_loss:  # the routers were built with it; setting it now is too late
+        raise ValueError("the model was built without calculate_per_token_loss=True (model.build.transformer_config "
+                         "sets it): its MoE aux/z losses would be scaled for a per-micro-batch mean loss")
     ddp = DistributedDataParallel(
         cfg, DistributedDataParallelConfig(grad_reduce_in_fp32=True, overlap_grad_reduce=False,
                                            use_distributed_optimizer=use_distributed_optimizer,
@@ -56,7 +58,14 @@ def build_optimizer(chunks: list[torch.nn.Module], oc: OptimConfig):
         if not any(fnmatch.fnmatch(n, glob) for n in names):
             raise ValueError(f"lr_overrides: {glob!r} matches no parameter (e.g. {names[-1]!r})")
         overrides[ParamKey(name=glob)] = {"max_lr": float(lr), "min_lr": float(lr)}
-    return get_megatron_optimizer(mc, chunks, config_overrides=overrides)
+    opt = get_megatron_optimizer(mc, chunks, config_overrides=overrides)
+    # megatron applies wd_mult / max_lr in OptimizerParamScheduler.step; until one runs (or without one) the
+    # groups would all decay at the full rate, norms and biases too: start from the constant schedule's values
+    for o in getattr(opt, "chained_optimizers", [opt]):
+        for g in o.param_groups:
+            g["weight_decay"] = oc.weight_decay * g.get("wd_mult", 1.0)
+            g["lr"] = g.get("max_lr", oc.lr)
+    return opt
 
 
 def lm_loss_func(loss_mask: torch.Tensor):

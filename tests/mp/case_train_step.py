@@ -6,6 +6,15 @@ import json
 import torch
 
 
+def global_batch(vocab_size: int, rows: int, seq: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The fixed global batch (tokens [rows, seq+1], loss mask [rows, seq]); also used by the HF reference."""
+    g = torch.Generator().manual_seed(5)
+    tokens = torch.randint(2, vocab_size, (rows, seq + 1), generator=g)
+    mask = torch.ones(rows, seq)
+    mask[:, : seq // 4] = 0  # a prompt part without loss
+    return tokens, mask
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--ckpt", required=True)
@@ -19,6 +28,8 @@ def main():
     ap.add_argument("--seq", type=int, default=32)
     ap.add_argument("--recompute", choices=["full", "selective"], help="activation recompute (memory section)")
     ap.add_argument("--dist-opt", action="store_true", help="distributed optimizer (memory section)")
+    ap.add_argument("--aux", type=float, default=1e-2, help="moe_aux_loss_coeff")
+    ap.add_argument("--z", type=float, default=1e-3, help="moe_z_loss_coeff")
     ap.add_argument("--save", help="save the trained model as a dist checkpoint here")
     a = ap.parse_args()
 
@@ -34,7 +45,7 @@ def main():
 
     cfg = load_hf_config(a.ckpt)
     recipe = Recipe(name="t", hf_config=cfg, precision=PrecisionConfig(transformer_impl="local"),
-                    moe=MoELossConfig(moe_aux_loss_coeff=1e-2, moe_z_loss_coeff=1e-3),
+                    moe=MoELossConfig(moe_aux_loss_coeff=a.aux, moe_z_loss_coeff=a.z or None),
                     parallel=ParallelConfig(tensor_model_parallel_size=a.tp, pipeline_model_parallel_size=a.pp,
                                             expert_model_parallel_size=a.ep),
                     memory=MemoryConfig(recompute_granularity=a.recompute,
@@ -48,10 +59,7 @@ def main():
     ddp = wrap_ddp(model, use_distributed_optimizer=a.dist_opt)
     opt = build_optimizer([ddp], OptimConfig(lr=1e-3, use_distributed_optimizer=a.dist_opt))
 
-    g = torch.Generator().manual_seed(5)
-    tokens = torch.randint(2, cfg["vocab_size"], (a.global_batch, a.seq + 1), generator=g)
-    mask = torch.ones(a.global_batch, a.seq)
-    mask[:, : a.seq // 4] = 0  # a prompt part without loss
+    tokens, mask = global_batch(cfg["vocab_size"], a.global_batch, a.seq)
     dp, dpr = ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
     per_rank = a.global_batch // dp
     rows = slice(dpr * per_rank, (dpr + 1) * per_rank)
