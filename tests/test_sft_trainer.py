@@ -72,8 +72,13 @@ def test_resume_is_bit_exact(tiny, packed, tmp_path, nproc, extra):
         ents = [e["entropy"] for e in sel["entries"]]
         assert [e["checkpoint"] for e in sel["entries"]] == ["iter_0000003", "iter_0000006"]
         assert ents[1] < ents[0], ents
-        assert (tmp_path / "b" / "checkpoints" / "selected").read_text().strip() == sel["selected"]
         assert (tmp_path / "b" / "selection" / "selection.png").stat().st_size > 5000 and "inside" in r.stdout
+        # a window that holds only the earlier (higher-entropy) checkpoint: it is picked, although it is not the
+        # last one, and the `selected` pointer RL reads names it
+        lo = (ents[0] + ents[1]) / 2
+        r = cli("select", "--run", tmp_path / "b", "--prompts", packed.parents[1] / "rl_stage1" / "4_filtered.parquet",
+                "--tokenizer", tiny["hf"], "--limit", "8", "--max-new-tokens", "24", "--window", lo, 100)
+        assert (tmp_path / "b" / "checkpoints" / "selected").read_text().strip() == "iter_0000003", r.stdout
 
 
 def test_preemption_signal_checkpoints_and_resumes(tiny, packed, tmp_path):

@@ -16,25 +16,36 @@ import torch
 
 
 @torch.no_grad()
+def sample_entropies(model, tok, prompts: list[str], max_new_tokens: int) -> tuple[dict, torch.Tensor, torch.Tensor,
+                                                                                      torch.Tensor]:
+    """Sample one response per prompt (temperature 1.0, no truncation) with the KV cache. Returns the encoded
+    prompts, the generated ids [b, T], the entropy (nats) of p(. | prefix) at each generated position [b, T] and
+    the positions that count [b, T] (up to and including the first EOS)."""
+    from ..sft.heldout import encode_chat
+
+    enc = encode_chat(tok, prompts)
+    out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=True, temperature=1.0, top_p=1.0,
+                         top_k=0, output_logits=True, return_dict_in_generate=True,
+                         pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
+    logp = torch.stack(out.logits, dim=1).float().log_softmax(-1)  # [b, T, V]
+    ent = -(logp.exp() * logp).sum(-1)
+    gen = out.sequences[:, enc["input_ids"].shape[1]:]
+    ended = (gen == tok.eos_token_id).int().cumsum(1)
+    valid = (ended == 0) | ((ended == 1) & (gen == tok.eos_token_id))
+    return enc, gen, ent, valid
+
+
+@torch.no_grad()
 def token_entropy(hf_dir: str | Path, prompts: list[str], max_new_tokens: int = 128, seed: int = 0,
                   batch_size: int = 32) -> float:
     """Mean entropy (nats) of p(. | prefix) over every sampled token up to and including EOS."""
-    from ..sft.heldout import encode_chat, load_chat_model
+    from ..sft.heldout import load_chat_model
 
     tok, model = load_chat_model(hf_dir)
     torch.manual_seed(seed)
     total, count = 0.0, 0
     for s in range(0, len(prompts), batch_size):
-        enc = encode_chat(tok, prompts[s:s + batch_size])
-        out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=True, temperature=1.0, top_p=1.0,
-                             top_k=0, output_logits=True, return_dict_in_generate=True,
-                             pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
-        logits = torch.stack(out.logits, dim=1).float()  # [b, T, V]
-        logp = logits.log_softmax(-1)
-        ent = -(logp.exp() * logp).sum(-1)  # [b, T]
-        gen = out.sequences[:, enc["input_ids"].shape[1]:]
-        ended = (gen == tok.eos_token_id).int().cumsum(1)
-        valid = (ended == 0) | ((ended == 1) & (gen == tok.eos_token_id))  # up to and including the first EOS
+        _, _, ent, valid = sample_entropies(model, tok, prompts[s:s + batch_size], max_new_tokens)
         total += float(ent[valid].sum())
         count += int(valid.sum())
     return total / max(count, 1)
