@@ -81,33 +81,42 @@ def test_resume_is_bit_exact(tiny, packed, tmp_path, nproc, extra):
         assert (tmp_path / "b" / "checkpoints" / "selected").read_text().strip() == "iter_0000003", r.stdout
 
 
-def test_preemption_signal_checkpoints_and_resumes(tiny, packed, tmp_path):
+def test_preemption_signal_checkpoints_and_resumes_across_an_epoch(tiny, packed, tmp_path):
     """slurm/sft_distill.sh without Slurm: USR1 to the batch shell (what `--signal=B:USR1@N` sends) makes the
-    ranks checkpoint at the next step boundary; running the script again resumes and ends where an
-    uninterrupted run ends, with the same per-step losses."""
+    ranks checkpoint at the next step boundary; running the script again resumes, crosses the epoch boundary
+    (a new data order) and ends where an uninterrupted run ends, with the same per-step losses.
+    No timing slack: the preempted run is given the whole schedule (2 epochs), so it can only end by the signal."""
     import signal
     import time
 
-    _sft(1, tmp_path / "ref", packed, tiny["mcore"], 6)
-    args = (f"--data {packed} --init {tiny['mcore']} --out {tmp_path / 'run'} --global-batch-size 4 "
-            f"--micro-batch-size 2 --max-steps 6")
-    env = dict(os.environ, RECIPE="sft_distill_tiny", NPROC="1", SFT_ARGS=args, PY=PY)
+    import pyarrow.parquet as pq
+
+    per_epoch = pq.read_metadata(packed).num_rows // 4
+    assert per_epoch >= 8
+    common = f"--data {packed} --init {tiny['mcore']} --out {tmp_path / 'run'} --global-batch-size 4 --micro-batch-size 2"
+    env = dict(os.environ, RECIPE="sft_distill_tiny", NPROC="1", SFT_ARGS=common, PY=PY)
     log = open(tmp_path / "log.txt", "w")
     p = subprocess.Popen(["bash", str(ROOT / "slurm" / "sft_distill.sh")], cwd=ROOT, env=env, stdout=log,
                          stderr=subprocess.STDOUT)
-    deadline = time.time() + 300
-    while '"step": 2,' not in (tmp_path / "log.txt").read_text() and time.time() < deadline and p.poll() is None:
-        time.sleep(0.2)
+    while '"step": 2,' not in (tmp_path / "log.txt").read_text() and p.poll() is None:
+        time.sleep(0.2)  # waits for an event in the log (no deadline to tune: the subprocess ending stops it too)
     p.send_signal(signal.SIGUSR1)
-    assert p.wait(timeout=300) == 0
+    assert p.wait(timeout=600) == 0
     text = (tmp_path / "log.txt").read_text()
-    assert "preemption signal" in text and '"preempted_at_step"' in text
+    assert "preemption signal" in text and '"preempted_at_step"' in text, text[-3000:]
     first = int((tmp_path / "run" / "checkpoints" / "latest").read_text().strip().split("_")[1])
-    assert 2 <= first < 6
+    assert 2 <= first < 2 * per_epoch
+    end = max(first, per_epoch) + 2  # the resumed part crosses into epoch 2
+    env["SFT_ARGS"] = f"{common} --max-steps {end}"
     r = subprocess.run(["bash", str(ROOT / "slurm" / "sft_distill.sh")], cwd=ROOT, env=env, capture_output=True,
                        text=True, timeout=600)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-    assert [h["loss"] for h in _history(tmp_path / "run")] == [h["loss"] for h in _history(tmp_path / "ref")]
+    _sft(1, tmp_path / "ref", packed, tiny["mcore"], end)
+    got, ref = _history(tmp_path / "run"), _history(tmp_path / "ref")
+    assert [h["step"] for h in got] == list(range(1, end + 1))
+    assert [h["epoch"] for h in got][per_epoch - 1:per_epoch + 1] == [0, 1]
+    assert [h["loss"] for h in got] == [h["loss"] for h in ref]
+    assert [h["grad_norm"] for h in got] == [h["grad_norm"] for h in ref]
 
 
 def test_refuses_an_init_checkpoint_whose_architecture_differs(tiny, packed, tmp_path):
