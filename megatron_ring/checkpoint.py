@@ -16,6 +16,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from . import optim_state
 from .model.hf_config import architecture_diff, load_hf_config, map_hf_config
 
 FORMAT = "megatron-ring/2"  # 2: MoE layers' pre-MLP norm under TE's name (model.build.canonical_keys)
@@ -71,11 +72,13 @@ def save_checkpoint(model: torch.nn.Module, path: str | Path, hf_config: dict[st
     if dist.is_initialized():
         dist.barrier()
     msd = model.sharded_state_dict()
-    sd = {**msd, "optimizer": optimizer.sharded_state_dict(msd)} if optimizer is not None else msd
+    sd = {**msd, **optim_state.sharded_for_save(optimizer, msd)} if optimizer is not None else msd
     dist_checkpointing.save(sd, str(p / "dist"))
     if rank0:
         (p / "config.json").write_text(json.dumps(hf_config, indent=2, sort_keys=True) + "\n")
         meta = {"format": FORMAT, "iteration": iteration, "parallel": parallel or {}, **(extra or {})}
+        if optimizer is not None:
+            meta["optimizer"] = optim_state.LAYOUT
         (p / "megatron_ring.json").write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
     if dist.is_initialized():
         dist.barrier()
@@ -96,10 +99,16 @@ def load_checkpoint(model: torch.nn.Module, path: str | Path, hf_config: dict[st
     if hf_config is not None:
         check_compatible(path, hf_config)
     msd = model.sharded_state_dict()
-    sd = {**msd, "optimizer": optimizer.sharded_state_dict(msd, is_loading=True)} if optimizer is not None else msd
+    sd, tree = msd, None
+    if optimizer is not None:
+        if meta.get("optimizer") != optim_state.LAYOUT:
+            raise ValueError(f"{path}: no optimizer state in the layout-free form {optim_state.LAYOUT} (found "
+                             f"{meta.get('optimizer')!r}): start from it as an initial model (--init), not a resume")
+        request, tree = optim_state.spec_for_load(optimizer, msd)
+        sd = {**msd, **request}
     state = load_sharded(sd, Path(path) / "dist")
     if optimizer is not None:
-        optimizer.load_state_dict(state["optimizer"])
+        optim_state.restore(optimizer, tree, state)
     # a training checkpoint also holds optimizer state; its common (non-sharded) part comes back too
     res = model.load_state_dict({k: v for k, v in state.items() if k in msd}, strict=False)
     missing = [k for k in res.missing_keys if not k.endswith("_extra_state")]

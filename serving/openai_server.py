@@ -17,6 +17,7 @@ import asyncio
 import json
 import os
 import signal
+import socket
 import threading
 import time
 import uuid
@@ -169,7 +170,7 @@ class Decoder:
 def create_app(model: ChatModel, served_name: str, api_key: str | None = None, limits: Limits | None = None) -> FastAPI:
     limits = limits or Limits()
     app = FastAPI(title="megatron-ring CPU server", docs_url=None, redoc_url=None)
-    state = {"inflight": 0}
+    state = {"inflight": 0, "rejected": 0, "abandoned": 0}  # abandoned: stopped early, the client had gone
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, exc: RequestValidationError):
@@ -194,7 +195,7 @@ def create_app(model: ChatModel, served_name: str, api_key: str | None = None, l
 
     @app.get("/health")
     async def health():
-        return {"status": "ok", "inflight": state["inflight"]}
+        return {"status": "ok", **state}
 
     @app.get("/v1/models")
     async def models():
@@ -218,6 +219,7 @@ def create_app(model: ChatModel, served_name: str, api_key: str | None = None, l
             raise APIError(400, f"max_tokens {asked} + prompt {len(ids)} tokens exceeds the context {model.context}",
                            param="max_tokens", code="context_length_exceeded")
         if state["inflight"] >= limits.max_queue:
+            state["rejected"] += 1
             raise APIError(503, f"server busy: {state['inflight']} requests queued (limit {limits.max_queue})",
                            "server_error")
         max_new = asked or min(limits.max_tokens, room)
@@ -272,6 +274,8 @@ class _Run:
                 self.finish = self.model.generate(self.ids, *self.args, on_token, self.cancelled)
                 if self.dec.stopped:
                     self.finish = "stop"
+                elif self.cancelled.is_set():
+                    self.state["abandoned"] += 1
             except Exception as e:  # noqa: BLE001
                 self.error = e
             finally:
@@ -351,7 +355,8 @@ def main(argv=None) -> int:
     ap.add_argument("--model", required=True, help="an exported HF folder (megatron-ring export)")
     ap.add_argument("--served-model-name", help="the model id clients send (default: the folder name)")
     ap.add_argument("--host", default="127.0.0.1")
-    ap.add_argument("--port", type=int, default=8000)
+    ap.add_argument("--port", type=int, default=8000, help="0: a free port the server binds itself (see --port-file)")
+    ap.add_argument("--port-file", help="write the bound port here once the socket is listening")
     ap.add_argument("--api-key", help="require Authorization: Bearer KEY on /v1/*")
     ap.add_argument("--max-tokens-limit", type=int, default=2048)
     ap.add_argument("--max-queue", type=int, default=64)
@@ -366,8 +371,17 @@ def main(argv=None) -> int:
     model = ChatModel(a.model)
     name = a.served_model_name or Path(a.model).resolve().name
     app = create_app(model, name, a.api_key, Limits(max_tokens=a.max_tokens_limit, max_queue=a.max_queue))
-    print(f"serving {a.model} as {name!r} on http://{a.host}:{a.port}/v1", flush=True)
-    uvicorn.run(app, host=a.host, port=a.port, log_level="warning")
+    sock = socket.socket(socket.AF_INET6 if ":" in a.host else socket.AF_INET)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((a.host, a.port))  # bound here, before anyone is told the port: no window for another process
+    sock.listen(2048)
+    port = sock.getsockname()[1]
+    print(f"serving {a.model} as {name!r} on http://{a.host}:{port}/v1", flush=True)
+    if a.port_file:
+        tmp = Path(a.port_file + ".tmp")
+        tmp.write_text(f"{port}\n")
+        tmp.replace(a.port_file)
+    uvicorn.Server(uvicorn.Config(app, log_level="warning")).run(sockets=[sock])
     return 0
 
 

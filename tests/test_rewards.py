@@ -59,19 +59,41 @@ HOSTILE = {
 }
 
 
+def _ticks_now() -> int:
+    """Now, in the clock ticks since boot that /proc/<pid>/stat gives start times in."""
+    return int(float(Path("/proc/uptime").read_text().split()[0]) * os.sysconf("SC_CLK_TCK"))
+
+
+def _started_since(ticks: int) -> dict[int, tuple[int, str]]:
+    """pid -> (uid, PID namespace) of every process started at or after ``ticks``."""
+    out = {}
+    for d in Path("/proc").iterdir():
+        if d.name.isdigit():
+            try:
+                stat = (d / "stat").read_text()
+                start = int(stat[stat.rindex(")") + 2:].split()[19])
+                if start >= ticks:
+                    out[int(d.name)] = ((d / "status").stat().st_uid, os.readlink(d / "ns" / "pid"))
+            except (OSError, ValueError):  # gone meanwhile
+                pass
+    return out
+
+
 @pytest.mark.parametrize("name", list(HOSTILE))
 def test_hostile_programs_score_zero_and_leave_nothing(sandbox, name, tmp_path):
     src, reasons = HOSTILE[name]
     target = tmp_path / "pwned"
     src = src.format(path=str(target))
+    since, host_ns = _ticks_now(), os.readlink("/proc/self/ns/pid")
     t0 = time.time()
     r = score({"domain": "code", "response": f"```python\n{src}\n```", "test_cases": TESTS}, sandbox)
     assert r.value == 0.0 and r.reason.split(":", 1)[1] in reasons, r
     assert time.time() - t0 < 3.0 + 5  # the wall limit (+ start-up) bounds every run
     assert not target.exists() and not Path("/tmp/mr_sandbox_pwned").exists()
-    if os.geteuid() == 0:  # programs run as nobody: none may survive their run
-        left = subprocess.run(["pgrep", "-u", "nobody"], capture_output=True, text=True).stdout.split()
-        assert left == [], left
+    # none of the sandbox's own processes survives its run: those started during it as the sandbox's uid or in a
+    # PID namespace of their own (processes of the rest of the machine are not counted)
+    left = {p: v for p, v in _started_since(since).items() if v[0] == 65534 or v[1] != host_ns}
+    assert left == {}, left
     assert score({"domain": "code", "response": PROG, "test_cases": TESTS}, sandbox).value == 1.0  # still works
 
 

@@ -7,6 +7,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -51,18 +52,27 @@ def _reference(export: Path, question: str, max_new: int = 96) -> str:
     return tok.decode(new, skip_special_tokens=False)
 
 
+def _start_server(served: Path, d: Path, *args) -> dict:
+    """The CPU server on a port it binds itself (``--port 0``), told back through ``--port-file``."""
+    port_file = d / "port"
+    proc = subprocess.Popen([PY, "-m", "serving.openai_server", "--model", str(served), "--port", "0",
+                             "--port-file", str(port_file), "--served-model-name", "ring-tiny", "--api-key", KEY,
+                             "--threads", "1", *args], cwd=ROOT)
+    while not port_file.exists():  # written once the socket listens; ends early if the server dies
+        if proc.poll() is not None:
+            raise RuntimeError(f"server exited with {proc.returncode} before listening")
+        time.sleep(0.1)
+    url = f"http://127.0.0.1:{int(port_file.read_text())}"
+    wait_healthy(url, proc, timeout=120, interval=0.3)
+    return {"url": url, "proc": proc}
+
+
 @pytest.fixture(scope="module")
-def server(served):
-    port = free_port()
-    proc = subprocess.Popen([PY, "-m", "serving.openai_server", "--model", str(served), "--port", str(port),
-                             "--served-model-name", "ring-tiny", "--api-key", KEY, "--max-tokens-limit", "256",
-                             "--threads", "1"], cwd=ROOT)
-    try:
-        wait_healthy(f"http://127.0.0.1:{port}", proc, timeout=120, interval=0.3)
-        yield {"url": f"http://127.0.0.1:{port}", "proc": proc}
-    finally:
-        proc.terminate()
-        proc.wait(30)
+def server(served, tmp_path_factory):
+    s = _start_server(served, tmp_path_factory.mktemp("srv"), "--max-tokens-limit", "256")
+    yield s
+    s["proc"].terminate()
+    s["proc"].wait(30)
 
 
 def _client(server, key=KEY):
@@ -151,6 +161,99 @@ def test_bad_requests_get_4xx_and_the_server_keeps_serving(server):
     assert server["proc"].poll() is None
 
 
+def test_stop_strings_cut_the_reply_streamed_or_not(server):
+    """OpenAI's ``stop``: the reply ends before the first stop string (not included), finish_reason "stop", the
+    same text streamed; a stop string that never occurs changes nothing."""
+    q, taught = CHATS[0]
+    c = _client(server)
+    for stop, want in ((["ones"], taught[:taught.index("ones")]), ("\\boxed", taught[:taught.index("\\boxed")]),
+                       (["never said"], taught)):
+        raw = {"separate_reasoning": False}  # the text as generated (the stop cuts inside the reasoning)
+        r = c.chat.completions.create(model="ring-tiny", messages=[{"role": "user", "content": q}], temperature=0,
+                                      max_tokens=96, stop=stop, extra_body=raw)
+        assert r.choices[0].message.content == want and r.choices[0].finish_reason == "stop", (stop, r)
+        parts = c.chat.completions.create(model="ring-tiny", messages=[{"role": "user", "content": q}], temperature=0,
+                                          max_tokens=96, stop=stop, stream=True, extra_body=raw)
+        chunks = [ch for ch in parts if ch.choices]
+        assert "".join(ch.choices[0].delta.content or "" for ch in chunks) == want
+        assert chunks[-1].choices[0].finish_reason == "stop"
+
+
+def _health(url: str) -> dict:
+    with urllib.request.urlopen(url + "/health", timeout=10) as r:
+        return json.loads(r.read())
+
+
+def _until(pred, what: str, timeout: float = 60.0):
+    t0 = time.time()
+    while not pred():
+        assert time.time() - t0 < timeout, f"timed out waiting for {what}"
+        time.sleep(0.05)
+
+
+def _hold(url: str):
+    """A streaming chat that takes the server's one slot: sampled (seeded) until max_tokens, about a thousand
+    tokens; returns the open response after its first chunk (the generation is running)."""
+    import http.client
+
+    host, port = url.removeprefix("http://").split(":")
+    conn = http.client.HTTPConnection(host, int(port), timeout=60)
+    body = {"model": "ring-tiny", "messages": [{"role": "user", "content": "Tell me a long story."}],
+            "temperature": 1.0, "seed": 7, "max_tokens": 1500, "stream": True}
+    conn.request("POST", "/v1/chat/completions", json.dumps(body),
+                 {"Content-Type": "application/json", "Authorization": f"Bearer {KEY}"})
+    resp = conn.getresponse()
+    assert resp.status == 200 and resp.readline().startswith(b"data: ")
+    return conn
+
+
+def test_queue_limit_503_stream_disconnect_and_eval_retries(served, tmp_path):
+    """A server with a queue of 1: while a stream holds the slot, another request is refused with 503 (and
+    counted); the eval client retries it with backoff and succeeds once the holder disconnects; a disconnected
+    stream stops its generation early and frees the slot (/health counts it as abandoned). Event-driven: each
+    step waits for the server's counters, not for time to pass."""
+    from megatron_ring.eval.runner import EndpointRefused, EvalConfig, _one
+
+    srv = _start_server(served, tmp_path, "--max-queue", "1", "--max-tokens-limit", "1500")
+    url = srv["url"]
+    good = {"model": "ring-tiny", "messages": [{"role": "user", "content": "Say hello."}], "temperature": 0,
+            "max_tokens": 8}
+    try:
+        held = _hold(url)
+        assert _health(url)["inflight"] == 1
+        code, err = _raw(srv, json.dumps(good).encode())
+        assert code == 503 and "server busy" in err["error"]["message"] and _health(url)["rejected"] == 1
+        held.close()  # the client goes away mid-stream
+        _until(lambda: _health(url)["inflight"] == 0, "the disconnected stream to free its slot")
+        assert _health(url)["abandoned"] == 1  # stopped early, not run to max_tokens
+        assert _raw(srv, json.dumps(good).encode())[0] == 200
+
+        cfg = EvalConfig(base_url=url + "/v1", model="ring-tiny", api_key=KEY, retries=4, max_tokens=8,
+                         temperature=0.0)
+        row = {"id": "hello", "prompt": "Say hello."}
+
+        async def retried():
+            import openai
+
+            client = openai.AsyncOpenAI(base_url=cfg.base_url, api_key=KEY, max_retries=0, timeout=60)
+            held = _hold(url)
+            task = asyncio.create_task(_one(client, cfg, row, 0))
+            rejected = _health(url)["rejected"]
+            while _health(url)["rejected"] == rejected:  # the first attempt got its 503
+                await asyncio.sleep(0.05)
+            held.close()
+            return await task
+
+        out = asyncio.run(retried())
+        assert out["response"] == "Hello!" and "error" not in out, out
+        with pytest.raises(EndpointRefused, match="404"):  # 4xx: a configuration error, not retried
+            asyncio.run(_one(openai.AsyncOpenAI(base_url=cfg.base_url, api_key=KEY, max_retries=0),
+                             EvalConfig(base_url=cfg.base_url, model="gpt-4", retries=4), row, 0))
+    finally:
+        srv["proc"].terminate()
+        srv["proc"].wait(30)
+
+
 def test_load_concurrent_chats_no_failures(server):
     r = asyncio.run(run_load(server["url"] + "/v1", chats=6, turns=2, max_tokens=24, api_key=KEY,
                              time_limit_s=240))
@@ -212,6 +315,10 @@ def test_chat_ui_reports_a_down_endpoint():
 
     from serving.chat_ui import build_demo
 
-    demo = build_demo(f"http://127.0.0.1:{free_port()}/v1", temperature=0)
-    with pytest.raises(gr.Error, match="not reachable"):
-        list(demo.fn("hi", [], "", 0.0, 1.0, 16))
+    import socket
+
+    with socket.socket() as s:  # bound, never listening: connections to it are refused (no port handed out)
+        s.bind(("127.0.0.1", 0))
+        demo = build_demo(f"http://127.0.0.1:{s.getsockname()[1]}/v1", temperature=0)
+        with pytest.raises(gr.Error, match="not reachable"):
+            list(demo.fn("hi", [], "", 0.0, 1.0, 16))

@@ -38,6 +38,7 @@ def enable(force: bool = False) -> bool:
     _patch_torch_norm_sequence_parallel()
     _patch_all_to_all_split_sizes()
     _patch_tensor_type_strings()
+    _patch_distopt_torch_adam_step()
     _ENABLED = True
     return True
 
@@ -220,3 +221,26 @@ def _patch_tensor_type_strings() -> None:
 
     torch.Tensor.type = type_
     _record("type strings: Tensor.type() reports torch.cuda.<T>Tensor for CPU tensors")
+
+
+def _patch_distopt_torch_adam_step() -> None:
+    """Without apex/TE the distributed optimizer runs torch's Adam, whose per-parameter state holds a ``step``
+    tensor; loading a fully reshardable checkpoint copies every state tensor from the checkpoint's entries,
+    which (rightly) carry no ``step``: KeyError 'step' (megatron-core 0.19.2, distrib_optimizer.py:1223). The
+    step count is restored separately (from the parameter groups); the copy skips the keys it was not given."""
+    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+
+    orig = DistributedOptimizer._set_main_param_and_optimizer_states
+
+    def set_states(self, model_param, tensors):
+        group_index, group_order = self.model_param_group_index_map[model_param]
+        main_param = self.optimizer.param_groups[group_index]["params"][group_order]
+        state = self.optimizer.state[main_param]
+        held = {k: state.pop(k) for k in [k for k in state if k not in tensors and k != "param"]}
+        try:
+            return orig(self, model_param, tensors)
+        finally:
+            state.update(held)
+
+    DistributedOptimizer._set_main_param_and_optimizer_states = set_states
+    _record("distributed optimizer: loading state skips torch Adam's per-parameter step (restored separately)")

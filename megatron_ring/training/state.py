@@ -43,7 +43,8 @@ def save_training_state(run: Path, model, optimizer, scheduler, recipe: Recipe, 
         shutil.rmtree(tmp, ignore_errors=True)
     dist.barrier()
     save_checkpoint(model, tmp, recipe.hf_config, iteration=step, parallel=recipe.parallel.sizes(),
-                    extra={**position, "recipe": recipe.name, "history": history}, optimizer=optimizer)
+                    extra={**position, "recipe": recipe.name, "history": history,
+                           "world_size": dist.get_world_size()}, optimizer=optimizer)
     torch.save({"scheduler": scheduler.state_dict(), "rng": _rng_state(), "step": step, **position},
                tmp / f"trainer_rank{rank:05d}.pt")
     dist.barrier()
@@ -61,12 +62,41 @@ def latest_checkpoint(run: str | Path) -> Optional[Path]:
     return p.parent / p.read_text().strip() if p.exists() else None
 
 
+def _layout() -> dict:
+    """This job's parallel layout, named as the checkpoint metadata names it (plus the number of ranks)."""
+    from megatron.core import parallel_state as ps
+
+    return dict(tensor_model_parallel_size=ps.get_tensor_model_parallel_world_size(),
+                pipeline_model_parallel_size=ps.get_pipeline_model_parallel_world_size(),
+                expert_model_parallel_size=ps.get_expert_model_parallel_world_size(),
+                expert_tensor_parallel_size=ps.get_expert_tensor_parallel_world_size(),
+                context_parallel_size=ps.get_context_parallel_world_size(), world_size=dist.get_world_size())
+
+
 def load_training_state(ckpt: Path, model, optimizer, scheduler) -> tuple[dict, dict]:
-    """(this rank's trainer state, the checkpoint metadata) after restoring model, optimizer, scheduler, RNG."""
+    """(this rank's trainer state, the checkpoint metadata) after restoring model, optimizer, scheduler, RNG.
+
+    At the layout it was saved with, everything is restored bit-exactly. At another layout (other TP/PP/EP or
+    number of ranks) the model and the optimizer's state are resharded, the scheduler and data position come
+    from rank 0's file, and each rank's random streams continue from rank 0's (they were per rank)."""
     meta = load_checkpoint(model, ckpt, optimizer=optimizer)
-    ts = torch.load(ckpt / f"trainer_rank{dist.get_rank():05d}.pt", weights_only=False)
+    now = _layout()
+    saved = {**meta.get("parallel", {}), "world_size": meta.get("world_size")}
+    own = ckpt / f"trainer_rank{dist.get_rank():05d}.pt"
+    same = saved == now
+    ts = torch.load(own if same else ckpt / "trainer_rank00000.pt", weights_only=False)
     scheduler.load_state_dict(ts["scheduler"])
-    _set_rng_state(ts["rng"])
+    if same:
+        _set_rng_state(ts["rng"])
+    else:
+        torch.set_rng_state(ts["rng"]["torch"])
+        if dist.get_rank() == 0:
+            def fmt(d):
+                return (f"TP{d.get('tensor_model_parallel_size')} PP{d.get('pipeline_model_parallel_size')} "
+                        f"EP{d.get('expert_model_parallel_size')} ETP{d.get('expert_tensor_parallel_size')} "
+                        f"CP{d.get('context_parallel_size')} on {d.get('world_size')} ranks")
+            print(f"resuming {ckpt.name} at another layout ({fmt(saved)} -> {fmt(now)}): model and optimizer state "
+                  "resharded; per-rank random streams restart from rank 0's", flush=True)
     return ts, meta
 
 

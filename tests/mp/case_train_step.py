@@ -30,7 +30,8 @@ def main():
     ap.add_argument("--dist-opt", action="store_true", help="distributed optimizer (memory section)")
     ap.add_argument("--aux", type=float, default=1e-2, help="moe_aux_loss_coeff")
     ap.add_argument("--z", type=float, default=1e-3, help="moe_z_loss_coeff")
-    ap.add_argument("--save", help="save the trained model as a dist checkpoint here")
+    ap.add_argument("--save", help="save the trained model and its optimizer state as a dist checkpoint here")
+    ap.add_argument("--resume", help="load model and optimizer state from a checkpoint written with --save")
     a = ap.parse_args()
 
     import torch.distributed as dist
@@ -55,9 +56,9 @@ def main():
     recipe.memory.check()
     init_distributed(recipe.parallel, seed=7)
     model = build_model(recipe)
-    load_checkpoint(model, a.ckpt, cfg)
     ddp = wrap_ddp(model, use_distributed_optimizer=a.dist_opt)
     opt = build_optimizer([ddp], OptimConfig(lr=1e-3, use_distributed_optimizer=a.dist_opt))
+    load_checkpoint(model, a.resume or a.ckpt, cfg, optimizer=opt if a.resume else None)
 
     tokens, mask = global_batch(cfg["vocab_size"], a.global_batch, a.seq)
     dp, dpr = ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
@@ -71,11 +72,11 @@ def main():
     if a.save:
         from megatron_ring.checkpoint import save_checkpoint
 
-        save_checkpoint(model, a.save, cfg, iteration=a.steps, parallel=vars(recipe.parallel))
+        save_checkpoint(model, a.save, cfg, iteration=a.steps, parallel=recipe.parallel.sizes(), optimizer=opt)
     if dist.get_rank() == 0:
         with open(a.out, "w") as f:
             opts = getattr(opt, "chained_optimizers", [opt])
-            json.dump({"steps": hist, "dp": dp, "optimizers": sorted({type(o).__name__ for o in opts}),
+            json.dump({"steps": hist, "dp": dp, "optimizers": sorted({type(o).__name__ for o in opts}), "n_opt": len(opts),
                        "recompute": model.config.recompute_granularity}, f)
     dist.barrier()
 

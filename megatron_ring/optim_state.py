@@ -1,0 +1,126 @@
+"""Optimizer state in a checkpoint, keyed by model parameter only, so that a training checkpoint resumes at
+another layout.
+
+megatron-core's optimizer ``sharded_state_dict`` nests its state by the optimizer's own structure: one
+optimizer at EP1, a ``ChainedOptimizer`` of a dense and an expert optimizer at EP>1 (``{0: ..., 1: ...}``, and
+``chained_i.`` prefixes on the keys), with the parameter groups and the step count as non-sharded ("common")
+data in that structure. A checkpoint written at EP1 therefore does not load at EP2 and back ("Different dict
+keys encountered in apply_factory_merges"). Here every sharded tensor of the optimizer state (Adam moments,
+fp32 master copies, the distributed optimizer's state in megatron's ``fully_reshardable`` format — its
+``fully_sharded_model_space`` default raises in 0.19.2) is stored flat under its own key
+(``optimizer.state.exp_avg.<model key>``, no chain prefix), and the one common number that matters, Adam's
+step count, beside it. The parameter groups (learning rates, weight decay) are not restored from the
+checkpoint: the trainer rebuilds them from its recipe and the restored LR scheduler.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+LAYOUT = "by-parameter-key/1"  # the value of "optimizer" in megatron_ring.json
+METADATA = {"chained_optim_avoid_prefix": True, "distrib_optim_sharding_type": "fully_reshardable"}
+
+
+def _inner(optimizer) -> list:
+    return list(getattr(optimizer, "chained_optimizers", [optimizer]))
+
+
+def _leaves(tree: Any):
+    from megatron.core.dist_checkpointing.mapping import ShardedBase
+
+    if isinstance(tree, ShardedBase):
+        yield tree
+    elif isinstance(tree, dict):
+        for v in tree.values():
+            yield from _leaves(v)
+    elif isinstance(tree, (list, tuple)):
+        for v in tree:
+            yield from _leaves(v)
+
+
+def _flat(tree: Any) -> dict[str, Any]:
+    """Every sharded entry under a container name made of its checkpoint key and its rank in this rank's walk
+    (a rank holds several entries of one key, e.g. the factories of its local experts' stacked weights). The
+    names only pair the load request with the spec it came from; the checkpoint finds data by key and slice."""
+    out: dict[str, Any] = {}
+    for leaf in _leaves(tree):
+        n = 0
+        while f"{leaf.key}#{n}" in out:
+            n += 1
+        out[f"{leaf.key}#{n}"] = leaf
+    return out
+
+
+def _replace(tree: Any, loaded: dict[str, Any], names: dict[int, str]) -> Any:
+    from megatron.core.dist_checkpointing.mapping import LocalNonpersistentObject, ShardedBase
+
+    if isinstance(tree, ShardedBase):
+        return loaded[names[id(tree)]]
+    if isinstance(tree, LocalNonpersistentObject):  # what dist_checkpointing.load hands back for these
+        return tree.unwrap()
+    if isinstance(tree, dict):
+        return {k: _replace(v, loaded, names) for k, v in tree.items()}
+    if isinstance(tree, list):
+        return [_replace(v, loaded, names) for v in tree]
+    if isinstance(tree, tuple):
+        return tuple(_replace(v, loaded, names) for v in tree)
+    return tree
+
+
+def adam_step(optimizer) -> int:
+    """Adam's step count (megatron keeps it equal on every parameter; 0 before the first update)."""
+    for o in _inner(optimizer):
+        for st in o.optimizer.state.values():
+            if "step" in st:
+                return int(st["step"])
+    return 0
+
+
+def _put_step(d: dict, step: int) -> None:
+    """Write Adam's step count where each megatron optimizer's ``load_state_dict`` reads it."""
+    if "param_state" in d:  # DistributedOptimizer: in its parameter groups
+        for g in d["optimizer"]["param_groups"]:
+            g["step"] = step
+    elif "state" in d:  # FP32Optimizer
+        d["state"]["common_step"] = step
+    else:  # Float16Optimizer (bf16/fp16 params with fp32 master copies)
+        d["optimizer"]["state"]["common_step"] = step
+
+
+def sharded_for_save(optimizer, model_sd: dict) -> dict:
+    """What goes into the dist checkpoint beside the model's tensors."""
+    tree = optimizer.sharded_state_dict(model_sd, metadata=dict(METADATA))
+    return {"optimizer_state": _flat(tree), "optimizer_adam_step": adam_step(optimizer)}
+
+
+def spec_for_load(optimizer, model_sd: dict) -> tuple[dict, Any]:
+    """(the entries to request from the checkpoint, the optimizer's own nested spec to fill in after)."""
+    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+
+    for o in _inner(optimizer):
+        # a fresh distributed optimizer over torch's Adam (no apex/TE fused Adam) has no state yet, and its
+        # state_dict() asserts one common step count: allocate the moments and a step 0 (then overwritten)
+        if isinstance(o, DistributedOptimizer) and o.init_state_fn is not None:
+            o.init_state_fn(o.optimizer, o.config)
+            for st in o.optimizer.state.values():
+                st.setdefault("step", torch.tensor(0.0))
+    tree = optimizer.sharded_state_dict(model_sd, is_loading=True, metadata=dict(METADATA))
+    flat = _flat(tree)
+    return {"optimizer_state": flat}, (tree, {id(v): k for k, v in flat.items()})
+
+
+def restore(optimizer, spec: tuple, state: dict) -> None:
+    """Fill the optimizer's spec with the loaded tensors, load it, then set Adam's step count."""
+    tree, names = spec
+    full = _replace(tree, state["optimizer_state"], names)
+    step = int(state["optimizer_adam_step"])
+    for d in ([full] if len(_inner(optimizer)) == 1 else full.values()):
+        _put_step(d, step)
+    optimizer.load_state_dict(full)
+    # megatron's distributed optimizer hands every parameter the SAME step tensor for torch's Adam, which
+    # increments it in place once per parameter: each needs its own
+    for o in _inner(optimizer):
+        for st in o.optimizer.state.values():
+            if torch.is_tensor(st.get("step")):
+                st["step"] = st["step"].detach().clone()
