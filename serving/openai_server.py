@@ -59,6 +59,7 @@ class ChatRequest(BaseModel):
     seed: Optional[int] = Field(None, strict=True)
     stop: Union[str, list[str], None] = None
     separate_reasoning: bool = Field(True, strict=True)
+    ignore_eos: bool = Field(False, strict=True)  # SGLang's extra sampling parameter: generate to max_tokens
 
 
 class APIError(Exception):
@@ -107,7 +108,7 @@ class ChatModel:
 
     @torch.no_grad()
     def generate(self, ids: list[int], max_new: int, temperature: float, top_p: float, seed: int | None,
-                 on_token, cancelled: threading.Event) -> str:
+                 on_token, cancelled: threading.Event, ignore_eos: bool = False) -> str:
         """Runs ``model.generate``; calls ``on_token(id)`` per new token; returns "stop" or "length"."""
         from transformers import StoppingCriteria, StoppingCriteriaList
         from transformers.generation.streamers import BaseStreamer
@@ -134,11 +135,12 @@ class ChatModel:
             if seed is not None:
                 torch.manual_seed(seed)
             out = self.model.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
-                                      max_new_tokens=max_new, streamer=_Stream(), eos_token_id=sorted(self.eos),
+                                      max_new_tokens=max_new, streamer=_Stream(),
+                                      eos_token_id=None if ignore_eos else sorted(self.eos),
                                       pad_token_id=sorted(self.eos)[0], stopping_criteria=StoppingCriteriaList([_Cancel()]),
                                       **kw)
         new = out[0, len(ids):].tolist()
-        return "stop" if (new and new[-1] in self.eos) or cancelled.is_set() else "length"
+        return "stop" if (new and new[-1] in self.eos and not ignore_eos) or cancelled.is_set() else "length"
 
 
 class Decoder:
@@ -162,6 +164,18 @@ class Decoder:
             i = text.find(s)
             if i >= 0:
                 text, self.stopped = text[:i], True
+        # hold back an ending that may be the start of a stop string ("\\" before "boxed"): sent text is final
+        hold = 0 if self.stopped else max((k for s in self.stop for k in range(1, len(s)) if text.endswith(s[:k])),
+                                          default=0)
+        safe = len(text) - hold
+        delta, self.sent = text[self.sent:safe], max(self.sent, safe)
+        return delta
+
+    def flush(self) -> str:
+        """At the end of the generation: what was held back (no stop string completed)."""
+        if self.stopped or not self.ids:
+            return ""
+        text = self.tok.decode(self.ids, skip_special_tokens=False).rstrip("\ufffd")
         delta, self.sent = text[self.sent:], max(self.sent, len(text))
         return delta
 
@@ -226,7 +240,7 @@ def create_app(model: ChatModel, served_name: str, api_key: str | None = None, l
         temperature = req.temperature if req.temperature is not None else float(model.gen.temperature or 1.0)
         top_p = req.top_p if req.top_p is not None else float(model.gen.top_p or 1.0)
         stop = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
-        run = _Run(model, ids, max_new, temperature, top_p, req.seed, stop, state)
+        run = _Run(model, ids, max_new, temperature, top_p, req.seed, stop, state, req.ignore_eos)
         rid, created = f"chatcmpl-{uuid.uuid4().hex[:24]}", int(time.time())
         run.start(asyncio.get_running_loop())
         if req.stream:
@@ -251,10 +265,11 @@ def create_app(model: ChatModel, served_name: str, api_key: str | None = None, l
 class _Run:
     """One generation in a worker thread, its text deltas handed to the event loop through a queue."""
 
-    def __init__(self, model: ChatModel, ids, max_new, temperature, top_p, seed, stop, state):
+    def __init__(self, model: ChatModel, ids, max_new, temperature, top_p, seed, stop, state, ignore_eos=False):
         self.model, self.ids, self.state = model, ids, state
         self.args = (max_new, temperature, top_p, seed)
-        self.dec = Decoder(model.tok, model.eos, stop)
+        self.ignore_eos = ignore_eos
+        self.dec = Decoder(model.tok, set() if ignore_eos else model.eos, stop)
         self.cancelled = threading.Event()
         self.finish, self.error = "stop", None
 
@@ -271,7 +286,10 @@ class _Run:
 
         def work():
             try:
-                self.finish = self.model.generate(self.ids, *self.args, on_token, self.cancelled)
+                self.finish = self.model.generate(self.ids, *self.args, on_token, self.cancelled, self.ignore_eos)
+                rest = self.dec.flush()
+                if rest:
+                    loop.call_soon_threadsafe(self.q.put_nowait, rest)
                 if self.dec.stopped:
                     self.finish = "stop"
                 elif self.cancelled.is_set():

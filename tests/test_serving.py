@@ -192,19 +192,29 @@ def _until(pred, what: str, timeout: float = 60.0):
 
 
 def _hold(url: str):
-    """A streaming chat that takes the server's one slot: sampled (seeded) until max_tokens, about a thousand
-    tokens; returns the open response after its first chunk (the generation is running)."""
+    """A streaming chat that takes the server's one slot: 1500 tokens (``ignore_eos``, SGLang's parameter), several
+    seconds on the CPU; returns the open connection after its first chunk (the generation is running)."""
     import http.client
 
     host, port = url.removeprefix("http://").split(":")
     conn = http.client.HTTPConnection(host, int(port), timeout=60)
     body = {"model": "ring-tiny", "messages": [{"role": "user", "content": "Tell me a long story."}],
-            "temperature": 1.0, "seed": 7, "max_tokens": 1500, "stream": True}
+            "temperature": 1.0, "seed": 7, "max_tokens": 1500, "ignore_eos": True, "stream": True}
     conn.request("POST", "/v1/chat/completions", json.dumps(body),
                  {"Content-Type": "application/json", "Authorization": f"Bearer {KEY}"})
     resp = conn.getresponse()
     assert resp.status == 200 and resp.readline().startswith(b"data: ")
-    return conn
+
+    class Held:
+        @staticmethod
+        def close():  # the client goes away: FIN on the socket itself (the response object still holds it)
+            import socket
+
+            conn.sock.shutdown(socket.SHUT_RDWR)
+            resp.close()
+            conn.close()
+
+    return Held
 
 
 def test_queue_limit_503_stream_disconnect_and_eval_retries(served, tmp_path):
@@ -225,7 +235,9 @@ def test_queue_limit_503_stream_disconnect_and_eval_retries(served, tmp_path):
         assert code == 503 and "server busy" in err["error"]["message"] and _health(url)["rejected"] == 1
         held.close()  # the client goes away mid-stream
         _until(lambda: _health(url)["inflight"] == 0, "the disconnected stream to free its slot")
-        assert _health(url)["abandoned"] == 1  # stopped early, not run to max_tokens
+        # its generation stops at the next token, before the 1500 it was asked for (the worker counts a generation
+        # as abandoned only when it was cancelled, when generate() returns)
+        _until(lambda: _health(url)["abandoned"] == 1, "the generation to notice the disconnect")
         assert _raw(srv, json.dumps(good).encode())[0] == 200
 
         cfg = EvalConfig(base_url=url + "/v1", model="ring-tiny", api_key=KEY, retries=4, max_tokens=8,
