@@ -54,6 +54,8 @@ HOSTILE = {
     "write_outside": ("open({path!r}, 'w').write('pwned')\nprint(-14)", {"runtime_error"}),
     "write_tmp": ("open('/tmp/mr_sandbox_pwned', 'w').write('x')\nprint(7)", {"wrong_output"}),
     "socket": ("import socket\nsocket.create_connection(('1.1.1.1', 80), timeout=2)\nprint(7)", {"runtime_error"}),
+    "daemon": ("import os, time\nif os.fork() == 0:\n    os.setsid()\n    time.sleep(30)\nelse:\n    print(7)",
+               {"wrong_output"}),  # leaves its process group: only the PID namespace's end takes it
     "kill_parent": ("import os, signal\nos.kill(os.getppid(), signal.SIGKILL)\nos.kill(1, signal.SIGKILL)\nprint(7)",
                     {"wrong_output", "runtime_error", "killed", "ok"}),
 }
