@@ -156,9 +156,9 @@ def _eval(setup, out, *extra, timeout=900):
 def test_protocol_on_cpu_server_heldout_and_aime24(setup, tmp_path):
     out = tmp_path / "eval"
     r = _eval(setup, out, "--benchmarks", "heldout_math", "heldout_code", "heldout_science", "aime24",
-              "--k", "2", "--max-tokens", "40", "--concurrency", "4")
+              "--k", "2", "--max-tokens", "40", "--concurrency", "4", "--limit", "12")  # AIME: 12 of 30 (taught: #1)
     assert "tiny aime24: avg@2" in r.stdout
-    for bench, n in [("heldout_math", 12), ("heldout_code", 4), ("heldout_science", 4), ("aime24", 30)]:
+    for bench, n in [("heldout_math", 12), ("heldout_code", 4), ("heldout_science", 4), ("aime24", 12)]:
         rep = json.loads((out / "tiny" / f"{bench}.json").read_text())
         assert rep["settings"]["temperature"] == 1.0 and rep["settings"]["top_p"] == 0.95
         samples = rep["samples"]
@@ -178,7 +178,7 @@ def test_protocol_on_cpu_server_heldout_and_aime24(setup, tmp_path):
             if pid in per:
                 assert max(per[pid]) == 1.0, (pid, [s["response"] for s in samples if s["id"] == pid])
     aime = json.loads((out / "tiny" / "aime24.json").read_text())["metrics"]
-    assert aime["avg@2"] >= 1 / 60 and aime["solved_any"] >= 1
+    assert aime["avg@2"] >= 1 / 24 and aime["solved_any"] >= 1
     md = (out / "results.md").read_text()
     assert "| Math | AIME24 | 76.61 | " in md and "| Science | GPQA-Diamond | 61.05 | — |" in md
     table = {row["benchmark"]: row for row in csv.DictReader(open(out / "results.csv"))}

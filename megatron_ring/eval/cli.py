@@ -14,6 +14,7 @@ import os
 import socket
 import subprocess
 import sys
+import time
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -50,21 +51,29 @@ def serving(model_dir: str, name: str, max_tokens: int, log: Path, threads: int 
     from serving.health import wait_healthy
     from serving.sglang import SGLangServer, launch, shutdown
 
-    port = _free_port()
     log.parent.mkdir(parents=True, exist_ok=True)
+    port_file = log.with_name(log.name + ".port")
+    port_file.unlink(missing_ok=True)
     env = {k: v for k, v in os.environ.items() if not k.startswith(("TORCHELASTIC", "MASTER_", "LOCAL_RANK", "RANK",
                                                                        "WORLD_SIZE", "GROUP_", "ROLE_"))}
     if _gpus() > 0 and _has("sglang"):
+        port = _free_port()  # SGLang binds the port it is given
         proc = launch(SGLangServer(model_dir, port=port, tp_size=_gpus(), served_model_name=name,
                                    reasoning_parser="deepseek-r1"), str(log), wait=False)
     else:
-        cmd = [sys.executable, "-m", "serving.openai_server", "--model", model_dir, "--port", str(port),
+        cmd = [sys.executable, "-m", "serving.openai_server", "--model", model_dir, "--port", "0",
+               "--port-file", str(port_file),
                "--served-model-name", name, "--max-tokens-limit", str(max_tokens), "--max-queue", "4096",
                "--parent-pid", str(os.getpid())]
         if threads:
             cmd += ["--threads", str(threads)]
         proc = subprocess.Popen(cmd, stdout=open(log, "ab"), stderr=subprocess.STDOUT, start_new_session=True, env=env,
                                 cwd=Path(__file__).resolve().parents[2])
+        while not port_file.exists():  # the server binds a free port itself and writes it here
+            if proc.poll() is not None:
+                raise RuntimeError(f"the CPU server exited with {proc.returncode} before listening (log: {log})")
+            time.sleep(0.2)
+        port = int(port_file.read_text())
     try:
         wait_healthy(f"http://127.0.0.1:{port}", proc, timeout=1800)
         yield f"http://127.0.0.1:{port}/v1"

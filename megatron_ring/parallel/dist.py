@@ -3,12 +3,11 @@
 torchrun exports RANK / WORLD_SIZE / LOCAL_RANK / MASTER_ADDR / MASTER_PORT. Under ``srun`` (one task per
 GPU) we derive the same from SLURM_PROCID / SLURM_NTASKS / SLURM_LOCALID, the first host of
 SLURM_JOB_NODELIST, and a port derived from the job id (a fixed port collides on shared nodes).
-A single process with neither is world size 1 on a free loopback port.
+A single process with neither is world size 1 with an in-process store (no port).
 """
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import warnings
 from dataclasses import dataclass
@@ -28,12 +27,6 @@ class DistEnv:
     master_addr: str
     master_port: int
     launcher: str  # torchrun | slurm | single
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def slurm_port(job_id: str | int) -> int:
@@ -62,7 +55,7 @@ def detect_env(environ: dict[str, str] | None = None) -> DistEnv:
         addr = e.get("MASTER_ADDR") or _first_slurm_host(e.get("SLURM_JOB_NODELIST", "127.0.0.1"))
         return DistEnv(int(e["SLURM_PROCID"]), int(e["SLURM_NTASKS"]), int(e.get("SLURM_LOCALID", 0)),
                        addr, port, "slurm")
-    return DistEnv(0, 1, 0, "127.0.0.1", int(e.get("MASTER_PORT", 0)) or _free_port(), "single")
+    return DistEnv(0, 1, 0, "127.0.0.1", int(e.get("MASTER_PORT", 0)), "single")  # port 0: an in-process store
 
 
 def omp_oversubscription(threads: int, cpus: int) -> str | None:
@@ -96,16 +89,19 @@ def init_distributed(parallel: ParallelConfig, seed: int = 1234, timeout_minutes
         if msg and env.rank == 0:
             warnings.warn(msg, stacklevel=2)
     if not dist.is_initialized():
-        os.environ.setdefault("MASTER_ADDR", env.master_addr)
-        os.environ.setdefault("MASTER_PORT", str(env.master_port))
         if use_cuda:
             torch.cuda.set_device(env.local_rank % torch.cuda.device_count())
         import datetime
 
-        dist.init_process_group(
-            backend="nccl" if use_cuda else "gloo", rank=env.rank, world_size=env.world_size,
-            init_method=f"tcp://{env.master_addr}:{env.master_port}",
-            timeout=datetime.timedelta(minutes=timeout_minutes))
+        timeout = datetime.timedelta(minutes=timeout_minutes)
+        backend = "nccl" if use_cuda else "gloo"
+        if env.world_size == 1 and not env.master_port:  # one process: no rendezvous, no port to pick or race for
+            dist.init_process_group(backend=backend, store=dist.HashStore(), rank=0, world_size=1, timeout=timeout)
+        else:
+            os.environ.setdefault("MASTER_ADDR", env.master_addr)
+            os.environ.setdefault("MASTER_PORT", str(env.master_port))
+            dist.init_process_group(backend=backend, rank=env.rank, world_size=env.world_size,
+                                    init_method=f"tcp://{env.master_addr}:{env.master_port}", timeout=timeout)
     mp = parallel.model_parallel_size()
     if env.world_size % mp:
         raise ValueError(f"world size {env.world_size} is not divisible by TP x PP x CP = {mp} "
