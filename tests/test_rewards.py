@@ -148,3 +148,35 @@ def test_isolation_seen_from_inside(sandbox):
     if os.geteuid() == 0:
         assert seen["uid"] == seen["euid"] == 65534 and seen["wrote"] is False, seen
         assert not target.exists()
+
+
+@pytest.mark.parametrize("gold,boxed,value,reason", [
+    # units: a bare number matches; two named units must be the same
+    ("5 \\text{ m}", "5 \\text{ cm}", 0.0, "unit_mismatch"), ("5 \\text{ cm}", "5", 1.0, "correct"),
+    ("5 \\text{ cm}", "5\\,\\mathrm{cm}", 1.0, "correct"),
+    # degrees vs percent are units too
+    ("45^\\circ", "45\\%", 0.0, "unit_mismatch"), ("45^\\circ", "45", 1.0, "correct"),
+    ("90^\\circ", "90^{\\circ}", 1.0, "correct"),
+    # a set is not a tuple / interval; set equality is still Math-Verify's
+    ("(1,2)", "\\{1,2\\}", 0.0, "container_mismatch"), ("\\{1,2\\}", "\\{2,1\\}", 1.0, "correct"),
+    ("[1,2]", "(1,2)", 0.0, "wrong_answer"),
+    # one value, several spellings
+    ("\\frac13", "0.\\overline{3}", 1.0, "correct"), ("\\frac{7}{6}", "1.1\\overline{6}", 1.0, "correct"),
+    ("\\frac{41}{333}", "0.\\overline{123}", 1.0, "correct"), ("\\frac13", "0.33", 0.0, "wrong_answer"),
+    ("1000", "1\\,000", 1.0, "correct"), ("1000", "1{,}000", 1.0, "correct"), ("3", "1{,}000", 0.0, "wrong_answer"),
+    ("\\emptyset", "\\varnothing", 1.0, "correct"), ("\\emptyset", "\\{\\}", 1.0, "correct"),
+])
+def test_math_form_decisions(gold, boxed, value, reason):
+    """Each misjudgement found by the adversarial trial, decided (megatron_ring/rewards/math_forms.py)."""
+    from megatron_ring.rewards.verify_math import math_reward
+
+    assert math_reward(f"The answer is \\boxed{{{boxed}}}.", gold) == Reward(value, reason)
+
+
+def test_nested_boxes_are_no_answer_and_the_last_top_level_box_counts():
+    from megatron_ring.rewards.verify_math import final_answer_text, math_reward
+
+    assert math_reward("\\boxed{\\boxed{7} 8}", "7") == Reward(0.0, "nested_boxed_answer")
+    assert math_reward("\\boxed{\\boxed{7} 8}", "78") == Reward(0.0, "nested_boxed_answer")
+    assert final_answer_text("first \\boxed{3}, then \\boxed{x^{2}}") == "x^{2}"
+    assert final_answer_text("<think>\\boxed{1}</think> so \\boxed{2} and \\boxed{") == "2"

@@ -5,23 +5,27 @@ from __future__ import annotations
 import re
 
 from . import Reward
+from .math_forms import form_mismatch, normalise
 
 _THINK_END = "</think>"
 _BOXED = re.compile(r"\\boxed\s*\{")
 
 
 def final_answer_text(response: str) -> str | None:
-    """The text after the reasoning that holds the last ``\\boxed{...}`` (balanced braces), or None."""
+    """The content of the last top-level ``\\boxed{...}`` after the reasoning (balanced braces; a box inside
+    another box is part of that box's content), or None."""
     tail = response.split(_THINK_END)[-1]
-    starts = [m.end() for m in _BOXED.finditer(tail)]
-    if not starts:
-        return None
-    i, depth = starts[-1], 1
-    for j in range(i, len(tail)):
-        depth += {"{": 1, "}": -1}.get(tail[j], 0)
-        if depth == 0:
-            return tail[i:j]
-    return None
+    found, pos = None, 0
+    while (m := _BOXED.search(tail, pos)) is not None:
+        i, depth = m.end(), 1
+        for j in range(i, len(tail)):
+            depth += {"{": 1, "}": -1}.get(tail[j], 0)
+            if depth == 0:
+                found, pos = tail[i:j], j + 1
+                break
+        else:  # unclosed: no answer here
+            break
+    return found
 
 
 def math_reward(response: str, answer: str, truncated: bool = False) -> Reward:
@@ -32,8 +36,13 @@ def math_reward(response: str, answer: str, truncated: bool = False) -> Reward:
     boxed = final_answer_text(response)
     if boxed is None:
         return Reward(0.0, "no_boxed_answer")
-    gold = parse("\\boxed{" + str(answer) + "}")
-    pred = parse("\\boxed{" + boxed + "}")
+    if _BOXED.search(boxed):  # \boxed{\boxed{7} 8}: which is the answer? neither
+        return Reward(0.0, "nested_boxed_answer")
+    mismatch = form_mismatch(str(answer), boxed)
+    if mismatch:
+        return Reward(0.0, mismatch)
+    gold = parse("\\boxed{" + normalise(str(answer)) + "}")
+    pred = parse("\\boxed{" + normalise(boxed) + "}")
     if not pred:
         return Reward(0.0, "unparsable_answer")
     return Reward(1.0, "correct") if verify(gold, pred) else Reward(0.0, "wrong_answer")
