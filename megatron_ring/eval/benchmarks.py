@@ -68,6 +68,7 @@ def humaneval(**_) -> list[dict]:
     for tid, p in read_problems().items():
         out.append(_row("humaneval", tid.split("/")[-1], f"{FUNCTION_PREFIX}\n\n```python\n{p['prompt']}```",
                         "code_check", prefix=p["prompt"], entry_point=p["entry_point"],
+                        answer=p["prompt"] + p["canonical_solution"],  # the reference: where the check's inputs come from
                         check=f"{p['test']}\ncheck({p['entry_point']})\n"))
     return out
 

@@ -1,6 +1,6 @@
 """The code reward: the last fenced program of the answer (after the reasoning) runs in the sandbox on
 every test case; reward 1 only if all pass (outputs compared line by line, trailing spaces ignored).
-``function_reward`` is the HumanEval form: the answer's function runs against a ``check`` program."""
+``function_reward`` is the HumanEval form: the answer's function on the check's inputs, the check's asserts outside."""
 from __future__ import annotations
 
 import re
@@ -38,25 +38,32 @@ def code_reward(response: str, test_cases: list[dict], sandbox: Sandbox, truncat
     return Reward(1.0, "all_tests_passed")
 
 
-def _imports(stub: str) -> str:
-    return "\n".join(ln for ln in stub.splitlines() if ln.startswith(("import ", "from ")))
-
-
 def function_reward(response: str, prefix: str, check: str, entry_point: str, sandbox: Sandbox,
-                    truncated: bool = False) -> Reward:
-    """1 if the answer's ``entry_point`` passes ``check`` (exit status 0). An answer that repeats the whole
-    function gets the stub's imports in front; one that gives only the body is appended to the stub."""
+                    truncated: bool = False, reference: str | None = None) -> Reward:
+    """1 if the answer's ``entry_point`` returns, on every input the ``check`` uses, data for which all of the
+    check's asserts hold (``function_check``: the check runs here, the answer in the sandbox). An answer that
+    repeats the function follows the whole stub (its imports and helper functions stay defined); one that gives
+    only the body is appended to the stub."""
+    from .function_check import harness, parse_results, recorded_calls, replay_check
+
     if truncated:
         return Reward(0.0, "truncated")
+    if not reference:
+        return Reward(0.0, "grader_error: no reference solution to take the check's inputs from")
     code = extract_program(response)
     if code is None:
         return Reward(0.0, "no_program")
     if re.search(rf"^\s*def\s+{re.escape(entry_point)}\s*\(", code, re.M):
-        program = f"{_imports(prefix)}\n{code}"
+        program = f"{prefix}\n    pass\n\n{code}"  # the stub's helpers, then the answer's definitions
     else:
         program = prefix + code
-    r = sandbox.run(f"{program}\n\n{check}")
+    calls = recorded_calls(reference, check, entry_point)
+    r = sandbox.run(harness(program, entry_point), repr(calls))
     if r.status != "ok":
         last = (r.stderr.strip().splitlines() or [""])[-1][:120]
         return Reward(0.0, f"check:{r.status}" + (f": {last}" if last else ""))
-    return Reward(1.0, "all_tests_passed")
+    results = parse_results(r.stdout, calls)
+    if results is None:
+        return Reward(0.0, "check:no_results")
+    why = replay_check(prefix, check, entry_point, results)
+    return Reward(1.0, "all_tests_passed") if why is None else Reward(0.0, f"check:{why}")

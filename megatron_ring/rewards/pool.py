@@ -37,7 +37,7 @@ def score(job: dict, sandbox: Sandbox | None = None) -> Reward:
             return code_reward(job["response"], job.get("test_cases") or [], sandbox or _SANDBOX, truncated)
         if domain == "code_check":
             return function_reward(job["response"], job["prefix"], job["check"], job["entry_point"],
-                                   sandbox or _SANDBOX, truncated)
+                                   sandbox or _SANDBOX, truncated, reference=job.get("answer"))
         if domain == "choice":
             return choice_reward(job["response"], job["answer"], truncated)
         return Reward(0.0, f"no_reward_for_domain:{domain}")
