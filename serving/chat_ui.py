@@ -1,6 +1,7 @@
 """Gradio chat demo for any OpenAI-compatible endpoint (SGLang with ``--reasoning-parser``, or
 ``serving.openai_server`` on CPU): streams the reply, shows the model's thinking in a collapsible panel apart from
-the answer, a system prompt and sampling controls, a clear message when the endpoint is down, optional login.
+the answer, math rendered with KaTeX (the bare ``\\boxed{}`` answers too), a system prompt and sampling controls, a
+clear message when the endpoint is down, optional login.
 
     python -m serving.chat_ui --endpoint http://127.0.0.1:8000/v1 [--api-key KEY] [--auth user:password]
 """
@@ -15,6 +16,43 @@ from openai import APIConnectionError, APIStatusError, OpenAI
 from .reasoning import ReasoningStream
 
 THINKING_TITLE = "Thinking"
+# KaTeX in the chat (Gradio bundles it): display $$…$$ and \[…\], inline \(…\) and $…$
+LATEX = [{"left": "$$", "right": "$$", "display": True}, {"left": "\\[", "right": "\\]", "display": True},
+         {"left": "\\(", "right": "\\)", "display": False}, {"left": "$", "right": "$", "display": False}]
+_OPEN = {"$$": "$$", "$": "$", "\\(": "\\)", "\\[": "\\]"}
+
+
+def math_markup(text: str) -> str:
+    """The model writes its final answer as a bare ``\\boxed{…}`` (no $): put each one outside math in $…$ so
+    that it renders; text already inside math delimiters is left as it is."""
+    out, i, close = [], 0, None
+    while i < len(text):
+        if close is not None:  # inside math: copy until the delimiter that closes it
+            if text.startswith(close, i):
+                out.append(close)
+                i, close = i + len(close), None
+            else:
+                out.append(text[i])
+                i += 1
+            continue
+        opener = next((o for o in ("$$", "\\(", "\\[", "$") if text.startswith(o, i) and (i == 0 or text[i - 1] != "\\")),
+                      None)
+        if opener:
+            out.append(opener)
+            i, close = i + len(opener), _OPEN[opener]
+            continue
+        if text.startswith("\\boxed{", i):
+            j, depth = i + len("\\boxed{"), 1
+            while j < len(text) and depth:
+                depth += {"{": 1, "}": -1}.get(text[j], 0)
+                j += 1
+            if depth == 0:
+                out.append("$" + text[i:j] + "$")
+                i = j
+                continue
+        out.append(text[i])
+        i += 1
+    return "".join(out)
 
 
 def _text(content) -> str:
@@ -62,9 +100,10 @@ def stream_reply(client: OpenAI, model: str, messages: list[dict], temperature: 
 def _turn(reasoning: str, answer: str, done: bool) -> list:
     out = []
     if reasoning.strip():
-        out.append(gr.ChatMessage(content=reasoning.strip(), role="assistant",
+        out.append(gr.ChatMessage(content=math_markup(reasoning.strip()), role="assistant",
                                   metadata={"title": THINKING_TITLE, "status": "done" if done or answer else "pending"}))
-    out.append(gr.ChatMessage(content=answer.strip() if answer.strip() else ("" if done else "…"), role="assistant"))
+    out.append(gr.ChatMessage(content=math_markup(answer.strip()) if answer.strip() else ("" if done else "…"),
+                              role="assistant"))
     return out
 
 
@@ -84,7 +123,7 @@ def build_demo(endpoint: str, api_key: str | None = None, model: str | None = No
 
     return gr.ChatInterface(
         respond, title=title, description=f"Endpoint: `{endpoint}` — the model's thinking is in the collapsible panel.",
-        chatbot=gr.Chatbot(height=520, elem_id="chatbot", label="Chat"),
+        chatbot=gr.Chatbot(height=520, elem_id="chatbot", label="Chat", latex_delimiters=LATEX),
         textbox=gr.Textbox(placeholder="Ask a question…", elem_id="chat-input", show_label=False),
         additional_inputs=[
             gr.Textbox("", label="System prompt"),

@@ -305,11 +305,16 @@ def test_gradio_demo_in_headless_chromium(server, served):
             box.wait_for(timeout=60000)
             box.fill(q)
             box.press("Enter")
-            page.wait_for_function("(w) => document.querySelector('#chatbot').innerText.includes(w)", arg=want_c,
-                                   timeout=120000)
+            # the answer "The answer is \\boxed{745}." arrives and its box is rendered by KaTeX (the TeX source is
+            # kept in KaTeX's MathML annotation)
+            page.wait_for_selector("#chatbot .katex", timeout=120000)
             bot = page.locator("#chatbot")
             text = bot.inner_text()
-            assert want_c in text and "Thinking" in text, text
+            assert want_c.split("\\boxed")[0] in text and "Thinking" in text, text
+            tex = [t.strip() for t in page.locator("#chatbot .katex annotation").all_text_contents()]
+            assert "\\boxed{745}" in tex, tex
+            assert page.locator("#chatbot .katex .boxpad, #chatbot .katex .fbox, #chatbot .katex .stretchy").count() \
+                or page.locator("#chatbot .katex-html").count(), "KaTeX drew nothing"
             page.get_by_text("Thinking", exact=True).first.click()  # open the collapsible panel: the reasoning is inside
             page.wait_for_function("(w) => document.querySelector('#chatbot').innerText.includes(w)",
                                    arg=want_r.splitlines()[0], timeout=10000)
