@@ -26,25 +26,15 @@ def _inner(optimizer) -> list:
     return list(getattr(optimizer, "chained_optimizers", [optimizer]))
 
 
-def _leaves(tree: Any):
-    from megatron.core.dist_checkpointing.mapping import ShardedBase
-
-    if isinstance(tree, ShardedBase):
-        yield tree
-    elif isinstance(tree, dict):
-        for v in tree.values():
-            yield from _leaves(v)
-    elif isinstance(tree, (list, tuple)):
-        for v in tree:
-            yield from _leaves(v)
-
-
 def _flat(tree: Any) -> dict[str, Any]:
     """Every sharded entry under a container name made of its checkpoint key and its rank in this rank's walk
     (a rank holds several entries of one key, e.g. the factories of its local experts' stacked weights). The
     names only pair the load request with the spec it came from; the checkpoint finds data by key and slice."""
+    from megatron.core.dist_checkpointing.dict_utils import nested_values
+    from megatron.core.dist_checkpointing.mapping import ShardedBase
+
     out: dict[str, Any] = {}
-    for leaf in _leaves(tree):
+    for leaf in (v for v in nested_values(tree) if isinstance(v, ShardedBase)):
         n = 0
         while f"{leaf.key}#{n}" in out:
             n += 1
@@ -53,19 +43,18 @@ def _flat(tree: Any) -> dict[str, Any]:
 
 
 def _replace(tree: Any, loaded: dict[str, Any], names: dict[int, str]) -> Any:
+    """The spec with each sharded entry replaced by what was loaded for it (megatron's own dict/list map)."""
+    from megatron.core.dist_checkpointing.dict_utils import dict_list_map_outplace
     from megatron.core.dist_checkpointing.mapping import LocalNonpersistentObject, ShardedBase
 
-    if isinstance(tree, ShardedBase):
-        return loaded[names[id(tree)]]
-    if isinstance(tree, LocalNonpersistentObject):  # what dist_checkpointing.load hands back for these
-        return tree.unwrap()
-    if isinstance(tree, dict):
-        return {k: _replace(v, loaded, names) for k, v in tree.items()}
-    if isinstance(tree, list):
-        return [_replace(v, loaded, names) for v in tree]
-    if isinstance(tree, tuple):
-        return tuple(_replace(v, loaded, names) for v in tree)
-    return tree
+    def one(v):
+        if isinstance(v, ShardedBase):
+            return loaded[names[id(v)]]
+        if isinstance(v, LocalNonpersistentObject):  # what dist_checkpointing.load hands back for these
+            return v.unwrap()
+        return v
+
+    return dict_list_map_outplace(one, tree)
 
 
 def adam_step(optimizer) -> int:

@@ -21,7 +21,7 @@ from .conftest import PY, ROOT, cli, free_port, teach_tiny
 
 sys.path.insert(0, str(ROOT))
 from benchmarks.serve_load import run_load, table  # noqa: E402
-from serving.health import wait_healthy  # noqa: E402
+from serving.health import bound_port, wait_healthy  # noqa: E402
 from serving.reasoning import ReasoningStream, split_reasoning  # noqa: E402
 
 KEY = "test-key"
@@ -58,11 +58,7 @@ def _start_server(served: Path, d: Path, *args) -> dict:
     proc = subprocess.Popen([PY, "-m", "serving.openai_server", "--model", str(served), "--port", "0",
                              "--port-file", str(port_file), "--served-model-name", "ring-tiny", "--api-key", KEY,
                              "--threads", "1", *args], cwd=ROOT)
-    while not port_file.exists():  # written once the socket listens; ends early if the server dies
-        if proc.poll() is not None:
-            raise RuntimeError(f"server exited with {proc.returncode} before listening")
-        time.sleep(0.1)
-    url = f"http://127.0.0.1:{int(port_file.read_text())}"
+    url = f"http://127.0.0.1:{bound_port(port_file, proc)}"  # written once the socket listens
     wait_healthy(url, proc, timeout=120, interval=0.3)
     return {"url": url, "proc": proc}
 

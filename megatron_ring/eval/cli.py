@@ -14,7 +14,6 @@ import os
 import socket
 import subprocess
 import sys
-import time
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -48,7 +47,7 @@ def _gpus() -> int:
 @contextmanager
 def serving(model_dir: str, name: str, max_tokens: int, log: Path, threads: int = 0):
     """Serve ``model_dir`` as ``name`` for the duration of the block; yields the base URL."""
-    from serving.health import wait_healthy
+    from serving.health import bound_port, wait_healthy
     from serving.sglang import SGLangServer, launch, shutdown
 
     log.parent.mkdir(parents=True, exist_ok=True)
@@ -69,11 +68,10 @@ def serving(model_dir: str, name: str, max_tokens: int, log: Path, threads: int 
             cmd += ["--threads", str(threads)]
         proc = subprocess.Popen(cmd, stdout=open(log, "ab"), stderr=subprocess.STDOUT, start_new_session=True, env=env,
                                 cwd=Path(__file__).resolve().parents[2])
-        while not port_file.exists():  # the server binds a free port itself and writes it here
-            if proc.poll() is not None:
-                raise RuntimeError(f"the CPU server exited with {proc.returncode} before listening (log: {log})")
-            time.sleep(0.2)
-        port = int(port_file.read_text())
+        try:  # the server binds a free port itself and writes it there
+            port = bound_port(port_file, proc, interval=0.2)
+        except RuntimeError as e:
+            raise RuntimeError(f"{e} (log: {log})") from None
     try:
         wait_healthy(f"http://127.0.0.1:{port}", proc, timeout=1800)
         yield f"http://127.0.0.1:{port}/v1"
