@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # System packages the tests drive for real: Debian's chromium (the Gradio demo in a headless browser, via
-# Playwright). Idempotent; installs only what is missing, and only as root with apt-get (else says what to do).
+# Playwright) and bubblewrap (the code reward's sandbox). Idempotent; installs only what is missing, and only as root with apt-get (else says what to do).
 set -euo pipefail
 need=()
 command -v chromium >/dev/null 2>&1 || need+=(chromium)
+command -v bwrap >/dev/null 2>&1 || need+=(bubblewrap)
 [ ${#need[@]} -eq 0 ] && exit 0
 if [ "$(id -u)" -ne 0 ] || ! command -v apt-get >/dev/null 2>&1; then
   echo "setup_system: missing ${need[*]}; install them (Debian: apt-get install ${need[*]}) — their tests are skipped" >&2

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from megatron_ring.rewards import Reward, RewardPool, score
-from megatron_ring.rewards.sandbox import Sandbox, SandboxLimits
+from megatron_ring.rewards.sandbox import UID_BASE, Sandbox, SandboxLimits
 
 from .conftest import PY, ROOT
 
@@ -92,9 +92,9 @@ def test_hostile_programs_score_zero_and_leave_nothing(sandbox, name, tmp_path):
     assert r.value == 0.0 and r.reason.split(":", 1)[1] in reasons, r
     assert time.time() - t0 < 3.0 + 5  # the wall limit (+ start-up) bounds every run
     assert not target.exists() and not Path("/tmp/mr_sandbox_pwned").exists()
-    # none of the sandbox's own processes survives its run: those started during it as the sandbox's uid or in a
+    # none of the sandbox's own processes survives its run: those started during it as a sandbox uid or in a
     # PID namespace of their own (processes of the rest of the machine are not counted)
-    left = {p: v for p, v in _started_since(since).items() if v[0] == 65534 or v[1] != host_ns}
+    left = {p: v for p, v in _started_since(since).items() if v[0] >= UID_BASE or v[1] != host_ns}
     assert left == {}, left
     assert score({"domain": "code", "response": PROG, "test_cases": TESTS}, sandbox).value == 1.0  # still works
 
@@ -106,13 +106,13 @@ def test_network_is_really_absent(sandbox):
 
 
 def test_refuses_without_namespaces_unless_unsafe(tmp_path):
-    """With no `unshare` on PATH the sandbox refuses to start; allow_unsafe runs with limits only."""
+    """With no `bwrap` on PATH the sandbox refuses to start; allow_unsafe runs with limits only."""
     code = ("from megatron_ring.rewards.sandbox import Sandbox, SandboxUnavailable\n"
             "try:\n    Sandbox()\n    print('started')\nexcept SandboxUnavailable as e:\n    print('refused:', e)\n"
             "sb = Sandbox(allow_unsafe=True)\nprint('unsafe', sb.isolated, sb.run('print(6*7)').stdout.strip())\n")
     r = subprocess.run([PY, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60,
                        env=dict(os.environ, PATH=str(tmp_path)))
-    assert "refused: cannot create network/mount/PID namespaces" in r.stdout, r.stdout + r.stderr
+    assert "refused: cannot start bubblewrap" in r.stdout, r.stdout + r.stderr
     assert "unsafe False 42" in r.stdout
 
 
@@ -128,9 +128,9 @@ def test_pool_scores_a_mixed_batch():
 
 
 def test_isolation_seen_from_inside(sandbox):
-    """What the program itself sees: its own PID namespace (it is process 2 or so, its parent the jail), and,
-    when the grader runs as root, an unprivileged uid that cannot write a root-owned host folder outside the
-    hidden /tmp, /var/tmp and /dev/shm (here the checkout's tests/_artifacts)."""
+    """What the program itself sees: its own PID namespace (it is process 3 or so: bubblewrap, the runner, it),
+    the unprivileged uid 65534 (a sandbox uid on the host: test_sandbox_attacks), and no host folder (here the checkout's
+    tests/_artifacts) to write to."""
     import json as _json
 
     art = ROOT / "tests" / "_artifacts"
@@ -145,9 +145,8 @@ def test_isolation_seen_from_inside(sandbox):
     assert res.status == "ok", res
     seen = _json.loads(res.stdout)
     assert seen["pid"] < 10, seen  # a fresh PID namespace: host PIDs are in the thousands
-    if os.geteuid() == 0:
-        assert seen["uid"] == seen["euid"] == 65534 and seen["wrote"] is False, seen
-        assert not target.exists()
+    assert seen["uid"] == seen["euid"] == 65534 and seen["wrote"] is False, seen
+    assert not target.exists()
 
 
 @pytest.mark.parametrize("gold,boxed,value,reason", [

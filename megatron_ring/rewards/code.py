@@ -1,5 +1,6 @@
-"""The code reward: the last fenced program of the answer (after the reasoning) runs in the sandbox on
-every test case; reward 1 only if all pass (outputs compared line by line, trailing spaces ignored).
+"""The code reward: the last fenced program of the answer (after the reasoning) runs in one sandbox on
+every test case (the expected outputs stay here); reward 1 only if all pass (outputs compared line by line,
+trailing spaces ignored).
 ``function_reward`` is the HumanEval form: the answer's function on the check's inputs, the check's asserts outside."""
 from __future__ import annotations
 
@@ -29,8 +30,8 @@ def code_reward(response: str, test_cases: list[dict], sandbox: Sandbox, truncat
         return Reward(0.0, "no_program")
     if not test_cases:
         return Reward(0.0, "no_test_cases")
-    for i, case in enumerate(test_cases):
-        r = sandbox.run(program, case.get("input", ""))
+    runs = sandbox.run_many(program, [case.get("input", "") for case in test_cases], stop_on_error=True)
+    for i, (case, r) in enumerate(zip(test_cases, runs)):
         if r.status != "ok":
             return Reward(0.0, f"test_{i}:{r.status}")
         if not _same(r.stdout, case.get("output", "")):

@@ -5,6 +5,7 @@ reward 0 with the reason, never an exception in the trainer."""
 from __future__ import annotations
 
 import multiprocessing as mp
+import os
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict
 
@@ -45,10 +46,18 @@ def score(job: dict, sandbox: Sandbox | None = None) -> Reward:
         return Reward(0.0, f"grader_error:{type(e).__name__}: {e}"[:200])
 
 
+def cpu_workers() -> int:
+    """One grading worker per CPU this process may use (each sandbox is held to one CPU by its cgroup)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
 class RewardPool:
     def __init__(self, workers: int = 2, limits: SandboxLimits | None = None, allow_unsafe: bool = False):
+        """``workers`` 0: one per CPU (``cpu_workers``)."""
         limits = limits or SandboxLimits()
         Sandbox(limits, allow_unsafe=allow_unsafe)  # refuse here, before any rollout, if isolation is missing
+        workers = workers or cpu_workers()
+        self.workers = workers
         self.ex = ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn"), initializer=_init,
                                       initargs=(asdict(limits), allow_unsafe))
 

@@ -1,11 +1,25 @@
-"""A sandbox for untrusted programs (the code reward): each run gets fresh network, mount and PID
-namespaces (no network; the host's /tmp, /var/tmp and /dev/shm hidden behind empty tmpfs mounts; every
-process it starts dies with it), CPU-time / address-space / file-size / open-file / process-count limits,
-a wall-clock timeout that kills its whole process group, an unprivileged user when we are root, a
-throw-away working directory, and capped stdout/stderr. It never raises for anything the program does:
-the result says what happened. Without namespaces it refuses to start unless ``allow_unsafe`` is given."""
+"""A sandbox for untrusted programs (the code reward), built on bubblewrap (Debian/RHEL package `bubblewrap`).
+
+Each program gets its own sandbox, with all its test cases inside it (``_runner.py`` forks one child per test from
+a warmed interpreter). The sandbox is:
+- its own user namespace, with a **distinct host uid** per concurrent sandbox when the grader runs as root (slots
+  held by file locks, uid = ``uid_base`` + slot; one uid for all when not root), no capabilities, no further user
+  namespaces (``--disable-userns``);
+- its own PID namespace **with its own /proc** (no sibling, no host process visible), IPC, network (loopback only),
+  UTS and cgroup namespaces;
+- a minimal read-only root: the interpreter and its libraries (``/usr/lib``), a private /dev and /proc, and a
+  tmpfs scratch limited in bytes and (as root, mounted by us: bubblewrap's --tmpfs takes no inode count) in files
+  — no /etc, no home, no checkout, no data, no shell;
+- limits on the whole process tree by cgroup (memory incl. tmpfs and kernel objects, process count, one CPU) where
+  the host lets us create one (``cgroup.py``: v2 or v1), and per-process rlimits always (CPU seconds, address
+  space, file size, open files, processes): without a cgroup the memory cap is per process, not per tree;
+- a wall-clock limit per test (the runner) and per program (here: kills the whole sandbox).
+
+It never raises for anything the program does: each test's result says what happened. Without bubblewrap it
+refuses to start unless ``allow_unsafe`` is given (then: the same runner, rlimits only, no isolation)."""
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import shutil
@@ -16,8 +30,13 @@ import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-JAIL = Path(__file__).with_name("_jail.py")
-NOBODY = 65534
+from . import cgroup
+
+RUNNER = Path(__file__).with_name("_runner.py")
+UID_BASE = 1_500_000  # host uids of the sandboxes (root only): UID_BASE + slot, outside any login user's range
+INSIDE_UID = 65534  # what the program sees (nobody)
+SLOTS = 4096
+MS_NOSUID, MS_NODEV, MS_REC, MS_PRIVATE = 2, 4, 1 << 14, 1 << 18
 
 
 class SandboxUnavailable(RuntimeError):
@@ -32,18 +51,20 @@ class SandboxLimits:
     file_bytes: int = 1 << 20  # also the stdout/stderr cap
     open_files: int = 64
     processes: int = 32
+    scratch_bytes: int = 4 << 20
+    scratch_files: int = 4096
 
 
 @dataclass
 class RunResult:
-    status: str  # ok | runtime_error | timeout | cpu_limit | memory_limit | output_limit | killed
+    status: str  # ok | runtime_error | timeout | cpu_limit | memory_limit | output_limit | killed | skipped
     returncode: int
     stdout: str
     stderr: str
 
 
 def _interpreter() -> str:
-    """A system interpreter every user can execute (the trainer's venv may live under a private home)."""
+    """A system interpreter outside any home or checkout (the trainer's venv may live under a private home)."""
     for p in ("/usr/bin/python3", "/usr/local/bin/python3"):
         if os.access(p, os.X_OK):
             return p
@@ -52,123 +73,209 @@ def _interpreter() -> str:
 
 class Sandbox:
     def __init__(self, limits: SandboxLimits | None = None, allow_unsafe: bool = False,
-                 interpreter: str | None = None):
+                 interpreter: str | None = None, uid_base: int = UID_BASE):
         self.limits = limits or SandboxLimits()
-        self.interpreter = interpreter or _interpreter()
+        self.interpreter = os.path.realpath(interpreter or _interpreter())
         self.root = os.geteuid() == 0
-        self.prefix = self._namespaces()
-        if self.prefix is None and not allow_unsafe:
+        self.uid_base = uid_base
+        self.bwrap = shutil.which("bwrap")
+        self.isolated = self.bwrap is not None and self._probe()
+        if not self.isolated and not allow_unsafe:
             raise SandboxUnavailable(
-                "cannot create network/mount/PID namespaces here (`unshare` failed), so untrusted code would "
-                "run with network access; refusing. Pass allow_unsafe=True (--sandbox-unsafe) to run it anyway.")
-        self.isolated = self.prefix is not None
+                "cannot start bubblewrap (`bwrap`, Debian/RHEL package bubblewrap) with user, PID, network and IPC "
+                "namespaces here, so untrusted code would run with the host's view; refusing. Install bubblewrap "
+                "(and allow unprivileged user namespaces), or pass allow_unsafe=True (--sandbox-unsafe) to run it "
+                "anyway.")
+        self.cgroups = cgroup.SandboxCgroup.available() if self.isolated and self.root else ""
 
-    def _namespaces(self) -> list[str] | None:
-        unshare = shutil.which("unshare")
-        if unshare is None:
-            return None
-        cmd = [unshare, "--net", "--mount", "--pid", "--fork", "--kill-child"]
-        if not self.root:
-            cmd.insert(1, "--map-root-user")
-        try:
-            ok = subprocess.run(cmd + ["true"], capture_output=True, timeout=10).returncode == 0
-        except (OSError, subprocess.TimeoutExpired):
-            ok = False
-        return cmd if ok else None
+    def describe(self) -> str:
+        if not self.isolated:
+            return "UNSAFE: no isolation, rlimits only"
+        uids = f"distinct host uids from {self.uid_base}" if self.root else "one host uid (not root)"
+        tree = f"cgroup {self.cgroups} (memory, pids, cpu) on the whole tree" if self.cgroups else \
+            "no writable cgroup: per-process rlimits only (memory cap per process, not per tree)"
+        return f"bubblewrap: user/pid/ipc/net/uts/cgroup namespaces, own /proc, read-only minimal root, {uids}, {tree}"
 
-    def _config(self) -> dict:
-        cfg = asdict(self.limits)
-        cfg["interpreter"] = self.interpreter
-        cfg["uid"] = NOBODY if self.root else None
-        if not self.root:  # RLIMIT_NPROC counts the real user's processes: leave room above what runs now
-            cfg["processes"] += _user_process_count()
-        return cfg
-
+    # -- running ---------------------------------------------------------------------------------------------------
     def run(self, program: str, stdin: str = "") -> RunResult:
+        return self.run_many(program, [stdin])[0]
+
+    def run_many(self, program: str, inputs: list[str], stop_on_error: bool = False) -> list[RunResult]:
+        """The program on every input, in one sandbox (a fresh process per input): a result per input. With
+        ``stop_on_error`` the inputs after the first run that does not exit 0 are not run (status "skipped")."""
         lim = self.limits
-        with tempfile.TemporaryDirectory(prefix="mr-sandbox-") as td:
-            td = Path(td)
-            (td / "main.py").write_text(program, encoding="utf-8")
-            (td / "stdin").write_text(stdin, encoding="utf-8")
-            (td / "status").write_text("")
+        req = {"program": program, "inputs": list(inputs), "limits": asdict(lim), "isolated": self.isolated,
+               "stop_on_error": stop_on_error}
+        with _Slot() as slot, tempfile.TemporaryDirectory(prefix="mr-sandbox-", dir=_shared_tmp()) as td:
+            uid = self.uid_base + slot.n if (self.isolated and self.root) else None
+            group = None
+            if self.cgroups:
+                group = cgroup.SandboxCgroup.create(f"{os.getpid()}-{slot.n}", lim.memory_bytes + (48 << 20),
+                                                    lim.processes + 4)
+            scratch, runner = None, _runner_fd()
             if self.isolated:
-                cmd = self.prefix + [sys.executable, "-I", str(JAIL), str(td / "main.py"), json.dumps(self._config()),
-                                     str(td / "status")]
-                preexec = None
-            else:  # unsafe mode: limits only, in the scratch directory
-                cmd = [self.interpreter, "-I", "main.py"]
-                preexec = _limits_preexec(lim)
-            with open(td / "stdin", "rb") as fin, open(td / "stdout", "wb") as fout, open(td / "stderr", "wb") as ferr:
-                p = subprocess.Popen(cmd, stdin=fin, stdout=fout, stderr=ferr, cwd=td, start_new_session=True,
-                                     preexec_fn=preexec, env={"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8"})
-                timed_out = False
+                if self.root:  # a tmpfs with a file-count limit, mounted in bubblewrap's own mount namespace
+                    scratch = os.path.join(td, "scratch")
+                    os.mkdir(scratch)
+                    os.chmod(td, 0o711)
+                cmd = self._bwrap_cmd(runner, scratch)
+            else:
+                req["work"] = os.path.join(td, "run")
+                cmd = [self.interpreter, "-I", str(RUNNER)]
+            try:
+                p = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                     cwd=td, start_new_session=True, env={"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8"},
+                                     pass_fds=(runner,),
+                                     preexec_fn=_enter(group.procs_files if group else [], uid,
+                                                       scratch and (scratch, lim.scratch_bytes, lim.scratch_files)))
                 try:
-                    p.wait(timeout=lim.wall_seconds)
+                    out, err = p.communicate(json.dumps(req).encode(), timeout=self._budget(len(inputs)))
                 except subprocess.TimeoutExpired:
-                    timed_out = True
                     _kill_group(p.pid)
-                    p.wait()
-                _kill_group(p.pid, wait=True)  # whatever is left of its processes, and wait until they are gone
-            out, err = _read_capped(td / "stdout", lim.file_bytes), _read_capped(td / "stderr", lim.file_bytes)
-            rc = p.returncode
-            if self.isolated:  # the program's own exit status, as its namespace's init saw it
-                st = (td / "status").read_text()
-                rc = json.loads(st)["exit"] if st else (rc if rc < 0 else -signal.SIGKILL)
-            over = (td / "stdout").stat().st_size >= lim.file_bytes or (td / "stderr").stat().st_size >= lim.file_bytes
-        return RunResult(_status(rc, timed_out, over, err), rc, out, err)
+                    out, err = p.communicate()
+                oom = group.oom_kills() if group else 0
+            finally:
+                os.close(runner)
+                if group is not None:
+                    group.remove()
+        return self._results(out, err, len(inputs), oom)
+
+    def _budget(self, n: int) -> float:
+        return n * (self.limits.wall_seconds + 0.5) + 10.0
+
+    def _bwrap_cmd(self, runner: int, scratch: str | None = None) -> list[str]:
+        lim = self.limits
+        tmp = ["--bind", scratch, "/tmp"] if scratch else ["--size", str(lim.scratch_bytes), "--tmpfs", "/tmp"]
+        # --as-pid-1: the runner is the PID namespace's init (no bubblewrap reaper that its monitor would not wait
+        # for); the kernel ends every process of the namespace, and reaps it, before the runner's exit is reported
+        cmd = [self.bwrap, "--unshare-all", "--unshare-user", "--disable-userns", "--die-with-parent", "--as-pid-1",
+               "--new-session", "--cap-drop", "ALL", "--uid", str(INSIDE_UID), "--gid", str(INSIDE_UID),
+               "--hostname", "sandbox", "--clearenv", "--setenv", "PATH", "/usr/bin", "--setenv", "LANG", "C.UTF-8"]
+        for d in _library_dirs(self.interpreter):
+            cmd += ["--ro-bind", d, d]
+        cmd += ["--ro-bind", self.interpreter, self.interpreter, "--symlink", self.interpreter, "/usr/bin/python3",
+                "--symlink", "usr/lib", "/lib", "--symlink", "usr/lib64", "/lib64",
+                "--ro-bind-data", str(runner), "/sandbox/runner.py",  # a copy: the package may sit in a private home
+                "--proc", "/proc", "--dev", "/dev",
+                *tmp,
+                "--size", str(1 << 20), "--tmpfs", "/dev/shm",
+                "--chdir", "/tmp", self.interpreter, "-I", "/sandbox/runner.py"]
+        return cmd
+
+    def _probe(self) -> bool:
+        try:
+            with _Slot() as slot:
+                uid = self.uid_base + slot.n if self.root else None
+                runner = _runner_fd()
+                try:
+                    p = subprocess.run(self._bwrap_cmd(runner)[:-3] + [self.interpreter, "-I", "-c", "print(6 * 7)"],
+                                       capture_output=True, timeout=20, cwd="/", preexec_fn=_enter([], uid),
+                                       pass_fds=(runner,))
+                finally:
+                    os.close(runner)
+            return p.returncode == 0 and p.stdout.strip() == b"42"
+        except (OSError, subprocess.TimeoutExpired):
+            return False
+
+    def _results(self, out: bytes, err: bytes, n: int, oom: int) -> list[RunResult]:
+        try:
+            per_test = json.loads(out.decode().strip().splitlines()[-1])
+            assert isinstance(per_test, list) and 0 < len(per_test) <= n
+        except (ValueError, IndexError, AssertionError, UnicodeDecodeError):  # the sandbox itself was killed
+            why = err.decode("utf-8", "replace")[-500:]
+            return [RunResult("memory_limit" if oom else "killed", -signal.SIGKILL, "", why) for _ in range(n)]
+        return [RunResult(_status(t, self.limits.file_bytes, oom), t["exit"], t["stdout"], t["stderr"])
+                for t in per_test] + [RunResult("skipped", 0, "", "") for _ in range(n - len(per_test))]
 
 
-def _status(rc: int, timed_out: bool, over: bool, err: str) -> str:
-    if timed_out:
+def _status(t: dict, cap: int, oom: int) -> str:
+    rc = t["exit"]
+    if t["timed_out"]:
         return "timeout"
     if rc == -signal.SIGXCPU:
         return "cpu_limit"
-    if over or rc == -signal.SIGXFSZ:
+    if t["out_bytes"] >= cap or t["err_bytes"] >= cap or rc == -signal.SIGXFSZ:
         return "output_limit"
-    if "MemoryError" in err or "Cannot allocate memory" in err:
+    if "MemoryError" in t["stderr"] or "Cannot allocate memory" in t["stderr"] or (oom and rc == -signal.SIGKILL):
         return "memory_limit"
     if rc < 0:
         return "killed"
     return "ok" if rc == 0 else "runtime_error"
 
 
-def _kill_group(pid: int, wait: bool = False) -> None:
-    import time
-
-    deadline = time.monotonic() + 10
-    try:
-        os.killpg(pid, signal.SIGKILL)
-        while wait and time.monotonic() < deadline:  # SIGKILL is delivered asynchronously
-            time.sleep(0.02)
-            os.killpg(pid, 0)
-    except (ProcessLookupError, PermissionError):
-        pass
+def _runner_fd() -> int:
+    """The runner's source in an anonymous file, passed to bubblewrap, which copies it in."""
+    fd = os.memfd_create("runner")
+    os.write(fd, RUNNER.read_bytes())
+    os.lseek(fd, 0, os.SEEK_SET)
+    return fd
 
 
-def _read_capped(path: Path, cap: int) -> str:
-    with open(path, "rb") as f:
-        return f.read(cap).decode("utf-8", errors="replace")
+def _shared_tmp() -> str | None:
+    """Where the per-run folder (the scratch's mount point) goes: a place every sandbox uid can traverse."""
+    return "/tmp" if os.path.isdir("/tmp") else None
 
 
-def _user_process_count() -> int:
-    uid = os.getuid()
-    n = 0
-    for d in Path("/proc").iterdir():
-        if d.name.isdigit():
-            try:
-                n += d.stat().st_uid == uid
-            except OSError:
-                pass
-    return n
+def _library_dirs(interpreter: str) -> list[str]:
+    """The read-only root: the interpreter's standard library and shared libraries (/usr/lib, /usr/lib64 on
+    Debian), or its own prefix when it lives elsewhere."""
+    dirs = [d for d in ("/usr/lib", "/usr/lib64") if os.path.isdir(d)]
+    prefix = str(Path(interpreter).parent.parent)
+    if prefix not in ("/usr", "/") and not any(prefix.startswith(d + "/") for d in dirs):
+        dirs.append(prefix)
+    return dirs
 
 
-def _limits_preexec(lim: SandboxLimits):
-    import resource
+def _enter(procs_files: list[str], uid: int | None, scratch: tuple | None = None):
+    """preexec: join the sandbox's cgroup and mount its scratch (size and file-count limited tmpfs, in a mount
+    namespace of bubblewrap's own: gone with it) as root, then become its distinct host uid before bubblewrap runs."""
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
 
     def fn():
-        for what, n in [(resource.RLIMIT_CPU, lim.cpu_seconds), (resource.RLIMIT_AS, lim.memory_bytes),
-                        (resource.RLIMIT_FSIZE, lim.file_bytes), (resource.RLIMIT_NOFILE, lim.open_files),
-                        (resource.RLIMIT_CORE, 0)]:
-            resource.setrlimit(what, (n, n))
-
+        if scratch is not None:
+            path, size, files = scratch
+            os.unshare(os.CLONE_NEWNS)
+            if libc.mount(b"none", b"/", None, MS_REC | MS_PRIVATE, None) != 0 or libc.mount(
+                    b"tmpfs", path.encode(), b"tmpfs", MS_NOSUID | MS_NODEV,
+                    f"size={size},nr_inodes={files},mode=1777".encode()) != 0:
+                raise OSError(ctypes.get_errno(), f"mounting the sandbox scratch on {path}")
+        if procs_files:
+            cgroup.join(procs_files)
+        if uid is not None:
+            os.setgroups([])
+            os.setgid(uid)
+            os.setuid(uid)
     return fn
+
+
+class _Slot:
+    """A slot number held for the duration of one sandbox run, across every process of the machine (file locks):
+    the host uid and cgroup of concurrent sandboxes never collide."""
+    DIR = Path(tempfile.gettempdir()) / "megatron-ring-sandbox-slots"
+
+    def __enter__(self):
+        self.DIR.mkdir(mode=0o700, exist_ok=True)
+        start = os.getpid() % SLOTS
+        for k in range(SLOTS):
+            n = (start + k) % SLOTS
+            fd = os.open(self.DIR / str(n), os.O_CREAT | os.O_RDWR, 0o600)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                os.close(fd)
+                continue
+            self.n, self.fd = n, fd
+            return self
+        raise SandboxUnavailable(f"all {SLOTS} sandbox slots are taken")
+
+    def __exit__(self, *exc):
+        os.close(self.fd)
+
+
+def _kill_group(pid: int) -> None:
+    try:
+        os.killpg(pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass

@@ -44,7 +44,7 @@ class RLConfig:
     sglang_urls: list = field(default_factory=list)
     sglang_colocated: bool = False
     rollout_batch_size: int = 64
-    reward_workers: int = 2
+    reward_workers: int = 2  # 0: one per CPU
     sandbox_unsafe: bool = False
     eval_sets: list = field(default_factory=lambda: ["runs/tiny/data/eval/math.parquet"])
     eval_limit: int = 200
