@@ -134,7 +134,8 @@ def _cmd_plan(a):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="megatron-ring", description=__doc__)
+    p = argparse.ArgumentParser(epilog="--verbose (any command): show every library notice (default: known-harmless "
+                                       "ones are summarised in one line)",prog="megatron-ring", description=__doc__)
     sub = p.add_subparsers(dest="cmd", required=True)
     sub.add_parser("select", help="entropy-based SFT checkpoint selection: megatron-ring select --help")
     sub.add_parser("rl", help="C3PO RL stage: megatron-ring rl --recipe rl_stage1_tiny --help")
@@ -198,7 +199,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
+    from . import quiet
+
+    verbose, argv = quiet.verbose_requested(sys.argv[1:] if argv is None else argv)
+    quiet.install(verbose)  # known library notices in one line (--verbose: all of them)
     if argv[:1] == ["data"]:  # megatron-ring data <step> ... == python -m data_tools <step> ...
         from data_tools.__main__ import main as data_main
 

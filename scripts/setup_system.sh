@@ -7,7 +7,7 @@ command -v chromium >/dev/null 2>&1 || need+=(chromium)
 command -v bwrap >/dev/null 2>&1 || need+=(bubblewrap)
 [ ${#need[@]} -eq 0 ] && exit 0
 if [ "$(id -u)" -ne 0 ] || ! command -v apt-get >/dev/null 2>&1; then
-  echo "setup_system: missing ${need[*]}; install them (Debian: apt-get install ${need[*]}) — their tests are skipped" >&2
+  echo "setup_system: missing ${need[*]}; install them (Debian: apt-get install ${need[*]}): the tests that drive them cannot pass without" >&2
   exit 0
 fi
 echo "setup_system: apt-get install ${need[*]} ..."

@@ -194,3 +194,66 @@ def test_rl_step_moves_the_policy_toward_what_is_rewarded(tiny, data, tmp_path, 
         control = _learns(nproc, tiny["mcore"], data, tmp_path, 0.0, *extra)
         assert control["even_mass_after"] == pytest.approx(control["even_mass_before"], abs=1e-9)
         assert control["even_mass_before"] == pytest.approx(r["even_mass_before"], abs=1e-12)
+
+
+def _wandb_history(run_dir) -> dict:
+    """{tag: {step: value}} from an offline W&B run's .wandb file (a leveldb-style log of protobuf records: 32 KiB
+    blocks, 7-byte record headers, records split FIRST/MIDDLE/LAST across blocks)."""
+    import struct
+
+    from wandb.proto import wandb_internal_pb2 as pb
+
+    (f,) = list(run_dir.glob("wandb/offline-run-*/run-*.wandb"))
+    data, pos, buf, out = f.read_bytes(), 7, b"", {}
+    assert data[:4] == b":W&B"
+    while pos + 7 <= len(data):
+        left = 32768 - pos % 32768
+        if left < 7:
+            pos += left
+            continue
+        _, n, kind = struct.unpack("<IHB", data[pos:pos + 7])
+        if n == 0 and kind == 0:
+            pos += left
+            continue
+        chunk, pos = data[pos + 7:pos + 7 + n], pos + 7 + n
+        buf = chunk if kind in (1, 2) else buf + chunk
+        if kind in (1, 4):
+            rec = pb.Record()
+            rec.ParseFromString(buf)
+            if rec.WhichOneof("record_type") == "history":
+                items = {i.key or "/".join(i.nested_key): json.loads(i.value_json) for i in rec.history.item}
+                step = items.get("_step", rec.history.step.num)
+                for k, v in items.items():
+                    if not k.startswith("_"):
+                        out.setdefault(k, {})[step] = v
+    return out
+
+
+def test_wandb_offline_holds_the_tensorboard_scalars_and_progress_is_live(tiny, data, tmp_path):
+    """A short RL run with --wandb-project (offline): the W&B run holds exactly the TensorBoard file's tags, steps
+    and values; stdout has a progress line per step with the ETA; stderr only the one summary line."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    env = dict(os.environ, OMP_NUM_THREADS="1", WANDB_SILENT="true")
+    cmd = [PY, "-m", "megatron_ring.cli", "rl", "--recipe", "rl_stage1_tiny", "--init", str(tiny["mcore"]),
+           "--out", str(tmp_path / "w"), "--prompts", str(data / "rl_stage1" / "4_filtered.parquet"),
+           "--tokenizer", str(data / "tokenizer"), "--eval-sets", str(data / "eval" / "math.parquet"),
+           "--eval-limit", "4", "--eval-interval", "0", "--steps", "3", "--prompts-per-step", "2",
+           "--samples-per-prompt", "2", "--max-new-tokens", "16", "--token-budget", "64", "--reward-workers", "1",
+           "--save-interval", "0", "--keep-uninformative", "--wandb-project", "mr-test", "--wandb-mode", "offline"]
+    r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600, env=env)
+    assert r.returncode == 0, r.stderr[-4000:]
+    ea = EventAccumulator(str(tmp_path / "w" / "tb"))
+    ea.Reload()
+    tb = {t: {e.step: e.value for e in ea.Scalars(t)} for t in ea.Tags()["scalars"]}
+    wb = _wandb_history(tmp_path / "w")
+    assert len(tb) >= 15 and set(wb) == set(tb), sorted(set(wb) ^ set(tb))
+    for tag, series in tb.items():
+        assert set(wb[tag]) == set(series), tag  # the same steps (0: the start evaluation, 1..3)
+        for step, v in series.items():
+            assert abs(wb[tag][step] - v) <= 1e-6 * max(1.0, abs(v)), (tag, step, wb[tag][step], v)
+    assert set(tb["rl/pg_loss"]) == {1, 2, 3} and set(tb["eval/math"]) == {0, 3}
+    lines = [ln for ln in r.stdout.splitlines() if ln.startswith("[rl] step ")]
+    assert [ln.split()[2] for ln in lines] == ["1/3", "2/3", "3/3"] and all(" eta " in ln for ln in lines), r.stdout
+    err = r.stderr.splitlines()
+    assert len(err) == 1 and err[0].startswith("megatron-ring: CPU mode:"), r.stderr

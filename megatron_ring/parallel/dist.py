@@ -86,7 +86,7 @@ def init_distributed(parallel: ParallelConfig, seed: int = 1234, timeout_minutes
     if not use_cuda:
         cpu_compat.enable()
         msg = omp_oversubscription(torch.get_num_threads(), len(os.sched_getaffinity(0)))
-        if msg and env.rank == 0:
+        if msg and env.rank == 0 and not cpu:  # (conversions decode nothing: the slowdown does not apply)
             warnings.warn(msg, stacklevel=2)
     if not dist.is_initialized():
         if use_cuda:

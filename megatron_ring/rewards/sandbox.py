@@ -110,8 +110,8 @@ class Sandbox:
             uid = self.uid_base + slot.n if (self.isolated and self.root) else None
             group = None
             if self.cgroups:
-                group = cgroup.SandboxCgroup.create(f"{os.getpid()}-{slot.n}", lim.memory_bytes + (48 << 20),
-                                                    lim.processes + 4)
+                group = cgroup.SandboxCgroup.create(f"slot{slot.n}", lim.memory_bytes + (48 << 20), lim.processes + 4)
+                oom0 = group.oom_kills()
             scratch, runner = None, _runner_fd()
             if self.isolated:
                 if self.root:  # a tmpfs with a file-count limit, mounted in bubblewrap's own mount namespace
@@ -133,11 +133,11 @@ class Sandbox:
                 except subprocess.TimeoutExpired:
                     _kill_group(p.pid)
                     out, err = p.communicate()
-                oom = group.oom_kills() if group else 0
+                oom = group.oom_kills() - oom0 if group else 0
             finally:
                 os.close(runner)
                 if group is not None:
-                    group.remove()
+                    group.clear()
         return self._results(out, err, len(inputs), oom)
 
     def _budget(self, n: int) -> float:
@@ -257,9 +257,7 @@ class _Slot:
 
     def __enter__(self):
         self.DIR.mkdir(mode=0o700, exist_ok=True)
-        start = os.getpid() % SLOTS
-        for k in range(SLOTS):
-            n = (start + k) % SLOTS
+        for n in range(SLOTS):  # the lowest free slot: few slots (uids, cgroups) are ever made
             fd = os.open(self.DIR / str(n), os.O_CREAT | os.O_RDWR, 0o600)
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)

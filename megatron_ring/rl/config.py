@@ -51,6 +51,8 @@ class RLConfig:
     eval_k: int = 1  # 1: greedy accuracy; k > 1: avg@k at the rollout temperature (the paper's AIME@32 protocol)
     eval_interval: int = 10  # steps; 0: only at the start and the end
     save_interval: int = 10
+    wandb_project: Optional[str] = None  # Weights & Biases beside TensorBoard (same scalars); None: off
+    wandb_mode: Optional[str] = None  # online | offline (default: $WANDB_MODE, else online)
 
     def __post_init__(self):
         if self.mode not in ("c3po", "grpo"):

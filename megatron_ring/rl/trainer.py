@@ -21,6 +21,7 @@ from ..training.state import StopFlag, latest_checkpoint, load_training_state, s
 from .config import RLConfig, resolve_start, rl_config
 from .policy import empty_like, make_microbatches, rl_forward_step, score_logprobs
 from ..rewards import reward_job
+from ..scalars import Progress
 from .rollout import SamplingParams, chat_prompt_ids
 from .step import as_tensor, rl_step
 
@@ -259,28 +260,34 @@ def train_rl(recipe: Recipe, cfg: RLConfig) -> list[dict]:
     recipe = s.recipe  # with the start checkpoint's architecture (what every checkpoint of the run carries)
     s.tb = None
     if s.rank0:
-        from torch.utils.tensorboard import SummaryWriter
+        from ..scalars import Scalars
 
-        s.tb = SummaryWriter(str(s.run / "tb"))
+        s.tb = Scalars(s.run, cfg.wandb_project, cfg.wandb_mode, config={"recipe": recipe.name, **vars(cfg)})
     stop = min(cfg.steps, cfg.max_steps) if cfg.max_steps else cfg.steps
     flag = StopFlag()
+    s.progress = progress = Progress("rl", stop, start=s.step, every_s=0, enabled=s.rank0)
     if s.step == 0:
+        progress.phase("evaluating the start checkpoint")
         s.history.append({"step": 0, **s.evaluate()})
         _log(s, s.history[-1])
     while s.step < stop:
+        progress.phase(f"step {s.step + 1}: generate, reward, train, sync")
         rec = {"step": s.step + 1, **rl_step(s, s.step)}
         s.step += 1
         if cfg.eval_interval and s.step % cfg.eval_interval == 0 or s.step == cfg.steps:
+            progress.phase(f"step {s.step}: evaluating")
             rec.update(s.evaluate())
         s.history.append(rec)
         _log(s, rec)
         preempted = flag.agreed()
         if preempted or s.step == stop or (cfg.save_interval and s.step % cfg.save_interval == 0):
+            progress.phase(f"step {s.step}: saving the checkpoint")
             save_training_state(s.run, s.policy, s.opt, s.sched, recipe, s.step, {"pos": s.step}, s.history)
         if preempted:
             if s.rank0:
                 print(json.dumps({"preempted_at_step": s.step}), flush=True)
             break
+    progress.close()
     if s.rank0:
         s.tb.close()
         s.pool.close()
@@ -296,6 +303,10 @@ def _log(s: RLState, rec: dict) -> None:
             s.tb.add_scalar(k if "/" in k else f"rl/{k}", v, rec["step"])
     s.tb.flush()
     print(json.dumps({k: round(v, 5) if isinstance(v, float) else v for k, v in rec.items()}), flush=True)
+    figs = {k: rec[k] for k in ("reward/mean", "loss") if k in rec}
+    figs.update({k: rec[k] for k in rec if k.startswith("eval/")})
+    if rec["step"] > 0:
+        s.progress.step(rec["step"], figs, force=True)
 
 
 def main(argv=None) -> int:
@@ -313,6 +324,8 @@ def main(argv=None) -> int:
               "adam_eps"):
         ap.add_argument(f"--{f.replace('_', '-')}", dest=f, type=float)
     ap.add_argument("--eval-sets", nargs="*")
+    ap.add_argument("--wandb-project", help="log the same scalars to Weights & Biases too (default: off)")
+    ap.add_argument("--wandb-mode", choices=["online", "offline"], help="default: $WANDB_MODE, else online")
     ap.add_argument("--sglang-urls", nargs="*")
     ap.add_argument("--sandbox-unsafe", action="store_true", default=None)
     ap.add_argument("--keep-uninformative", dest="drop_uninformative", action="store_false", default=None,

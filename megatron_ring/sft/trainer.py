@@ -37,6 +37,8 @@ class SFTConfig:
     save_interval: int = 0  # steps; 0: only at epoch ends
     max_steps: Optional[int] = None  # stop (with a checkpoint) after this many steps in total
     log_interval: int = 1
+    wandb_project: Optional[str] = None  # Weights & Biases beside TensorBoard (same scalars); None: off
+    wandb_mode: Optional[str] = None  # online | offline (default: $WANDB_MODE, else online)
 
 
 def sft_config(recipe: Recipe, **overrides) -> SFTConfig:
@@ -122,12 +124,15 @@ def train_sft(recipe: Recipe, cfg: SFTConfig) -> list[dict]:
     saved_at = step
     tb = None
     if dist.get_rank() == 0:
-        from torch.utils.tensorboard import SummaryWriter
+        from ..scalars import Scalars
 
-        tb = SummaryWriter(str(run / "tb"))
+        tb = Scalars(run, cfg.wandb_project, cfg.wandb_mode, config={"recipe": recipe.name, **vars(cfg)})
     per_rank = cfg.global_batch_size // dp
     stop = min(total, cfg.max_steps) if cfg.max_steps else total
     flag = StopFlag()
+    from ..scalars import Progress
+
+    progress = Progress("sft", stop, start=step, enabled=tb is not None)
     while step < stop:
         order = data.order(epoch, recipe.seed)
         while pos < steps_per_epoch and step < stop:
@@ -146,13 +151,16 @@ def train_sft(recipe: Recipe, cfg: SFTConfig) -> list[dict]:
             if tb is not None and step % cfg.log_interval == 0:
                 for k in ("loss", "grad_norm", "lr", "tokens_per_s"):
                     tb.add_scalar(f"sft/{k}", rec[k], step)
+                tb.flush()
                 print(json.dumps(rec), flush=True)
+            progress.step(step, {"epoch": epoch, "loss": rec["loss"], "tokens/s": rec["tokens_per_s"]})
             if flag.agreed():
                 stop = step  # preempted: the checkpoint below, then exit; a restart resumes from it
                 if tb is not None:
                     print(json.dumps({"preempted_at_step": step}), flush=True)
                 break
             if cfg.save_interval and step % cfg.save_interval == 0 and step < stop:
+                progress.phase(f"saving the step-{step} checkpoint")
                 save_training_state(run, model, opt, sched, recipe, step, {"epoch": epoch, "pos": pos}, history)
                 saved_at = step
         if pos >= steps_per_epoch:
@@ -161,6 +169,7 @@ def train_sft(recipe: Recipe, cfg: SFTConfig) -> list[dict]:
             saved_at = step
     if saved_at != step or latest_checkpoint(run) is None:
         save_training_state(run, model, opt, sched, recipe, step, {"epoch": epoch, "pos": pos}, history)
+    progress.close()
     if tb is not None:
         tb.close()
     return history
@@ -176,6 +185,8 @@ def main(argv=None) -> int:
     for f in ("epochs", "global_batch_size", "micro_batch_size", "save_interval", "max_steps", "log_interval"):
         ap.add_argument(f"--{f.replace('_', '-')}", dest=f, type=int)
     ap.add_argument("--lr", type=float)
+    ap.add_argument("--wandb-project", help="log the same scalars to Weights & Biases too (default: off)")
+    ap.add_argument("--wandb-mode", choices=["online", "offline"], help="default: $WANDB_MODE, else online")
     ap.add_argument("--tp", type=int, default=None)
     ap.add_argument("--ep", type=int, default=None)
     ap.add_argument("--pp", type=int, default=None)
@@ -185,6 +196,6 @@ def main(argv=None) -> int:
     recipe = load_recipe(a.recipe, {"parallel": par} if par else None)
     cfg = sft_config(recipe, **{k: getattr(a, k) for k in ("data", "init", "out", "epochs", "global_batch_size",
                                                           "micro_batch_size", "save_interval", "max_steps", "lr",
-                                                          "log_interval")})
+                                                          "log_interval", "wandb_project", "wandb_mode")})
     train_sft(recipe, cfg)
     return 0
