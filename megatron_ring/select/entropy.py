@@ -81,8 +81,12 @@ def select_checkpoints(run: str | Path, prompts_parquet: str | Path, tokenizer_d
     out = Path(out) if out else run / "selection"
     out.mkdir(parents=True, exist_ok=True)
     prompts = [r["prompt"] for r in pq.read_table(str(prompts_parquet), columns=["prompt"]).to_pylist()[:limit]]
-    entries = []
-    for ck in _checkpoints(run):
+    from ..scalars import Progress
+
+    entries, cks = [], _checkpoints(run)
+    progress = Progress("select", len(cks), every_s=0)
+    for k, ck in enumerate(cks):
+        progress.phase(f"measuring {ck.name}")
         meta = json.loads((ck / "megatron_ring.json").read_text())
         with tempfile.TemporaryDirectory() as td:
             hf = Path(td) / "hf"
@@ -93,6 +97,8 @@ def select_checkpoints(run: str | Path, prompts_parquet: str | Path, tokenizer_d
                              if eval_parquet else None)
         entries.append(e)
         print(json.dumps(e), flush=True)
+        progress.step(k + 1, {"checkpoint": ck.name, "entropy": e["entropy"]}, force=True)
+    progress.close()
     pick, why = choose(entries, window)
     if pick is not None:
         (run / "checkpoints" / "selected").write_text(pick["checkpoint"] + "\n")
