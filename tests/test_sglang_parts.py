@@ -28,8 +28,11 @@ def test_command_line_for_ring_lite():
 def test_generate_payload_and_parse():
     p = generate_payload([[1, 2, 3], [4, 5]], 2, SamplingParams(max_new_tokens=7, temperature=1.0, top_p=0.95, seed=3))
     assert p["input_ids"] == [[1, 2, 3], [1, 2, 3], [4, 5], [4, 5]] and p["return_logprob"] is True
-    assert p["sampling_params"] == {"temperature": 1.0, "top_p": 0.95, "max_new_tokens": 7, "sampling_seed": 3,
-                                    "skip_special_tokens": False}
+    one = {"temperature": 1.0, "top_p": 0.95, "max_new_tokens": 7, "skip_special_tokens": False}
+    # a seed per sample: the K samples of a prompt differ, a rerun reproduces them
+    assert p["sampling_params"] == [dict(one, sampling_seed=s) for s in (3, 4, 5, 6)]
+    q = generate_payload([[4, 5]], 2, SamplingParams(max_new_tokens=7, temperature=1.0, top_p=0.95, seed=3), [1])
+    assert [x["sampling_seed"] for x in q["sampling_params"]] == [5, 6]  # a server's shard keeps the batch's seeds
     out = [{"text": "a", "output_ids": [9, 1], "meta_info": {"output_token_logprobs": [[-0.5, 9, None], [-0.1, 1, None]],
                                                              "finish_reason": {"type": "stop", "matched": 1}}},
            {"text": "b", "meta_info": {"output_token_logprobs": [[-1.5, 8, None]], "finish_reason": {"type": "length"}}}]

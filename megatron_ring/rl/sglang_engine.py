@@ -20,12 +20,15 @@ def _post(url: str, payload: dict, timeout: float = 3600.0) -> dict | list:
         return json.loads(r.read())
 
 
-def generate_payload(prompts: list[list[int]], n: int, sp: SamplingParams) -> dict:
-    """One request for all prompts × n (SGLang batches and schedules them itself)."""
+def generate_payload(prompts: list[list[int]], n: int, sp: SamplingParams, indices: list[int] | None = None) -> dict:
+    """One request for all prompts × n (SGLang batches and schedules them itself), sampling parameters per sample:
+    sample k of prompt i (``indices``: the prompts' places in the step's batch) is seeded ``seed + i * n + k``, so
+    the K samples of a prompt differ also under SGLang's deterministic inference, and a rerun reproduces them."""
+    indices = list(range(len(prompts))) if indices is None else indices
     ids = [p for p in prompts for _ in range(n)]
-    return {"input_ids": ids, "return_logprob": True,
-            "sampling_params": {"temperature": sp.temperature, "top_p": sp.top_p, "max_new_tokens": sp.max_new_tokens,
-                                "sampling_seed": sp.seed, "skip_special_tokens": False}}
+    params = [{"temperature": sp.temperature, "top_p": sp.top_p, "max_new_tokens": sp.max_new_tokens,
+               "sampling_seed": sp.seed + i * n + k, "skip_special_tokens": False} for i in indices for k in range(n)]
+    return {"input_ids": ids, "return_logprob": True, "sampling_params": params}
 
 
 def parse_generate(out: list[dict], prompts: list[list[int]], n: int, tokenizer=None) -> list[Rollout]:
@@ -56,7 +59,8 @@ class SGLangEngine:
     def generate(self, prompts: list[list[int]], n: int, sp: SamplingParams) -> list[Rollout]:
         shards = [list(range(k, len(prompts), len(self.urls))) for k in range(len(self.urls))]
         with ThreadPoolExecutor(len(self.urls)) as ex:
-            outs = list(ex.map(lambda kv: _post(kv[0] + "/generate", generate_payload([prompts[i] for i in kv[1]], n, sp)),
+            outs = list(ex.map(lambda kv: _post(kv[0] + "/generate",
+                                                generate_payload([prompts[i] for i in kv[1]], n, sp, kv[1])),
                                zip(self.urls, shards)))
         res: list[Rollout] = []
         for idx, out in zip(shards, outs):
