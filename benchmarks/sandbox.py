@@ -8,7 +8,11 @@
 
 Prints per-test-case latency (median, p90, in ms), programs/s one at a time and with one worker per CPU, and the
 ratios against ``python3`` and ``before``; every way must give the same outputs. One command:
-``.venv/bin/python benchmarks/sandbox.py`` (``--programs 24 --tests 8``)."""
+``.venv/bin/python benchmarks/sandbox.py`` (``--programs 24 --tests 8``).
+
+``--rl-stage2 runs/tiny/rl_stage1`` also runs ``--rl-steps`` steps of RL stage 2 (recipe rl_stage2_tiny, code +
+science, from that checkpoint) with today's tree and with --before-rev's (a git worktree), the same seeds, and
+prints the share of each step spent scoring rewards (``time/reward``) beside generate / train / sync."""
 from __future__ import annotations
 
 import argparse
@@ -41,7 +45,8 @@ PROGRAMS = [  # (source, input generator): the kinds of solutions a code RL stag
     ("n = int(input())\nsieve = bytearray([1]) * (n + 1)\nsieve[0:2] = b'\\x00\\x00'\n"
      "for i in range(2, int(n ** 0.5) + 1):\n    if sieve[i]:\n        sieve[i*i::i] = bytearray(len(sieve[i*i::i]))\n"
      "print(sum(sieve))", lambda r: f"{r.randint(10**4, 10**5)}\n"),
-    ("import math\nq = int(input())\nfor _ in range(q):\n    a, b = map(int, input().split())\n    print(math.gcd(a, b))",
+    ("import math\nq = int(input())\nfor _ in range(q):\n"
+     "    a, b = map(int, input().split())\n    print(math.gcd(a, b))",
      lambda r: "20\n" + "".join(f"{r.randint(1, 10**9)} {r.randint(1, 10**9)}\n" for _ in range(20))),
     ("n, m = map(int, input().split())\ng = [list(map(int, input().split())) for _ in range(n)]\n"
      "print(sum(map(sum, g)), max(map(max, g)))",
@@ -124,6 +129,8 @@ def main() -> None:
     ap.add_argument("--tests", type=int, default=8)
     ap.add_argument("--before-rev", default="6cae987")
     ap.add_argument("--workers", type=int, default=0, help="concurrent sandboxes (0: one per CPU)")
+    ap.add_argument("--rl-stage2", metavar="INIT", help="also time RL stage-2 steps from this checkpoint/run")
+    ap.add_argument("--rl-steps", type=int, default=4)
     a = ap.parse_args()
     workers = a.workers or cpu_workers()
     progs = make_programs(a.programs, a.tests)
@@ -136,8 +143,8 @@ def main() -> None:
         try:
             old = load_before(a.before_rev, d)
             before = old.Sandbox(old.SandboxLimits(cpu_seconds=5, wall_seconds=10.0))
-            rows.append(measure(f"before ({a.before_rev}: unshare, per test case)", lambda p, i: per_test(before.run, p, i),
-                                progs, workers))
+            rows.append(measure(f"before ({a.before_rev}: unshare, per test case)",
+                                lambda p, i: per_test(before.run, p, i), progs, workers))
         except (subprocess.CalledProcessError, Exception) as e:  # noqa: BLE001 — no git history here
             print(f"(no 'before' column: {type(e).__name__}: {e})", file=sys.stderr)
         rows.append(measure("after, 1 test/sandbox", lambda p, i: per_test(after.run, p, i), progs, workers))
@@ -155,6 +162,44 @@ def main() -> None:
         vs_b = f"{bef / r['median_ms']:.1f}x lower" if bef else "-"
         print(f"| {r['name']} | {r['median_ms']:.1f} | {r['p90_ms']:.1f} | {r['seq']:.2f} | {r['par']:.2f} "
               f"| {r['median_ms'] / base:.2f}x | {vs_b} |")
+    if a.rl_stage2:
+        rl_stage2(a.rl_stage2, a.rl_steps, a.before_rev)
+
+
+def rl_stage2(init: str, steps: int, rev: str) -> None:
+    """time/* of ``steps`` RL stage-2 steps, today's tree vs ``rev``'s, side by side."""
+    import json
+    import os
+
+    def run(tree: Path, out: Path) -> list[dict]:
+        data = ROOT / "runs" / "tiny" / "data"
+        cmd = [sys.executable, "-m", "megatron_ring.cli", "rl", "--recipe", "rl_stage2_tiny",
+               "--init", str(Path(init).resolve()),
+               "--out", str(out), "--prompts", str(data / "rl_stage2" / "4_filtered.parquet"),
+               "--tokenizer", str(data / "tokenizer"), "--eval-sets", str(data / "eval" / "code.parquet"),
+               "--eval-limit", "4", "--eval-interval", "0", "--max-steps", str(steps), "--save-interval", "0"]
+        env = dict(os.environ, PYTHONPATH=str(tree), OMP_NUM_THREADS="1")
+        subprocess.run(cmd, cwd=tree, env=env, check=True, capture_output=True, text=True)
+        return [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()][1:]
+
+    with tempfile.TemporaryDirectory() as d:
+        d = Path(d)
+        subprocess.run(["git", "worktree", "add", "-f", "--detach", str(d / "before"), rev], cwd=ROOT, check=True,
+                       capture_output=True)
+        try:
+            rows = {f"before ({rev})": run(d / "before", d / "out_before"), "after": run(ROOT, d / "out_after")}
+        finally:
+            subprocess.run(["git", "worktree", "remove", "--force", str(d / "before")], cwd=ROOT, capture_output=True)
+    parts = ["generate", "reward", "train", "sync"]
+    print(f"\nRL stage 2 (rl_stage2_tiny from {init}), mean of {steps} steps, seconds:\n")
+    print("| tree | " + " | ".join(parts) + " | step | reward share | reward/mean |")
+    print("|---|" + "---|" * (len(parts) + 3))
+    for name, recs in rows.items():
+        t = {p: statistics.mean(r[f"time/{p}"] for r in recs) for p in parts}
+        total = sum(t.values())
+        rew = statistics.mean(r["reward/mean"] for r in recs)
+        print(f"| {name} | " + " | ".join(f"{t[p]:.2f}" for p in parts) +
+              f" | {total:.2f} | {100 * t['reward'] / total:.0f} % | {rew:.3f} |")
 
 
 if __name__ == "__main__":

@@ -65,7 +65,8 @@ print('WIN' if hit else 'no')""",
     "tamper_runner": """
 import os
 hit = []
-for what in (lambda: open('/proc/1/mem', 'r+b'), lambda: os.listdir('/proc/1/fd'), lambda: os.open('/proc/1/fd/3', os.O_WRONLY)):
+for what in (lambda: open('/proc/1/mem', 'r+b'), lambda: os.listdir('/proc/1/fd'),
+             lambda: os.open('/proc/1/fd/3', os.O_WRONLY)):
     try:
         what()
         hit.append(1)
