@@ -257,3 +257,23 @@ def test_wandb_offline_holds_the_tensorboard_scalars_and_progress_is_live(tiny, 
     assert [ln.split()[2] for ln in lines] == ["1/3", "2/3", "3/3"] and all(" eta " in ln for ln in lines), r.stdout
     err = r.stderr.splitlines()
     assert len(err) == 1 and err[0].startswith("megatron-ring: CPU mode:"), r.stderr
+
+
+def test_retention_keeps_the_newest_milestones_and_pointed_checkpoints(tiny, data, tmp_path):
+    """keep_last / keep_every (the ling_lite RL recipes: 2 and 100): the rule on empty folders, then an RL run with
+    a save every step and keep-last 2 ends with exactly its last two checkpoints."""
+    from megatron_ring.training.state import prune_checkpoints
+
+    c = tmp_path / "c"
+    for i in range(1, 8):
+        (c / f"iter_{i:07d}").mkdir(parents=True)
+    (c / "iter_0000008.tmp").mkdir()  # a save in progress is not touched
+    (c / "selected").write_text("iter_0000001\n")
+    (c / "latest").write_text("iter_0000007\n")
+    assert prune_checkpoints(c, 2, 3) == ["iter_0000002", "iter_0000004", "iter_0000005"]
+    assert sorted(p.name for p in c.iterdir() if p.is_dir()) == \
+        ["iter_0000001", "iter_0000003", "iter_0000006", "iter_0000007", "iter_0000008.tmp"]
+    _rl(1, data, tiny["mcore"], tmp_path / "r", 4, "--save-interval", "1", "--keep-last", "2")
+    ck = tmp_path / "r" / "checkpoints"
+    assert sorted(p.name for p in ck.iterdir() if p.is_dir()) == ["iter_0000003", "iter_0000004"]
+    assert (ck / "latest").read_text().strip() == "iter_0000004"

@@ -79,13 +79,15 @@ class Sandbox:
         self.root = os.geteuid() == 0
         self.uid_base = uid_base
         self.bwrap = shutil.which("bwrap")
+        self.probe_error = "bwrap is not on PATH"
         self.isolated = self.bwrap is not None and self._probe()
         if not self.isolated and not allow_unsafe:
             raise SandboxUnavailable(
                 "cannot start bubblewrap (`bwrap`, Debian/RHEL package bubblewrap) with user, PID, network and IPC "
                 "namespaces here, so untrusted code would run with the host's view; refusing. Install bubblewrap "
-                "(and allow unprivileged user namespaces), or pass allow_unsafe=True (--sandbox-unsafe) to run it "
-                "anyway.")
+                "(and allow unprivileged user namespaces; the interpreter must be readable by every user: "
+                f"{self.interpreter}), or pass allow_unsafe=True (--sandbox-unsafe) to run it anyway. "
+                f"({self.probe_error})")
         self.cgroups = cgroup.SandboxCgroup.available() if self.isolated and self.root else ""
 
     def describe(self) -> str:
@@ -173,8 +175,10 @@ class Sandbox:
                                        pass_fds=(runner,))
                 finally:
                     os.close(runner)
+            self.probe_error = p.stderr.decode("utf-8", "replace").strip()[-300:] or f"exit {p.returncode}"
             return p.returncode == 0 and p.stdout.strip() == b"42"
-        except (OSError, subprocess.TimeoutExpired):
+        except (OSError, subprocess.TimeoutExpired) as e:
+            self.probe_error = f"{type(e).__name__}: {e}"
             return False
 
     def _results(self, out: bytes, err: bytes, n: int, oom: int) -> list[RunResult]:

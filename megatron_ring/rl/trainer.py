@@ -282,7 +282,8 @@ def train_rl(recipe: Recipe, cfg: RLConfig) -> list[dict]:
         preempted = flag.agreed()
         if preempted or s.step == stop or (cfg.save_interval and s.step % cfg.save_interval == 0):
             progress.phase(f"step {s.step}: saving the checkpoint")
-            save_training_state(s.run, s.policy, s.opt, s.sched, recipe, s.step, {"pos": s.step}, s.history)
+            save_training_state(s.run, s.policy, s.opt, s.sched, recipe, s.step, {"pos": s.step}, s.history,
+                                cfg.keep_last, cfg.keep_every)
         if preempted:
             if s.rank0:
                 print(json.dumps({"preempted_at_step": s.step}), flush=True)
@@ -318,6 +319,7 @@ def main(argv=None) -> int:
         ap.add_argument(f"--{f.replace('_', '-')}", dest=f)
     for f in ("steps", "max_steps", "prompts_per_step", "samples_per_prompt", "max_new_tokens", "token_budget",
               "mini_batches", "eval_interval", "eval_limit", "eval_k", "save_interval", "reward_workers",
+              "keep_last", "keep_every",
               "lr_warmup_steps"):
         ap.add_argument(f"--{f.replace('_', '-')}", dest=f, type=int)
     for f in ("lr", "kl_coef", "entropy_coef", "temperature", "top_p", "tis_cap", "adam_beta1", "adam_beta2",

@@ -37,6 +37,8 @@ class SFTConfig:
     save_interval: int = 0  # steps; 0: only at epoch ends
     max_steps: Optional[int] = None  # stop (with a checkpoint) after this many steps in total
     log_interval: int = 1
+    keep_last: int = 0  # keep the newest N checkpoints (+ milestones, + latest/selected); 0: keep all — selection
+    keep_every: int = 0  # measures every kept checkpoint, so prune only with milestones it may choose among
     wandb_project: Optional[str] = None  # Weights & Biases beside TensorBoard (same scalars); None: off
     wandb_mode: Optional[str] = None  # online | offline (default: $WANDB_MODE, else online)
 
@@ -161,14 +163,17 @@ def train_sft(recipe: Recipe, cfg: SFTConfig) -> list[dict]:
                 break
             if cfg.save_interval and step % cfg.save_interval == 0 and step < stop:
                 progress.phase(f"saving the step-{step} checkpoint")
-                save_training_state(run, model, opt, sched, recipe, step, {"epoch": epoch, "pos": pos}, history)
+                save_training_state(run, model, opt, sched, recipe, step, {"epoch": epoch, "pos": pos}, history,
+                                    cfg.keep_last, cfg.keep_every)
                 saved_at = step
         if pos >= steps_per_epoch:
             epoch, pos = epoch + 1, 0
-            save_training_state(run, model, opt, sched, recipe, step, {"epoch": epoch, "pos": pos}, history)
+            save_training_state(run, model, opt, sched, recipe, step, {"epoch": epoch, "pos": pos}, history,
+                                cfg.keep_last, cfg.keep_every)
             saved_at = step
     if saved_at != step or latest_checkpoint(run) is None:
-        save_training_state(run, model, opt, sched, recipe, step, {"epoch": epoch, "pos": pos}, history)
+        save_training_state(run, model, opt, sched, recipe, step, {"epoch": epoch, "pos": pos}, history,
+                            cfg.keep_last, cfg.keep_every)
     progress.close()
     if tb is not None:
         tb.close()
@@ -182,7 +187,8 @@ def main(argv=None) -> int:
     ap.add_argument("--recipe", default="sft_distill_tiny")
     for f in ("data", "init", "out"):
         ap.add_argument(f"--{f}")
-    for f in ("epochs", "global_batch_size", "micro_batch_size", "save_interval", "max_steps", "log_interval"):
+    for f in ("epochs", "global_batch_size", "micro_batch_size", "save_interval", "max_steps", "log_interval",
+              "keep_last", "keep_every"):
         ap.add_argument(f"--{f.replace('_', '-')}", dest=f, type=int)
     ap.add_argument("--lr", type=float)
     ap.add_argument("--wandb-project", help="log the same scalars to Weights & Biases too (default: off)")
@@ -196,6 +202,7 @@ def main(argv=None) -> int:
     recipe = load_recipe(a.recipe, {"parallel": par} if par else None)
     cfg = sft_config(recipe, **{k: getattr(a, k) for k in ("data", "init", "out", "epochs", "global_batch_size",
                                                           "micro_batch_size", "save_interval", "max_steps", "lr",
-                                                          "log_interval", "wandb_project", "wandb_mode")})
+                                                          "log_interval", "wandb_project", "wandb_mode",
+                                                          "keep_last", "keep_every")})
     train_sft(recipe, cfg)
     return 0

@@ -34,8 +34,9 @@ def _set_rng_state(st: dict) -> None:
 
 
 def save_training_state(run: Path, model, optimizer, scheduler, recipe: Recipe, step: int, position: dict,
-                        history: list) -> Path:
-    """Collective. Everything goes to ``iter_N.tmp`` first; rank 0 renames it and moves ``latest``."""
+                        history: list, keep_last: int = 0, keep_every: int = 0) -> Path:
+    """Collective. Everything goes to ``iter_N.tmp`` first; rank 0 renames it and moves ``latest``, then prunes
+    older checkpoints (``prune_checkpoints``) when ``keep_last`` is set."""
     rank = dist.get_rank()
     final = run / "checkpoints" / f"iter_{step:07d}"
     tmp = final.with_name(final.name + ".tmp")
@@ -53,8 +54,23 @@ def save_training_state(run: Path, model, optimizer, scheduler, recipe: Recipe, 
         tmp.rename(final)
         (run / "checkpoints" / "latest.tmp").write_text(final.name + "\n")
         os.replace(run / "checkpoints" / "latest.tmp", run / "checkpoints" / "latest")
+        if keep_last:
+            prune_checkpoints(run / "checkpoints", keep_last, keep_every)
     dist.barrier()
     return final
+
+
+def prune_checkpoints(ckpts: Path, keep_last: int, keep_every: int = 0) -> list[str]:
+    """Removes the ``iter_*`` checkpoints that are none of: the newest ``keep_last``, a milestone (iteration a
+    multiple of ``keep_every``), or what a pointer file (``latest``, ``selected``) names. Returns what it removed."""
+    found = sorted((int(p.name[5:]), p) for p in ckpts.glob("iter_*") if p.is_dir() and p.name[5:].isdigit())
+    pinned = {(ckpts / f).read_text().strip() for f in ("latest", "selected") if (ckpts / f).exists()}
+    keep = {p.name for _, p in found[-keep_last:]} | pinned
+    keep |= {p.name for it, p in found if keep_every and it % keep_every == 0}
+    gone = [p.name for _, p in found if p.name not in keep]
+    for name in gone:
+        shutil.rmtree(ckpts / name, ignore_errors=True)
+    return gone
 
 
 def latest_checkpoint(run: str | Path) -> Optional[Path]:
