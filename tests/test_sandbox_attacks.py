@@ -245,3 +245,14 @@ def test_many_test_cases_share_one_sandbox_and_see_fresh_processes(sandbox):
     res = sandbox.run_many(prog, [f"{i}\n" for i in range(5)])
     assert [r.stdout for r in res] == [f"{i} 0\n" for i in range(5)], res
     assert [r.status for r in res] == ["ok"] * 5
+
+
+def test_a_slot_is_reused_with_other_limits():
+    """Slots (uid, cgroup) are kept between runs; sandboxes with other limits (RL vs eval) reuse them, in either
+    order, and each run gets its own limits."""
+    hog = "x = b'x' * (200 << 20)\nprint(len(x))"
+    small = Sandbox(SandboxLimits(memory_bytes=128 << 20, wall_seconds=5.0))
+    big = Sandbox(SandboxLimits(memory_bytes=512 << 20, wall_seconds=5.0))
+    for _ in range(2):
+        assert small.run(hog).status == "memory_limit"
+        assert big.run(hog).stdout.strip() == str(200 << 20)

@@ -98,8 +98,7 @@ class SandboxCgroup:
             d = parent / f"{PREFIX}-{name}"
             d.mkdir(exist_ok=True)
             dirs[ctrl] = d
-        _write(dirs["memory"] / "memory.limit_in_bytes", memory_bytes)
-        _write(dirs["memory"] / "memory.memsw.limit_in_bytes", memory_bytes, optional=True)
+        _v1_memory(dirs["memory"], memory_bytes)
         _write(dirs["pids"] / "pids.max", pids)
         if "cpu" in dirs:
             _write(dirs["cpu"] / "cpu.cfs_period_us", 100000, optional=True)
@@ -170,6 +169,18 @@ def _v2_can_enable(parent: Path) -> bool:
         return True
     except OSError:
         return False
+
+
+def _v1_memory(d: Path, limit: int) -> None:
+    """v1 wants memory <= memory+swap at every moment: raising a kept group's limit writes memsw first."""
+    mem, sw = d / "memory.limit_in_bytes", d / "memory.memsw.limit_in_bytes"
+    try:
+        raising = limit > int(mem.read_text())
+    except (OSError, ValueError):
+        raising = False
+    order = [(sw, True), (mem, False)] if raising else [(mem, False), (sw, True)]
+    for f, optional in order:
+        _write(f, limit, optional=optional)
 
 
 def _write(f: Path, value, optional: bool = False) -> None:
