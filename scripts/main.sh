@@ -27,7 +27,7 @@ stage_done() { local t=$((SECONDS - ST0)); TIMES+=("$STAGE|$(hms $t)"); echo "  
 show() { grep --line-buffered -E '^\{|^\[|rror|^megatron-ring' || true; }
 # a line every 20 s for steps that print nothing of their own while they work
 beat() { ( while sleep 20; do echo "   ... $STAGE: $(hms $((SECONDS - ST0))) elapsed"; done ) & BEAT=$!; }
-unbeat() { [ -n "$BEAT" ] && { kill "$BEAT" 2>/dev/null; wait "$BEAT" 2>/dev/null; }; BEAT=""; }
+unbeat() { if [ -n "$BEAT" ]; then kill "$BEAT" 2>/dev/null || true; wait "$BEAT" 2>/dev/null || true; fi; BEAT=""; }
 BEAT=""
 trap unbeat EXIT
 if [ "$QUICK" = 1 ]; then

@@ -28,4 +28,5 @@ if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
   "$VENV/bin/python" scripts/check_lock.py "$LOCK"
   echo "$want" > "$stamp"
 fi
-"$VENV/bin/python" -c 'import megatron.core, torch, transformers; print(f"setup_env: ok (torch {torch.__version__}, megatron-core {megatron.core.__version__}, transformers {transformers.__version__})")'
+"$VENV/bin/python" -c 'import logging, warnings; warnings.simplefilter("ignore"); logging.disable(logging.WARNING)
+import megatron.core, torch, transformers; print(f"setup_env: ok (torch {torch.__version__}, megatron-core {megatron.core.__version__}, transformers {transformers.__version__})")'
