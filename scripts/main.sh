@@ -32,9 +32,9 @@ BEAT=""
 trap unbeat EXIT
 if [ "$QUICK" = 1 ]; then
   echo "quick mode: every stage with fewer steps -> $RUN (the full run: bash scripts/main.sh)"
-  SFT_EXTRA="--max-steps 60 --save-interval 20 --log-interval 10"
+  SFT_EXTRA="--max-steps 160 --save-interval 40 --log-interval 20"
   SELECT_EXTRA="--limit 16 --max-new-tokens 64"
-  RL_EXTRA="--steps 3 --prompts-per-step 8 --eval-limit 24 --eval-interval 0 --save-interval 0"
+  RL_EXTRA="--steps 4 --prompts-per-step 8 --eval-limit 24 --eval-interval 0 --save-interval 0"
 else
   SFT_EXTRA="--log-interval 25"; SELECT_EXTRA="--limit 100 --max-new-tokens 192"; RL_EXTRA=""
 fi
