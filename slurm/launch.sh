@@ -17,13 +17,21 @@ nproc_per_node() {
   if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then nvidia-smi -L | wc -l; else echo 1; fi
 }
 
+# single_process <command...>: a one-process step in the batch shell (a conversion): without the launcher's and
+# Slurm's rank variables (else it takes itself for rank 0 of an N-task job and waits for peers), on the CPU, with
+# every CPU of the node as intra-op threads.
+single_process() {
+  env -u SLURM_PROCID -u SLURM_NTASKS -u SLURM_LOCALID -u SLURM_NODEID -u RANK -u WORLD_SIZE -u LOCAL_RANK \
+    -u MASTER_ADDR -u MASTER_PORT CUDA_VISIBLE_DEVICES= OMP_NUM_THREADS="$(env -u OMP_NUM_THREADS -u OMP_THREAD_LIMIT nproc)" "$@"
+}
+
 # run_stage <module args...>: run `python -m megatron_ring.cli <args>` on every rank of the allocation.
 run_stage() {
   local nproc; nproc=$(nproc_per_node)
   if [ -n "${SLURM_JOB_ID:-}" ]; then
     local head port
     head=$(scontrol show hostnames "${SLURM_JOB_NODELIST}" | head -n 1)
-    port=$((20000 + SLURM_JOB_ID % 20000))
+    port=$((20000 + SLURM_JOB_ID % 10000))  # 20000-29999: disjoint from the rollout servers' 30000-49999
     echo "[$(date +%T)] job ${SLURM_JOB_ID} (restart ${SLURM_RESTART_COUNT:-0}) on ${SLURM_JOB_NUM_NODES:-1} node(s) x ${nproc}: $*"
     srun --kill-on-bad-exit=1 --ntasks-per-node=1 "$PY" -m torch.distributed.run \
       --nnodes="${SLURM_JOB_NUM_NODES:-1}" --nproc-per-node="$nproc" --rdzv-backend=c10d \
@@ -66,7 +74,7 @@ run_rl_stage() {
   gpus=$(nproc_per_node); rollout=${ROLLOUT_GPUS:-4}
   start=$("$PY" -m megatron_ring.cli recipes --get "$RECIPE" stages.rl.init)
   hf="${SGLANG_MODEL:-$("$PY" -m megatron_ring.cli recipes --get "$RECIPE" stages.rl.out)/rollout_init_hf}"
-  [ -f "$hf/config.json" ] || "$PY" -m megatron_ring.cli convert mcore-to-hf --ckpt "$start" --out "$hf" \
+  [ -f "$hf/config.json" ] || single_process "$PY" -m megatron_ring.cli convert mcore-to-hf --ckpt "$start" --out "$hf" \
     --tokenizer "$("$PY" -m megatron_ring.cli recipes --get "$RECIPE" stages.rl.tokenizer)" --dtype bf16
   local port=$((30000 + ${SLURM_JOB_ID:-0} % 20000))
   for host in $(scontrol show hostnames "${SLURM_JOB_NODELIST:-localhost}" 2>/dev/null || echo localhost); do

@@ -47,6 +47,10 @@ def test_detect_env_slurm_srun_port_from_job_id():
     e = detect_env(env)
     assert (e.rank, e.world_size, e.local_rank, e.master_addr, e.launcher) == (5, 16, 5, "gpu-a", "slurm")
     assert e.master_port == slurm_port(4242) == 20000 + 4242 and slurm_port(4243) != e.master_port
+    # rendezvous ports never fall in the rollout servers' range (slurm/launch.sh: 30000 + id % 20000)
+    assert all(20000 <= slurm_port(j) < 30000 for j in (0, 9999, 10000, 19999, 25000, 123456789))
+    launch = (ROOT / "slurm" / "launch.sh").read_text()
+    assert "port=$((20000 + SLURM_JOB_ID % 10000))" in launch and "port=$((30000 + ${SLURM_JOB_ID:-0} % 20000))" in launch
 
 
 def test_detect_env_single_process():

@@ -55,3 +55,21 @@ def test_pipeline_from_a_stage_reuses_the_earlier_ones():
     assert all(f"skipped {n} (FROM=rl_stage1)" in r.stderr for n in STAGES[:3])
     bad = _dry(FROM="rl")
     assert bad.returncode == 2 and "FROM=rl: not a stage" in bad.stderr and " sbatch " not in bad.stderr
+
+
+def test_a_single_process_step_is_not_rank_0_of_the_job():
+    """The RL stage's conversion runs in the batch shell, where Slurm exports SLURM_PROCID=0 / SLURM_NTASKS=N: through
+    launch.sh's single_process it sees no rank variables (a single process, not rank 0 of N waiting for peers), no GPU,
+    and every CPU as threads."""
+    import os as _os
+
+    env = dict(_os.environ, SLURM_PROCID="0", SLURM_NTASKS="16", SLURM_LOCALID="0", RANK="0", WORLD_SIZE="16",
+               MASTER_PORT="29500", CUDA_VISIBLE_DEVICES="0,1", OMP_NUM_THREADS="1")
+    code = "from megatron_ring.parallel.dist import detect_env; e = detect_env(); print(e.world_size, e.launcher)"
+    r = subprocess.run(["bash", "-c", f'source slurm/launch.sh; single_process env; single_process "$PY" -c "{code}"'],
+                       cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    got = dict(ln.split("=", 1) for ln in r.stdout.splitlines() if "=" in ln)
+    assert not {"SLURM_PROCID", "SLURM_NTASKS", "RANK", "WORLD_SIZE", "MASTER_PORT"} & set(got), got
+    assert got["CUDA_VISIBLE_DEVICES"] == "" and got["OMP_NUM_THREADS"] == str(len(_os.sched_getaffinity(0)))
+    assert r.stdout.splitlines()[-1] == "1 single"
