@@ -134,8 +134,9 @@ def _cmd_plan(a):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(epilog="--verbose (any command): show every library notice (default: known-harmless "
-                                       "ones are summarised in one line)",prog="megatron-ring", description=__doc__)
+    p = argparse.ArgumentParser(prog="megatron-ring", description=__doc__,
+                                epilog="--verbose (any command): show every library notice (default: known-harmless "
+                                       "ones are summarised in one line)")
     sub = p.add_subparsers(dest="cmd", required=True)
     sub.add_parser("select", help="entropy-based SFT checkpoint selection: megatron-ring select --help")
     sub.add_parser("rl", help="C3PO RL stage: megatron-ring rl --recipe rl_stage1_tiny --help")

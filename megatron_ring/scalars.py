@@ -87,9 +87,9 @@ class Progress:
     def phase(self, name: str) -> None:
         self.phase_name = name
 
-    def step(self, step: int, figures: dict, force: bool = False) -> None:
-        """A line for ``step`` when ``every_s`` passed since the last one (or ``force``)."""
-        if not self.enabled or not (force or time.monotonic() - self.last >= self.every_s or step >= self.total):
+    def step(self, step: int, figures: dict) -> None:
+        """A line for ``step`` when ``every_s`` passed since the last one (0: every step), and for the last step."""
+        if not self.enabled or not (time.monotonic() - self.last >= self.every_s or step >= self.total):
             return
         el = time.monotonic() - self.t0
         done = step - self.start

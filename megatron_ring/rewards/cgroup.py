@@ -5,6 +5,7 @@ memory counts what the tree keeps in tmpfs and kernel objects (files, inodes, pi
 writable, ``SandboxCgroup.create`` returns None and the sandbox says it runs on rlimits only."""
 from __future__ import annotations
 
+import functools
 import os
 import time
 from pathlib import Path
@@ -73,31 +74,26 @@ class SandboxCgroup:
     @classmethod
     def available(cls) -> str:
         """'v2', 'v1' or '' (rlimits only), for the sandbox's description."""
-        v2 = _v2_parent()
-        if v2 is not None and _v2_can_enable(v2):
-            return "v2"
-        return "v1" if _v1_parents() else ""
+        return _layout()[0]
 
     @classmethod
     def create(cls, name: str, memory_bytes: int, pids: int, cpus: float = 1.0) -> "SandboxCgroup | None":
         """The group ``name`` with these limits (made if missing), or None where no controller is writable."""
-        v2 = _v2_parent()
-        if v2 is not None and _v2_can_enable(v2):
-            d = v2 / f"{PREFIX}-{name}"
+        version, parents = _layout()
+        if not version:
+            return None
+        dirs = {}
+        for ctrl, parent in parents.items():
+            d = parent / f"{PREFIX}-{name}"
             d.mkdir(exist_ok=True)
+            dirs[ctrl] = d
+        if version == "v2":
+            d = dirs["v2"]
             _write(d / "memory.max", memory_bytes)
             _write(d / "memory.swap.max", 0, optional=True)
             _write(d / "pids.max", pids)
             _write(d / "cpu.max", f"{int(cpus * 100000)} 100000", optional=True)
-            return cls(2, {"v2": d})
-        v1 = _v1_parents()
-        if not v1:
-            return None
-        dirs = {}
-        for ctrl, parent in v1.items():
-            d = parent / f"{PREFIX}-{name}"
-            d.mkdir(exist_ok=True)
-            dirs[ctrl] = d
+            return cls(2, dirs)
         _v1_memory(dirs["memory"], memory_bytes)
         _write(dirs["pids"] / "pids.max", pids)
         if "cpu" in dirs:
@@ -138,13 +134,16 @@ class SandboxCgroup:
                         pass
                 time.sleep(0.005)
 
-    def remove(self) -> None:
-        self.clear()
-        for d in self.dirs.values():
-            try:
-                d.rmdir()
-            except OSError:
-                pass
+
+@functools.lru_cache(maxsize=1)
+def _layout() -> tuple[str, dict[str, Path]]:
+    """Where this process may make sandbox groups, found once per process: ('v2', {'v2': parent}),
+    ('v1', {controller: parent}) or ('', {})."""
+    v2 = _v2_parent()
+    if v2 is not None and _v2_can_enable(v2):
+        return "v2", {"v2": v2}
+    v1 = _v1_parents()
+    return ("v1", v1) if v1 else ("", {})
 
 
 def join(procs_files: list[str]) -> None:

@@ -56,9 +56,7 @@ class RewardPool:
         """``workers`` 0: one per CPU (``cpu_workers``)."""
         limits = limits or SandboxLimits()
         Sandbox(limits, allow_unsafe=allow_unsafe)  # refuse here, before any rollout, if isolation is missing
-        workers = workers or cpu_workers()
-        self.workers = workers
-        self.ex = ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn"), initializer=_init,
+        self.ex = ProcessPoolExecutor(workers or cpu_workers(), mp_context=mp.get_context("spawn"), initializer=_init,
                                       initargs=(asdict(limits), allow_unsafe))
 
     def map(self, jobs: list[dict]) -> list[Reward]:

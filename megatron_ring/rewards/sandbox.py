@@ -20,6 +20,7 @@ refuses to start unless ``allow_unsafe`` is given (then: the same runner, rlimit
 from __future__ import annotations
 
 import fcntl
+import functools
 import json
 import os
 import shutil
@@ -106,7 +107,10 @@ class Sandbox:
         """The program on every input, in one sandbox (a fresh process per input): a result per input. With
         ``stop_on_error`` the inputs after the first run that does not exit 0 are not run (status "skipped")."""
         lim = self.limits
-        req = {"program": program, "inputs": list(inputs), "limits": asdict(lim), "isolated": self.isolated,
+        limits = asdict(lim)
+        if not self.root:  # RLIMIT_NPROC counts the real user's processes: leave room above what runs now
+            limits["processes"] += _user_process_count()
+        req = {"program": program, "inputs": list(inputs), "limits": limits, "isolated": self.isolated,
                "stop_on_error": stop_on_error}
         with _Slot() as slot, tempfile.TemporaryDirectory(prefix="mr-sandbox-", dir=_shared_tmp()) as td:
             uid = self.uid_base + slot.n if (self.isolated and self.root) else None
@@ -114,7 +118,7 @@ class Sandbox:
             if self.cgroups:
                 group = cgroup.SandboxCgroup.create(f"slot{slot.n}", lim.memory_bytes + (48 << 20), lim.processes + 4)
                 oom0 = group.oom_kills()
-            scratch, runner = None, _runner_fd()
+            scratch, runner = None, _runner_fd() if self.isolated else None
             if self.isolated:
                 if self.root:  # a tmpfs with a file-count limit, mounted in bubblewrap's own mount namespace
                     scratch = os.path.join(td, "scratch")
@@ -127,7 +131,7 @@ class Sandbox:
             try:
                 p = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                      cwd=td, start_new_session=True, env={"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8"},
-                                     pass_fds=(runner,),
+                                     pass_fds=(runner,) if self.isolated else (),
                                      preexec_fn=_enter(group.procs_files if group else [], uid,
                                                        scratch and (scratch, lim.scratch_bytes, lim.scratch_files)))
                 try:
@@ -137,7 +141,8 @@ class Sandbox:
                     out, err = p.communicate()
                 oom = group.oom_kills() - oom0 if group else 0
             finally:
-                os.close(runner)
+                if runner is not None:
+                    os.close(runner)
                 if group is not None:
                     group.clear()
         return self._results(out, err, len(inputs), oom)
@@ -207,12 +212,29 @@ def _status(t: dict, cap: int, oom: int) -> str:
     return "ok" if rc == 0 else "runtime_error"
 
 
+@functools.cache
+def _runner_source() -> bytes:
+    return RUNNER.read_bytes()
+
+
 def _runner_fd() -> int:
     """The runner's source in an anonymous file, passed to bubblewrap, which copies it in."""
     fd = os.memfd_create("runner")
-    os.write(fd, RUNNER.read_bytes())
+    os.write(fd, _runner_source())
     os.lseek(fd, 0, os.SEEK_SET)
     return fd
+
+
+def _user_process_count() -> int:
+    uid = os.getuid()
+    n = 0
+    for d in Path("/proc").iterdir():
+        if d.name.isdigit():
+            try:
+                n += d.stat().st_uid == uid
+            except OSError:
+                pass
+    return n
 
 
 def _shared_tmp() -> str | None:

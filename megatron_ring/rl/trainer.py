@@ -21,7 +21,7 @@ from ..training.state import StopFlag, latest_checkpoint, load_training_state, s
 from .config import RLConfig, resolve_start, rl_config
 from .policy import empty_like, make_microbatches, rl_forward_step, score_logprobs
 from ..rewards import reward_job
-from ..scalars import Progress
+from ..scalars import Progress, Scalars
 from .rollout import SamplingParams, chat_prompt_ids
 from .step import as_tensor, rl_step
 
@@ -260,8 +260,6 @@ def train_rl(recipe: Recipe, cfg: RLConfig) -> list[dict]:
     recipe = s.recipe  # with the start checkpoint's architecture (what every checkpoint of the run carries)
     s.tb = None
     if s.rank0:
-        from ..scalars import Scalars
-
         s.tb = Scalars(s.run, cfg.wandb_project, cfg.wandb_mode, config={"recipe": recipe.name, **vars(cfg)})
     stop = min(cfg.steps, cfg.max_steps) if cfg.max_steps else cfg.steps
     flag = StopFlag()
@@ -307,7 +305,7 @@ def _log(s: RLState, rec: dict) -> None:
     figs = {k: rec[k] for k in ("reward/mean", "loss") if k in rec}
     figs.update({k: rec[k] for k in rec if k.startswith("eval/")})
     if rec["step"] > 0:
-        s.progress.step(rec["step"], figs, force=True)
+        s.progress.step(rec["step"], figs)
 
 
 def main(argv=None) -> int:

@@ -97,7 +97,7 @@ def select_checkpoints(run: str | Path, prompts_parquet: str | Path, tokenizer_d
                              if eval_parquet else None)
         entries.append(e)
         print(json.dumps(e), flush=True)
-        progress.step(k + 1, {"checkpoint": ck.name, "entropy": e["entropy"]}, force=True)
+        progress.step(k + 1, {"checkpoint": ck.name, "entropy": e["entropy"]})
     progress.close()
     pick, why = choose(entries, window)
     if pick is not None:

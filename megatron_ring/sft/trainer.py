@@ -16,6 +16,7 @@ import torch.distributed as dist
 
 from ..checkpoint import adopt_architecture, load_checkpoint
 from ..config.recipe import Recipe, _from_dict, load_recipe
+from ..scalars import Progress, Scalars
 from ..training.state import StopFlag, latest_checkpoint, load_training_state, save_training_state
 from .data import collate, packed_row_to_sample
 
@@ -37,8 +38,8 @@ class SFTConfig:
     save_interval: int = 0  # steps; 0: only at epoch ends
     max_steps: Optional[int] = None  # stop (with a checkpoint) after this many steps in total
     log_interval: int = 1
-    keep_last: int = 0  # keep the newest N checkpoints (+ milestones, + latest/selected); 0: keep all — selection
-    keep_every: int = 0  # measures every kept checkpoint, so prune only with milestones it may choose among
+    keep_last: int = 0  # keep the newest N checkpoints (+ milestones, + latest/selected); 0: keep all (selection
+    keep_every: int = 0  # measures every checkpoint left: prune SFT runs only down to the milestones to choose from)
     wandb_project: Optional[str] = None  # Weights & Biases beside TensorBoard (same scalars); None: off
     wandb_mode: Optional[str] = None  # online | offline (default: $WANDB_MODE, else online)
 
@@ -126,14 +127,10 @@ def train_sft(recipe: Recipe, cfg: SFTConfig) -> list[dict]:
     saved_at = step
     tb = None
     if dist.get_rank() == 0:
-        from ..scalars import Scalars
-
         tb = Scalars(run, cfg.wandb_project, cfg.wandb_mode, config={"recipe": recipe.name, **vars(cfg)})
     per_rank = cfg.global_batch_size // dp
     stop = min(total, cfg.max_steps) if cfg.max_steps else total
     flag = StopFlag()
-    from ..scalars import Progress
-
     progress = Progress("sft", stop, start=step, enabled=tb is not None)
     while step < stop:
         order = data.order(epoch, recipe.seed)
