@@ -71,8 +71,10 @@ if command -v sbatch >/dev/null 2>&1 && sinfo -h >/dev/null 2>&1; then
   jid=$(RECIPE=rl_stage1_tiny RL_ARGS="$RL_ARGS" sbatch --parsable --export=ALL --nodes=1 --gpus-per-node=0 \
         --cpus-per-task=2 --mem=16G --time=02:00:00 slurm/rl_stage1.sh)
   echo "submitted job $jid; following logs/rl_stage1-$jid.out"
-  while squeue -h -j "$jid" 2>/dev/null | grep -q .; do sleep 10; done
-  show < "logs/rl_stage1-$jid.out"
+  ( while squeue -h -j "$jid" 2>/dev/null | grep -q .; do sleep 5; done ) & waiter=$!
+  # live, until the job has left the queue (tail exits 1 when the log did not exist yet at its start)
+  { tail -n +1 -F --pid="$waiter" "logs/rl_stage1-$jid.out" 2>/dev/null || true; } | show
+  wait "$waiter" || true
 else
   RECIPE=rl_stage1_tiny NPROC=1 RL_ARGS="$RL_ARGS" bash slurm/rl_stage1.sh 2>&1 | show
 fi
