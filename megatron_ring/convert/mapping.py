@@ -69,17 +69,23 @@ def expected_hf_shapes(cfg: dict[str, Any]) -> dict[str, tuple[int, ...]]:
     return out
 
 
-def qkv_hf_to_mcore(w: torch.Tensor, H: int, G: int, D: int) -> torch.Tensor:
-    q, k, v = w.split([H * D, G * D, G * D])
+def _qkv_rows(H: int, G: int, D: int) -> torch.Tensor:
+    """For each row of megatron's fused QKV ([q_g; k_g; v_g] per query group g), its row in HF's [Q; K; V]."""
     per = H // G
-    return torch.cat([q.reshape(G, per * D, -1), k.reshape(G, D, -1), v.reshape(G, D, -1)], 1).reshape(w.shape)
+    g = torch.arange(G)[:, None]
+    q = (g * per * D + torch.arange(per * D)).reshape(G, -1)
+    k = H * D + g * D + torch.arange(D)
+    v = (H + G) * D + g * D + torch.arange(D)
+    return torch.cat([q, k, v], 1).reshape(-1)
+
+
+def qkv_hf_to_mcore(w: torch.Tensor, H: int, G: int, D: int) -> torch.Tensor:
+    return w.index_select(0, _qkv_rows(H, G, D).to(w.device))  # one new tensor, no intermediate copies
 
 
 def qkv_mcore_to_hf(w: torch.Tensor, H: int, G: int, D: int) -> torch.Tensor:
-    per = H // G
-    g = w.reshape(G, (per + 2) * D, -1)
-    q, k, v = g.split([per * D, D, D], dim=1)
-    return torch.cat([q.reshape(H * D, -1), k.reshape(G * D, -1), v.reshape(G * D, -1)]).reshape(w.shape)
+    rows = _qkv_rows(H, G, D).to(w.device)
+    return w.index_select(0, torch.empty_like(rows).scatter_(0, rows, torch.arange(len(rows), device=w.device)))
 
 
 # Names of the megatron *local* spec; the TE spec fuses norms into the following linear.
@@ -137,47 +143,73 @@ def mcore_to_hf_items(mc: dict[str, torch.Tensor], cfg: dict[str, Any], consume:
     """(HF name, tensor) one at a time; with ``consume`` each megatron tensor leaves ``mc`` as it is converted
     (host memory stays ~ one model). Raises at the end unless every megatron tensor was used exactly once."""
     check_convertible(cfg)
-    H, G, D = _dims(cfg)
     if not consume:
         mc = dict(mc)
     for k in [k for k in mc if _canonical(k) != k]:
         mc[_canonical(k)] = mc.pop(k)
     used: set[str] = set()
-
-    def take(name):
+    for name in mcore_names(cfg):
         if name not in mc:
             raise ConversionError(f"megatron checkpoint is missing tensor '{name}'")
         used.add(name)
-        return mc.pop(name) if consume else mc[name]
-
-    yield "model.word_embeddings.weight", take("embedding.word_embeddings.weight")
-    k_dense = int(cfg.get("first_k_dense_replace") or 0)
-    for i in range(cfg["num_hidden_layers"]):
-        p, d = f"model.layers.{i}.", f"decoder.layers.{i}."
-        yield p + "input_layernorm.weight", take(d + "input_layernorm.weight")
-        yield p + "attention.query_key_value.weight", qkv_mcore_to_hf(take(d + "self_attention.linear_qkv.weight"), H, G, D)
-        yield p + "attention.dense.weight", take(d + "self_attention.linear_proj.weight")
-        yield p + "post_attention_layernorm.weight", take(d + "pre_mlp_layernorm.weight")
-        if i < k_dense:
-            yield from _hf_mlp_items(p + "mlp.", take, d + "mlp.")
-            continue
-        yield p + "mlp.gate.weight", take(d + "mlp.router.weight")
-        for e in range(cfg["num_experts"]):
-            yield from _hf_mlp_items(f"{p}mlp.experts.{e}.", take, f"{d}mlp.experts.local_experts.{e}.")
-        if cfg.get("num_shared_experts"):
-            yield from _hf_mlp_items(p + "mlp.shared_experts.", take, d + "mlp.shared_experts.")
-    yield "model.norm.weight", take("decoder.final_layernorm.weight")
-    yield "lm_head.weight", take("output_layer.weight")
+        yield from mcore_tensor_to_hf(name, mc.pop(name) if consume else mc[name], cfg)
     left = sorted(set(mc) - used)
     if left:
         raise ConversionError(f"{len(left)} megatron tensor(s) have no HF counterpart, e.g. {left[:5]}")
 
 
-def _hf_mlp_items(dst, take, src):
-    gate, up = take(src + "linear_fc1.weight").chunk(2)
-    yield dst + "gate_proj.weight", gate.contiguous()
-    yield dst + "up_proj.weight", up.contiguous()
-    yield dst + "down_proj.weight", take(src + "linear_fc2.weight")
+def mcore_names(cfg: dict[str, Any]) -> list[str]:
+    """The full (TP1/PP1/EP1, local-spec) megatron tensor names of this config, in HF file order."""
+    out = ["embedding.word_embeddings.weight"]
+    k_dense = int(cfg.get("first_k_dense_replace") or 0)
+    mlp = ("linear_fc1.weight", "linear_fc2.weight")
+    for i in range(cfg["num_hidden_layers"]):
+        d = f"decoder.layers.{i}."
+        out += [d + "input_layernorm.weight", d + "self_attention.linear_qkv.weight",
+                d + "self_attention.linear_proj.weight", d + "pre_mlp_layernorm.weight"]
+        if i < k_dense:
+            out += [d + "mlp." + m for m in mlp]
+            continue
+        out.append(d + "mlp.router.weight")
+        out += [f"{d}mlp.experts.local_experts.{e}.{m}" for e in range(cfg["num_experts"]) for m in mlp]
+        if cfg.get("num_shared_experts"):
+            out += [d + "mlp.shared_experts." + m for m in mlp]
+    return out + ["decoder.final_layernorm.weight", "output_layer.weight"]
+
+
+_RENAMES = [(re.compile(a), b) for a, b in [
+    (r"^embedding\.word_embeddings\.weight$", "model.word_embeddings.weight"),
+    (r"^decoder\.final_layernorm\.weight$", "model.norm.weight"),
+    (r"^output_layer\.weight$", "lm_head.weight"),
+    (r"^decoder\.layers\.(\d+)\.input_layernorm\.weight$", r"model.layers.\1.input_layernorm.weight"),
+    (r"^decoder\.layers\.(\d+)\.self_attention\.linear_qkv\.weight$", r"model.layers.\1.attention.query_key_value.weight"),
+    (r"^decoder\.layers\.(\d+)\.self_attention\.linear_proj\.weight$", r"model.layers.\1.attention.dense.weight"),
+    (r"^decoder\.layers\.(\d+)\.pre_mlp_layernorm\.weight$", r"model.layers.\1.post_attention_layernorm.weight"),
+    (r"^decoder\.layers\.(\d+)\.mlp\.router\.weight$", r"model.layers.\1.mlp.gate.weight"),
+    (r"^decoder\.layers\.(\d+)\.mlp\.experts\.local_experts\.(\d+)\.linear_fc(\d)\.weight$", r"model.layers.\1.mlp.experts.\2.fc\3"),
+    (r"^decoder\.layers\.(\d+)\.mlp\.shared_experts\.linear_fc(\d)\.weight$", r"model.layers.\1.mlp.shared_experts.fc\2"),
+    (r"^decoder\.layers\.(\d+)\.mlp\.linear_fc(\d)\.weight$", r"model.layers.\1.mlp.fc\2"),
+]]
+
+
+def mcore_tensor_to_hf(name: str, t: torch.Tensor, cfg: dict[str, Any]) -> list[tuple[str, torch.Tensor]]:
+    """One full megatron tensor (canonical name) -> its HF tensor(s): the QKV regrouped, SwiGLU's fc1 split in
+    gate and up; every other tensor is renamed only (the same storage)."""
+    name = _canonical(name)
+    for pat, rep in _RENAMES:
+        if pat.match(name):
+            hf = pat.sub(rep, name)
+            break
+    else:
+        raise ConversionError(f"megatron tensor '{name}' has no HF counterpart")
+    if hf.endswith(".query_key_value.weight"):
+        return [(hf, qkv_mcore_to_hf(t, *_dims(cfg)))]
+    if hf.endswith(".fc1"):
+        gate, up = t.chunk(2)
+        return [(hf[:-3] + "gate_proj.weight", gate.contiguous()), (hf[:-3] + "up_proj.weight", up.contiguous())]
+    if hf.endswith(".fc2"):
+        return [(hf[:-3] + "down_proj.weight", t)]
+    return [(hf, t)]
 
 
 def _canonical(name: str) -> str:

@@ -1,0 +1,192 @@
+"""The policy's weights as HF-named tensors, gathered in memory from any TP/EP/PP layout, in buckets.
+
+The layout comes from megatron-core itself: ``model.sharded_state_dict()`` says, for every local tensor, which
+global tensor it is a piece of, where it sits (``global_offset``) and whether this rank holds the main replica —
+the same description a dist checkpoint is written from, so the result equals ``megatron-ring export`` bit for bit
+(tests/mp/case_weight_sync.py). A piece's *unit* is one full tensor of the TP1/EP1/PP1 model: megatron stacks
+layers (and experts) as leading axes of one checkpoint key; a unit is one layer's (one expert's) slice.
+
+``stream_hf_weights`` (collective) plans once from metadata only — every unit tiled exactly by its pieces, the HF
+names and shapes the config implies — before any data moves; then, bucket by bucket (units in HF file order, at most
+``bucket_bytes`` or one unit), the ranks that own pieces send them to rank 0, which assembles the units, renames
+them to HF (QKV regrouped, SwiGLU split) and hands the bucket to ``sink`` (a weight transport), then drops it.
+The full model never sits on one rank: rank 0's extra memory is one bucket plus one tensor (measured)."""
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+import torch.distributed as dist
+
+from ..convert.mapping import (ConversionError, _canonical, mcore_names, mcore_tensor_to_hf, verify_hf_shapes)
+
+_EXPERTS = "mlp.experts.experts."  # megatron's checkpoint key for experts (SequentialMLP and TEGroupedMLP alike)
+
+
+@dataclass
+class Unit:
+    name: str  # canonical full megatron name (mapping.mcore_names)
+    shape: tuple[int, ...]
+    dtype: str
+    pieces: list[tuple[int, tuple[int, ...], tuple[int, ...]]] = field(default_factory=list)  # (rank, offset, shape)
+
+    @property
+    def nbytes(self) -> int:
+        return math.prod(self.shape) * getattr(torch, self.dtype).itemsize
+
+
+def unit_name(key: str, prepend: tuple[int, ...]) -> str:
+    """A checkpoint key plus its stacked-axis offsets -> the TP1/EP1/PP1 parameter name (canonical local spec)."""
+    if prepend:
+        if not key.startswith("decoder.layers."):
+            raise ConversionError(f"checkpoint key '{key}' has stacked axes {prepend} outside decoder.layers")
+        rest = key[len("decoder.layers."):]
+        if len(prepend) == 2:
+            if not rest.startswith(_EXPERTS):
+                raise ConversionError(f"checkpoint key '{key}' has two stacked axes but is not an expert tensor")
+            rest = f"mlp.experts.local_experts.{prepend[1]}." + rest[len(_EXPERTS):]
+        elif len(prepend) > 2:
+            raise ConversionError(f"checkpoint key '{key}' has {len(prepend)} stacked axes (at most 2 known)")
+        key = f"decoder.layers.{prepend[0]}.{rest}"
+    return _canonical(key)
+
+
+def local_pieces(model: torch.nn.Module) -> dict[tuple[str, tuple[int, ...]], tuple[torch.Tensor, tuple[int, ...]]]:
+    """This rank's main-replica pieces: (unit name, offset in the unit) -> (tensor, unit shape)."""
+    from megatron.core.dist_checkpointing.mapping import ShardedTensor, ShardedTensorFactory
+
+    out = {}
+
+    def visit(v):
+        if isinstance(v, ShardedTensorFactory):
+            built = v.build()
+            for x in built.values() if isinstance(built, dict) else built if isinstance(built, list) else [built]:
+                visit(x)
+        elif isinstance(v, ShardedTensor):
+            rid = v.replica_id if isinstance(v.replica_id, tuple) else (v.replica_id,)
+            if any(rid):
+                return  # another rank holds the main replica (TP-duplicated norms, DP copies)
+            if v.flattened_range is not None:
+                raise ConversionError(f"'{v.key}': a flattened (optimizer-state) shard is not a model weight")
+            n = v.prepend_axis_num
+            name = unit_name(v.key, tuple(v.global_offset[:n]))
+            out[(name, tuple(v.global_offset[n:]))] = (v.data.detach(), tuple(v.global_shape[n:]))
+        # ShardedObject: TE's FP8 metadata (_extra_state), not a weight
+
+    for v in model.sharded_state_dict().values():
+        visit(v)
+    return out
+
+
+def plan(model: torch.nn.Module, cfg: dict, group=None):
+    """Collective. (units in HF file order, this rank's pieces); refuses a layout that does not tile the model or
+    HF names/shapes the config does not imply — before any data moves."""
+    mine = local_pieces(model)
+    meta = [(name, off, tuple(t.shape), str(t.dtype).removeprefix("torch."), ushape)
+            for (name, off), (t, ushape) in mine.items()]
+    every = [None] * dist.get_world_size(group)
+    dist.all_gather_object(every, meta, group=group)
+    units: dict[str, Unit] = {}
+    for rank, rows in enumerate(every):
+        for name, off, shape, dtype, ushape in rows:
+            u = units.setdefault(name, Unit(name, ushape, dtype))
+            if u.shape != ushape or u.dtype != dtype:
+                raise ConversionError(f"'{name}': ranks disagree on its shape/dtype ({u.shape} {u.dtype} vs "
+                                      f"{ushape} {dtype} on rank {rank})")
+            u.pieces.append((rank, off, shape))
+    want = mcore_names(cfg)
+    missing, extra = sorted(set(want) - set(units)), sorted(set(units) - set(want))
+    if missing or extra:
+        raise ConversionError(f"the model's layout does not match its config: missing {missing[:5]}, "
+                              f"not in the config {extra[:5]}")
+    for u in units.values():
+        covered = sum(math.prod(s) for _, _, s in u.pieces)
+        inside = all(o + s <= n for _, off, shp in u.pieces for o, s, n in zip(off, shp, u.shape))
+        if covered != math.prod(u.shape) or not inside:
+            raise ConversionError(f"'{u.name}': its pieces do not tile {u.shape}: {u.pieces[:4]}")
+    shapes = {}
+    for name in want:
+        u = units[name]
+        for hf, t in mcore_tensor_to_hf(name, torch.empty(u.shape, device="meta"), cfg):
+            shapes[hf] = tuple(t.shape)
+    verify_hf_shapes(shapes, cfg)
+    return [units[n] for n in want], {k: t for k, (t, _) in mine.items()}
+
+
+def buckets(units: list[Unit], bucket_bytes: int) -> list[list[Unit]]:
+    """Consecutive units up to ``bucket_bytes`` (a larger unit travels alone)."""
+    out, cur, size = [], [], 0
+    for u in units:
+        if cur and size + u.nbytes > bucket_bytes:
+            out.append(cur)
+            cur, size = [], 0
+        cur.append(u)
+        size += u.nbytes
+    return out + [cur] if cur else out
+
+
+def stream_hf_weights(model: torch.nn.Module, cfg: dict, sink: Callable[[list[tuple[str, torch.Tensor]]], None] | None,
+                      bucket_bytes: int = 1 << 30, group=None, device: torch.device | str | None = None) -> dict:
+    """Collective. Every bucket of HF-named full tensors goes to ``sink`` on rank 0 (``sink`` is ignored elsewhere).
+    ``device``: where rank 0 assembles (default: where the weights live). Returns figures (rank 0's)."""
+    t0 = time.perf_counter()
+    units, mine = plan(model, cfg, group)
+    me = dist.get_rank(group)
+    g = (lambda r: dist.get_global_rank(group, r)) if group is not None else (lambda r: r)
+    dev = device or (next(iter(mine.values())).device if mine else "cpu")
+    moved = sent = 0
+    plan_s = time.perf_counter() - t0
+    for bucket in buckets(units, bucket_bytes):
+        if me != 0:
+            works, keep = [], []  # (keep: a copy made by .contiguous() must outlive its send)
+            for u in bucket:
+                for rank, off, _ in u.pieces:
+                    if rank == me:
+                        t = mine[(u.name, off)].contiguous()
+                        works.append(dist.isend(t, dst=g(0), group=group))
+                        keep.append(t)
+                        sent += t.nbytes
+            for w in works:
+                w.wait()
+            continue
+        full = _assemble(bucket, mine, dev, g, group)
+        moved += sum(math.prod(shp) * getattr(torch, u.dtype).itemsize for u in bucket for r, _, shp in u.pieces if r)
+        named = []
+        while full:
+            name, t = full.pop(0)
+            named += mcore_tensor_to_hf(name, t, cfg)
+            del t
+        if sink is not None:
+            sink(named)
+        del named
+    return {"seconds": time.perf_counter() - t0, "plan_seconds": plan_s, "bytes_received": moved,
+            "bytes_sent": sent, "buckets": len(buckets(units, bucket_bytes)),
+            "bytes_total": sum(u.nbytes for u in units)}
+
+
+def _assemble(bucket: list[Unit], mine: dict, dev, g, group) -> list[tuple[str, torch.Tensor]]:
+    """Rank 0: the bucket's full tensors from its own pieces and the ones the other ranks send. Contiguous pieces
+    (row shards, whole experts/layers) land in place; a column shard goes through one piece-sized buffer."""
+    full, works = [], []
+    for u in bucket:
+        out = torch.empty(u.shape, dtype=getattr(torch, u.dtype), device=dev)
+        for rank, off, shp in u.pieces:
+            view = out[tuple(slice(o, o + s) for o, s in zip(off, shp))]
+            if rank == 0:
+                view.copy_(mine[(u.name, off)])
+            elif view.is_contiguous():
+                works.append(dist.irecv(view, src=g(rank), group=group))
+            else:
+                for w in works:
+                    w.wait()
+                works = []
+                tmp = torch.empty(shp, dtype=out.dtype, device=out.device)
+                dist.recv(tmp, src=g(rank), group=group)
+                view.copy_(tmp)
+        full.append((u.name, out))
+    for w in works:
+        w.wait()
+    return full
