@@ -40,9 +40,16 @@ class RLConfig:
     adam_eps: float = 1e-8  # larger values damp the moves of parameters whose RL gradient is mostly noise
     clip_grad: float = 1.0
     tis_cap: Optional[float] = None  # truncated importance sampling cap C (None: off)
-    engine: str = "inprocess"  # inprocess | sglang
+    engine: str = "inprocess"  # inprocess | sglang (SGLang servers on GPUs, or serving/native.py's CPU servers)
     sglang_urls: list = field(default_factory=list)
-    sglang_colocated: bool = False
+    sglang_colocated: bool = False  # the servers share the trainer's GPUs (weights by CUDA IPC, memory released)
+    weight_transport: str = "auto"  # auto (inprocess | ipc when colocated | broadcast) | broadcast | ipc | disk
+    weight_bucket_mb: int = 1024  # the weight sync moves at most this much (or one tensor) at a time
+    server_inflight: int = 8  # concurrent /generate requests per server (one prompt's K samples each)
+    rollout_timeout_minutes: int = 240  # how long the other ranks wait for rank 0's rollout (gloo, not NCCL)
+    max_prompt_tokens: int = 1024  # longer prompts are refused at start (naming the row)
+    context_beyond_positions: bool = False  # allow prompt + max_new_tokens > max_position_embeddings (RoPE has
+    # no table limit; SGLang then needs SGLANG_ALLOW_OVERWRITE_LONGER_CONTEXT_LEN=1, which the job scripts set)
     rollout_batch_size: int = 64
     reward_workers: int = 2  # 0: one per CPU
     sandbox_unsafe: bool = False
@@ -61,6 +68,9 @@ class RLConfig:
             raise ValueError(f"mode {self.mode!r}: expected 'c3po' or 'grpo'")
         if self.loss_agg is None:
             self.loss_agg = "c3po" if self.mode == "c3po" else "seq-mean-token-mean"
+        if self.weight_transport not in ("auto", "inprocess", "broadcast", "ipc", "disk"):
+            raise ValueError(f"weight_transport {self.weight_transport!r}: expected auto, inprocess, broadcast, ipc "
+                             "or disk")
         if self.loss_agg == "c3po" and self.mode != "c3po":
             raise ValueError("loss_agg 'c3po' (1/Φ) needs mode 'c3po' (the token budget)")
 
@@ -69,6 +79,32 @@ def rl_config(recipe: Recipe, **overrides) -> RLConfig:
     data = dict(recipe.stages.get("rl", {}))
     data.update({k: v for k, v in overrides.items() if v is not None})
     return _from_dict(RLConfig, data, f"recipe {recipe.name}: stages.rl")
+
+
+class ContextTooLong(ValueError):
+    """prompt + max_new_tokens does not fit the model's positions."""
+
+
+def rollout_context(cfg: RLConfig, hf_config: dict) -> int:
+    """The context the rollout servers need: the longest prompt allowed + ``max_new_tokens``, refused (before
+    any server starts) where it exceeds the model's ``max_position_embeddings`` without the recipe saying so."""
+    need = cfg.max_prompt_tokens + cfg.max_new_tokens
+    pos = int(hf_config.get("max_position_embeddings") or 0)
+    if pos and need > pos and not cfg.context_beyond_positions:
+        raise ContextTooLong(
+            f"max_prompt_tokens {cfg.max_prompt_tokens} + max_new_tokens {cfg.max_new_tokens} = {need} tokens "
+            f"exceed the model's max_position_embeddings {pos}: lower them, or set stages.rl."
+            "context_beyond_positions: true to generate past the configured positions (RoPE extrapolates; the "
+            "Ring-lite paper's RL does so with its 16,384-position config at 24K/32K tokens)")
+    return need
+
+
+def transport_kind(cfg: RLConfig) -> str:
+    if cfg.weight_transport != "auto":
+        return cfg.weight_transport
+    if cfg.engine != "sglang":
+        return "inprocess"
+    return "ipc" if cfg.sglang_colocated else "broadcast"
 
 
 def resolve_start(path: str | Path) -> Path:

@@ -1,11 +1,11 @@
 """Rollout engines behind one small interface: ``generate`` K sampled responses per prompt with their
-log-probs, ``update_weights`` from the trainer's HF-named tensors after every step, ``health``.
+log-probs, ``transport()`` (how the trainer's weights reach it after every step), ``health``.
 
 ``InProcessEngine`` is the CPU / test engine: the exported HF model (``BailingMoeForCausalLM``, our modeling
-code) in the trainer's process, KV-cached sampling with temperature / top-p. It receives weights through the
-same HF-named tensor path as SGLang's ``update_weights_from_tensor``, so the weight sync and the
-train/rollout log-prob mismatch are exercised on CPU exactly as on a GPU cluster. ``SGLangEngine`` lives in
-``sglang_engine.py``."""
+code) in the trainer's process, KV-cached sampling with temperature / top-p (``sample_batch``, which the CPU
+server ``serving/native.py`` shares). It receives weights as HF-named buckets (``InProcessTransport``) from the
+same in-memory gather that feeds SGLang, so the weight sync and the train/rollout log-prob mismatch are exercised
+on CPU as on a GPU cluster. ``SGLangEngine`` (``sglang_engine.py``) drives SGLang servers, or the CPU ones."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -44,7 +44,8 @@ def chat_prompt_ids(tokenizer, rows: list[dict]) -> list[list[int]]:
 class RolloutEngine(Protocol):
     def generate(self, prompts: list[list[int]], n: int, sp: SamplingParams) -> list[Rollout]: ...
 
-    def update_weights(self, hf_state: dict[str, torch.Tensor], version: int) -> None: ...
+    def transport(self):  # the weight transport (rl/transport.py) that updates this engine
+        ...
 
     def health(self) -> bool: ...
 
@@ -61,64 +62,79 @@ class InProcessEngine:
         self.eos = hf_config.get("eos_token_id")
         self.pad = hf_config.get("pad_token_id", self.eos)
 
+    def transport(self):
+        from .transport import InProcessTransport
+
+        return InProcessTransport(self)
+
     def update_weights(self, hf_state: dict[str, torch.Tensor], version: int) -> None:
-        missing, unexpected = self.model.load_state_dict(hf_state, strict=False)
-        if missing or unexpected:  # never serve a half-updated model (SGLang would silently skip names)
-            raise RuntimeError(f"weight sync: missing {missing[:4]}, unexpected {unexpected[:4]}")
-        self.version = version
+        """A whole HF state at once (every parameter, no other name)."""
+        t = self.transport()
+        t.begin(version)
+        t.bucket(list(hf_state.items()))
+        t.end()
 
     def health(self) -> bool:
         return self.version >= 0
 
     @torch.no_grad()
-    def generate(self, prompts: list[list[int]], n: int, sp: SamplingParams) -> list[Rollout]:
-        jobs = [(i, p) for i, p in enumerate(prompts) for _ in range(n)]
+    def generate(self, prompts: list[list[int]], n: int, sp: SamplingParams,
+                 indices: list[int] | None = None) -> list[Rollout]:
+        """Sample k of prompt i is drawn from its own generator seeded ``sp.seed + i * n + k`` (``indices``: the
+        prompts' places in the step's batch), as the SGLang path seeds it: a sample does not depend on which batch
+        or server it ran in, the K samples of a prompt differ, and a rerun reproduces them."""
+        idx = list(range(len(prompts))) if indices is None else indices
+        jobs = [(j, p, sp.seed + i * n + k) for j, (i, p) in enumerate(zip(idx, prompts)) for k in range(n)]
         out: list[Rollout] = []
-        gen = torch.Generator().manual_seed(sp.seed)
         for s in range(0, len(jobs), self.batch_size):
-            out += self._batch(jobs[s:s + self.batch_size], sp, gen)
+            out += sample_batch(self.model, self.tok, jobs[s:s + self.batch_size], sp, self.eos, self.pad)
         return out
 
-    def _batch(self, jobs, sp: SamplingParams, gen: torch.Generator) -> list[Rollout]:
-        """Left-padded batch, KV-cached decode, temperature/top-p sampling from our own generator."""
-        from ..hf.modeling_bailing_moe import output_cache
 
-        B, L = len(jobs), max(len(p) for _, p in jobs)
-        ids = torch.full((B, L), self.pad, dtype=torch.long)
-        att = torch.zeros((B, L), dtype=torch.long)
-        for b, (_, p) in enumerate(jobs):
-            ids[b, L - len(p):], att[b, L - len(p):] = torch.tensor(p), 1
-        pos = (att.cumsum(-1) - 1).clamp(min=0)
-        out = self.model(input_ids=ids, attention_mask=att, position_ids=pos, use_cache=True, logits_to_keep=1)
+@torch.no_grad()
+def sample_batch(model, tok, jobs: list[tuple[int, list[int], int]], sp: SamplingParams, eos: int, pad: int
+                 ) -> list[Rollout]:
+    """Left-padded batch of (prompt index, prompt ids, seed), KV-cached decode, temperature/top-p sampling, each
+    row from its own generator (greedy at temperature 0)."""
+    from ..hf.modeling_bailing_moe import output_cache
+
+    B, L = len(jobs), max(len(p) for _, p, _ in jobs)
+    gens = [torch.Generator().manual_seed(seed) for _, _, seed in jobs]
+    ids = torch.full((B, L), pad, dtype=torch.long)
+    att = torch.zeros((B, L), dtype=torch.long)
+    for b, (_, p, _) in enumerate(jobs):
+        ids[b, L - len(p):], att[b, L - len(p):] = torch.tensor(p), 1
+    pos = (att.cumsum(-1) - 1).clamp(min=0)
+    out = model(input_ids=ids, attention_mask=att, position_ids=pos, use_cache=True, logits_to_keep=1)
+    past, logits = output_cache(out), out.logits[:, -1]
+    toks, lps = [], []
+    done = torch.zeros(B, dtype=torch.bool)
+    for t in range(sp.max_new_tokens):
+        if sp.temperature > 0:
+            logp = torch.log_softmax(logits.float() / sp.temperature, -1)
+            nxt = torch.stack([_sample(logp[b:b + 1], sp.top_p, gens[b])[0] for b in range(B)])
+        else:  # greedy (evaluation)
+            logp = torch.log_softmax(logits.float(), -1)
+            nxt = logp.argmax(-1)
+        nxt = torch.where(done, torch.full_like(nxt, pad), nxt)
+        toks.append(nxt)
+        lps.append(logp.gather(-1, nxt[:, None])[:, 0])
+        done |= nxt == eos
+        if bool(done.all()) or t == sp.max_new_tokens - 1:
+            break
+        att = torch.cat([att, torch.ones((B, 1), dtype=torch.long)], 1)
+        pos = pos[:, -1:] + 1
+        out = model(input_ids=nxt[:, None], attention_mask=att, position_ids=pos, cache=past, use_cache=True)
         past, logits = output_cache(out), out.logits[:, -1]
-        toks, lps = [], []
-        done = torch.zeros(B, dtype=torch.bool)
-        for t in range(sp.max_new_tokens):
-            if sp.temperature > 0:
-                logp = torch.log_softmax(logits.float() / sp.temperature, -1)
-                nxt = _sample(logp, sp.top_p, gen)
-            else:  # greedy (evaluation)
-                logp = torch.log_softmax(logits.float(), -1)
-                nxt = logp.argmax(-1)
-            nxt = torch.where(done, torch.full_like(nxt, self.pad), nxt)
-            toks.append(nxt)
-            lps.append(logp.gather(-1, nxt[:, None])[:, 0])
-            done |= nxt == self.eos
-            if bool(done.all()) or t == sp.max_new_tokens - 1:
-                break
-            att = torch.cat([att, torch.ones((B, 1), dtype=torch.long)], 1)
-            pos = pos[:, -1:] + 1
-            out = self.model(input_ids=nxt[:, None], attention_mask=att, position_ids=pos, cache=past, use_cache=True)
-            past, logits = output_cache(out), out.logits[:, -1]
-        T, L_ = torch.stack(toks, 1), torch.stack(lps, 1)
-        res = []
-        for b, (i, p) in enumerate(jobs):
-            row = T[b].tolist()
-            end = row.index(self.eos) + 1 if self.eos in row else len(row)
-            resp = row[:end]
-            res.append(Rollout(i, list(p), resp, L_[b, :end].tolist(), "stop" if self.eos in resp else "length",
-                               text=self.tok.decode([x for x in resp if x != self.eos], skip_special_tokens=False)))
-        return res
+    T, L_ = torch.stack(toks, 1), torch.stack(lps, 1)
+    res = []
+    for b, (i, p, _) in enumerate(jobs):
+        row = T[b].tolist()
+        end = row.index(eos) + 1 if eos in row else len(row)
+        resp = row[:end]
+        res.append(Rollout(i, list(p), resp, L_[b, :end].tolist(), "stop" if eos in resp else "length",
+                           text=tok.decode([x for x in resp if x != eos], skip_special_tokens=False) if tok else ""))
+    return res
 
 
 def _sample(logp: torch.Tensor, top_p: float, gen: torch.Generator) -> torch.Tensor:

@@ -1,29 +1,28 @@
-"""The GPU rollout engine: SGLang servers (launched on this allocation or attached by URL), sampling with
-log-probs through ``/generate``, and weight sync after every step — ``/update_weights_from_tensor`` when the
-servers share the trainer's GPUs (CUDA IPC handles, SGLang's ``MultiprocessingSerializer``), else
-``/update_weights_from_disk`` from an HF folder the trainer writes (the always-works path)."""
+"""The server rollout engine: SGLang servers on GPUs (launched on the allocation, or attached by URL), or the CPU
+servers of ``serving/native.py`` that speak the same native API — one client for both.
+
+- ``generate``: one request per prompt (its K samples, so the server shares the prompt's prefix), spread over all
+  servers by least in-flight requests (``inflight`` per server), each sample seeded ``seed + i * K + k`` (the K
+  samples differ; a rerun reproduces them); a server's refusal surfaces with its own message and the prompt.
+- ``wait_ready``: every server answers ``/health`` before the first request.
+- ``transport()``: how weights reach the servers (``rl/transport.py``): ``broadcast`` (separate rollout GPUs / CPU
+  servers), ``ipc`` (servers colocated on the trainer's GPUs), ``disk`` (the explicit fallback)."""
 from __future__ import annotations
 
-import json
-import urllib.request
+import threading
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-import torch
-
 from .rollout import Rollout, SamplingParams
+from .transport import EngineError, post
 
-
-def _post(url: str, payload: dict, timeout: float = 3600.0) -> dict | list:
-    req = urllib.request.Request(url, data=json.dumps(payload).encode(), headers={"Content-Type": "application/json"})
-    with urllib.request.urlopen(req, timeout=timeout) as r:
-        return json.loads(r.read())
+TRANSPORTS = ("broadcast", "ipc", "disk")
 
 
 def generate_payload(prompts: list[list[int]], n: int, sp: SamplingParams, indices: list[int] | None = None) -> dict:
-    """One request for all prompts × n (SGLang batches and schedules them itself), sampling parameters per sample:
-    sample k of prompt i (``indices``: the prompts' places in the step's batch) is seeded ``seed + i * n + k``, so
-    the K samples of a prompt differ also under SGLang's deterministic inference, and a rerun reproduces them."""
+    """Prompts × n samples in one request, sampling parameters per sample: sample k of prompt i (``indices``: the
+    prompts' places in the step's batch) is seeded ``seed + i * n + k``, so the K samples of a prompt differ also
+    under SGLang's deterministic inference, and a rerun reproduces them."""
     indices = list(range(len(prompts))) if indices is None else indices
     ids = [p for p in prompts for _ in range(n)]
     params = [{"temperature": sp.temperature, "top_p": sp.top_p, "max_new_tokens": sp.max_new_tokens,
@@ -46,47 +45,99 @@ def parse_generate(out: list[dict], prompts: list[list[int]], n: int, tokenizer=
 
 
 class SGLangEngine:
-    def __init__(self, urls: list[str], hf_config: dict, tokenizer=None, colocated: bool = False,
-                 sync_dir: str | None = None):
+    def __init__(self, urls: list[str], hf_config: dict, tokenizer=None, transport: str = "broadcast",
+                 sync_dir: str | Path | None = None, master_addr: str | None = None, master_port: int | None = None,
+                 inflight: int = 8, timeout: float = 3600.0, api_key: str | None = None):
+        if not urls:
+            raise ValueError("engine sglang: no server URLs (--sglang-urls, or the job script starts them)")
+        if transport not in TRANSPORTS:
+            raise ValueError(f"weight transport {transport!r}: expected one of {TRANSPORTS}")
         self.urls, self.cfg, self.tok = [u.rstrip("/") for u in urls], hf_config, tokenizer
-        self.colocated, self.sync_dir, self.version = colocated, sync_dir, -1
+        self.kind, self.sync_dir, self.addr, self.port = transport, sync_dir, master_addr, master_port
+        self.inflight, self.timeout, self.key = inflight, timeout, api_key
+        self.busy = {u: 0 for u in self.urls}
+        self.lock = threading.Lock()
+        self._transport = None
+
+    def wait_ready(self, timeout: float = 1800.0) -> None:
+        from serving.health import wait_healthy
+
+        for u in self.urls:
+            wait_healthy(u, timeout=timeout)
 
     def health(self) -> bool:
         from serving.health import healthy
 
         return all(healthy(u) for u in self.urls)
 
+    def _pick(self) -> str:
+        with self.lock:
+            u = min(self.urls, key=lambda x: self.busy[x])
+            self.busy[u] += 1
+            return u
+
+    def _one(self, i: int, prompt: list[int], n: int, sp: SamplingParams) -> list[Rollout]:
+        u = self._pick()
+        try:
+            out = post(u + "/generate", generate_payload([prompt], n, sp, [i]), self.timeout, self.key)
+        except EngineError as e:
+            raise EngineError(f"prompt {i} ({len(prompt)} tokens, max_new_tokens {sp.max_new_tokens}): {e}") from None
+        finally:
+            with self.lock:
+                self.busy[u] -= 1
+        rs = parse_generate(out, [prompt], n, self.tok)
+        for r in rs:
+            r.prompt_index = i
+        return rs
+
     def generate(self, prompts: list[list[int]], n: int, sp: SamplingParams) -> list[Rollout]:
-        shards = [list(range(k, len(prompts), len(self.urls))) for k in range(len(self.urls))]
-        with ThreadPoolExecutor(len(self.urls)) as ex:
-            outs = list(ex.map(lambda kv: _post(kv[0] + "/generate",
-                                                generate_payload([prompts[i] for i in kv[1]], n, sp, kv[1])),
-                               zip(self.urls, shards)))
-        res: list[Rollout] = []
-        for idx, out in zip(shards, outs):
-            for r in parse_generate(out, [prompts[i] for i in idx], n, self.tok):
-                r.prompt_index = idx[r.prompt_index]
-                res.append(r)
-        return sorted(res, key=lambda r: r.prompt_index)
+        with ThreadPoolExecutor(len(self.urls) * self.inflight) as ex:
+            parts = list(ex.map(lambda ip: self._one(ip[0], ip[1], n, sp), enumerate(prompts)))
+        return [r for part in parts for r in part]
 
-    def update_weights(self, hf_state: dict[str, torch.Tensor], version: int) -> None:
-        if self.colocated:
-            from sglang.srt.utils import MultiprocessingSerializer
+    def server_tp_sizes(self) -> list[int]:
+        """Each server's tensor-parallel size (its ranks in the weight-update group)."""
+        out = []
+        for u in self.urls:
+            info = _get(u + "/get_server_info", self.timeout, self.key)
+            out.append(int(info.get("tp_size") or 1))
+        return out
 
-            named = [(k, v.cuda()) for k, v in hf_state.items()]
-            blob = MultiprocessingSerializer.serialize(named, output_str=True)
-            for u in self.urls:
-                r = _post(u + "/update_weights_from_tensor",
-                          {"serialized_named_tensors": [blob], "load_format": None, "flush_cache": True})
-                if not r.get("success", False):
-                    raise RuntimeError(f"{u}: update_weights_from_tensor failed: {r.get('message')}")
-        else:
-            from ..convert.hf_io import write_hf_checkpoint
+    def transport(self):
+        from .transport import BroadcastTransport, DiskTransport, IPCTransport
 
-            path = Path(self.sync_dir or "weight_sync_hf") / f"v{version:06d}"
-            write_hf_checkpoint(hf_state, self.cfg, path, None)
-            for u in self.urls:
-                r = _post(u + "/update_weights_from_disk", {"model_path": str(path)})
-                if not r.get("success", False):
-                    raise RuntimeError(f"{u}: update_weights_from_disk failed: {r.get('message')}")
-        self.version = version
+        if self._transport is None:
+            if self.kind == "broadcast":
+                self._transport = BroadcastTransport(self.urls, self.server_tp_sizes(), self.addr or "127.0.0.1",
+                                                     self.port or _free_port(), timeout=self.timeout, api_key=self.key)
+            elif self.kind == "ipc":
+                self._transport = IPCTransport(self.urls, max(self.server_tp_sizes()), self.timeout, self.key)
+            else:
+                self._transport = DiskTransport(self.urls, self.sync_dir or "weight_sync", self.cfg, self.timeout,
+                                                self.key)
+        return self._transport
+
+    def before_training(self) -> None:
+        """Colocated servers give their GPU memory back while the trainer trains."""
+        if self.kind == "ipc":
+            self.transport().release_memory()
+
+
+def _get(url: str, timeout: float, api_key: str | None) -> dict:
+    import json
+    import urllib.request
+
+    req = urllib.request.Request(url, headers={"Authorization": f"Bearer {api_key}"} if api_key else {})
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as r:
+            return json.loads(r.read())
+    except OSError as e:
+        raise EngineError(f"{url}: {e}") from None
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("", 0))
+        return s.getsockname()[1]

@@ -18,7 +18,7 @@ from ..checkpoint import adopt_architecture, load_checkpoint
 from ..parallel.dist import all_reduce_floats
 from ..config.recipe import Recipe, load_recipe
 from ..training.state import StopFlag, latest_checkpoint, load_training_state, save_training_state
-from .config import RLConfig, resolve_start, rl_config
+from .config import RLConfig, resolve_start, rl_config, rollout_context, transport_kind
 from .policy import empty_like, make_microbatches, rl_forward_step, score_logprobs
 from ..rewards import reward_job
 from ..scalars import Progress, Scalars
@@ -43,8 +43,14 @@ class RLState:
         self.start = resolve_start(cfg.init)
         # the checkpoint's architecture; a recipe that disagrees is refused before anything is built
         self.recipe = recipe = adopt_architecture(recipe, self.resume or self.start)
+        self.context = rollout_context(cfg, recipe.hf_config)  # refused before anything is built or started
         init_distributed(recipe.parallel, recipe.seed)
         self.rank0 = dist.get_rank() == 0
+        # rollout control (rank 0 generates and scores while the others wait): gloo, with its own timeout — not
+        # inside an NCCL collective whose 30-minute watchdog a long rollout phase would outlast
+        import datetime
+
+        self.ctrl = dist.new_group(backend="gloo", timeout=datetime.timedelta(minutes=cfg.rollout_timeout_minutes))
         check_gpu_fits(recipe, {"rl": dataclasses.asdict(cfg)})  # refused here, before anything is allocated
         self.policy = build_model(recipe)
         if self.resume is None:
@@ -73,6 +79,12 @@ class RLState:
         self.rows = pq.read_table(cfg.prompts).to_pylist()
         if len(self.rows) < cfg.prompts_per_step:
             raise ValueError(f"{cfg.prompts}: {len(self.rows)} prompts < prompts_per_step {cfg.prompts_per_step}")
+        if self.rank0:
+            for i, ids in enumerate(self.encode(self.rows)):
+                if len(ids) > cfg.max_prompt_tokens:
+                    raise ValueError(f"{cfg.prompts}: row {i}: the prompt is {len(ids)} tokens, more than "
+                                     f"max_prompt_tokens {cfg.max_prompt_tokens} (the rollout servers' context is "
+                                     f"sized by it): filter the prompt set or raise max_prompt_tokens")
         self.dp, self.dpr = ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
         self.tp = ps.get_tensor_model_parallel_world_size()
         self.multiple = token_multiple(recipe)  # TP, x16 under FP8
@@ -85,10 +97,18 @@ class RLState:
     # --- rollout side (rank 0) -------------------------------------------------------------------------
     def _engine(self):
         if self.cfg.engine == "sglang":
+            import os
+            import socket
+
             from .sglang_engine import SGLangEngine
 
-            return SGLangEngine(self.cfg.sglang_urls, self.recipe.hf_config, self.tok, self.cfg.sglang_colocated,
-                                str(self.run / "weight_sync"))
+            c = self.cfg
+            port = int(os.environ.get("MEGATRON_RING_SYNC_PORT", 0)) or None  # (the job scripts derive one)
+            eng = SGLangEngine(c.sglang_urls, self.recipe.hf_config, self.tok, transport_kind(c),
+                               self.run / "weight_sync", os.environ.get("MEGATRON_RING_SYNC_ADDR") or
+                               (socket.gethostname() if port else "127.0.0.1"), port, c.server_inflight)
+            eng.wait_ready()
+            return eng
         from .rollout import InProcessEngine
 
         return InProcessEngine(self.recipe.hf_config, self.tok, self.cfg.rollout_batch_size)
@@ -115,7 +135,9 @@ class RLState:
             sp = SamplingParams(self.cfg.max_new_tokens, self.cfg.temperature, self.cfg.top_p,
                                 seed=self.recipe.seed * 1_000_003 + step)
             obj = [self.engine.generate(self.encode(prompts), self.cfg.samples_per_prompt, sp)]
-        dist.broadcast_object_list(obj, src=0)
+            if hasattr(self.engine, "before_training"):
+                self.engine.before_training()  # colocated servers release their GPU memory
+        dist.broadcast_object_list(obj, src=0, group=self.ctrl)
         return obj[0]
 
     def score(self, prompts: list[dict], rollouts) -> torch.Tensor:
@@ -126,7 +148,7 @@ class RLState:
             rewards = self.pool.map(jobs)
             assert len(rewards) == len(prompts) * K
             obj = [[(x.value, x.reason) for x in rewards]]
-        dist.broadcast_object_list(obj, src=0)
+        dist.broadcast_object_list(obj, src=0, group=self.ctrl)
         for r, (v, why) in zip(rollouts, obj[0]):
             r.reward, r.reward_reason = v, why
         return as_tensor([v for v, _ in obj[0]])
@@ -213,11 +235,18 @@ class RLState:
         return res
 
     def sync_weights(self, version: int) -> None:
-        from .sync import gather_hf_state
+        """The policy's weights to the rollout engine, gathered in memory bucket by bucket (rl/weights.py) and
+        sent by the engine's transport (rl/transport.py) as they are assembled; no file unless the transport is
+        ``disk``."""
+        from .weights import stream_hf_weights
 
-        state = gather_hf_state(self.policy, self.recipe.hf_config, self.run / "scratch")
-        if self.rank0:
-            self.engine.update_weights(state, version)
+        tr = self.engine.transport() if self.rank0 else None
+        if tr is not None:
+            tr.begin(version)
+        stream_hf_weights(self.policy, self.recipe.hf_config, tr.bucket if tr else None,
+                          bucket_bytes=self.cfg.weight_bucket_mb << 20)
+        if tr is not None:
+            tr.end()
             if not self.engine.health():
                 raise RuntimeError("rollout engine unhealthy after the weight sync")
 
@@ -251,7 +280,7 @@ class RLState:
                 jobs = [reward_job(rows[r.prompt_index], r.text, r.finish_reason == "length") for r in rs]
                 out[f"eval/{Path(path).stem}"] = sum(x.value for x in self.pool.map(jobs)) / max(len(rs), 1)
         obj = [out]
-        dist.broadcast_object_list(obj, src=0)
+        dist.broadcast_object_list(obj, src=0, group=self.ctrl)
         return obj[0]
 
 
@@ -313,11 +342,11 @@ def main(argv=None) -> int:
 
     ap = argparse.ArgumentParser(prog="megatron-ring rl")
     ap.add_argument("--recipe", default="rl_stage1_tiny")
-    for f in ("prompts", "init", "out", "tokenizer", "mode", "loss_agg", "engine"):
+    for f in ("prompts", "init", "out", "tokenizer", "mode", "loss_agg", "engine", "weight_transport"):
         ap.add_argument(f"--{f.replace('_', '-')}", dest=f)
     for f in ("steps", "max_steps", "prompts_per_step", "samples_per_prompt", "max_new_tokens", "token_budget",
               "mini_batches", "eval_interval", "eval_limit", "eval_k", "save_interval", "reward_workers",
-              "keep_last", "keep_every",
+              "keep_last", "keep_every", "weight_bucket_mb", "server_inflight", "max_prompt_tokens",
               "lr_warmup_steps"):
         ap.add_argument(f"--{f.replace('_', '-')}", dest=f, type=int)
     for f in ("lr", "kl_coef", "entropy_coef", "temperature", "top_p", "tis_cap", "adam_beta1", "adam_beta2",
@@ -330,6 +359,9 @@ def main(argv=None) -> int:
     ap.add_argument("--sandbox-unsafe", action="store_true", default=None)
     ap.add_argument("--keep-uninformative", dest="drop_uninformative", action="store_false", default=None,
                     help="train on groups whose rewards are all equal too (their advantage is 0)")
+    ap.add_argument("--print-context", action="store_true",
+                    help="print the rollout servers' context length ('N' or 'N beyond-positions') and exit; "
+                         "refused (exit 2) when prompt + max_new_tokens exceed the model's positions")
     ap.add_argument("--tp", type=int)
     ap.add_argument("--ep", type=int)
     ap.add_argument("--pp", type=int)
@@ -337,7 +369,19 @@ def main(argv=None) -> int:
     par = {k: v for k, v in {"tensor_model_parallel_size": a.tp, "expert_model_parallel_size": a.ep,
                              "pipeline_model_parallel_size": a.pp}.items() if v}
     recipe = load_recipe(a.recipe, {"parallel": par} if par else None)
-    skip = {"recipe", "tp", "ep", "pp"}
+    skip = {"recipe", "tp", "ep", "pp", "print_context"}
     cfg = rl_config(recipe, **{k: v for k, v in vars(a).items() if k not in skip})
+    if a.print_context:
+        from .config import ContextTooLong
+
+        cfg_model = adopt_architecture(recipe, resolve_start(cfg.init)).hf_config
+        try:
+            n = rollout_context(cfg, cfg_model)
+        except ContextTooLong as e:
+            print(f"megatron-ring rl: {e}", file=__import__("sys").stderr)
+            return 2
+        beyond = n > int(cfg_model.get("max_position_embeddings") or n)
+        print(f"{n} beyond-positions" if beyond else n)
+        return 0
     train_rl(recipe, cfg)
     return 0

@@ -32,7 +32,7 @@ def main():
     from megatron_ring.parallel.dist import init_distributed
     from megatron_ring.rl.c3po import budget_select, reference_loss, token_weights
     from megatron_ring.rl.policy import make_microbatches, rl_forward_step, score_logprobs
-    from megatron_ring.rl.sync import gather_hf_state
+    from megatron_ring.rl.weights import stream_hf_weights
     from megatron_ring.training.core import OptimConfig, build_optimizer, train_step, wrap_ddp
 
     cfg = load_hf_config(a.ckpt)
@@ -47,7 +47,8 @@ def main():
     dp, dpr = ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
 
     # the trainer's gathered HF state == the HF folder exported from the same checkpoint
-    hf = gather_hf_state(model, cfg, scratch=a.out + ".scratch")
+    hf = {}
+    stream_hf_weights(model, cfg, lambda named: hf.update(named), bucket_bytes=1 << 20)
     sync_ok = None
     if dist.get_rank() == 0:
         want = read_hf_state(a.hf)

@@ -1,0 +1,287 @@
+"""Weight transports: how a bucket of HF-named tensors (``weights.stream_hf_weights``) reaches the rollout engine.
+
+One interface, one class per way (as slime keeps them), all driven by trainer rank 0 for one weight version:
+``begin(version)`` → ``bucket(named)`` per bucket → ``end()``.
+
+- ``InProcessTransport``: the CPU engine in this process (``InProcessEngine``) — parameters copied by name.
+- ``BroadcastTransport``: rollout servers on other GPUs (or CPU servers): SGLang's ``/init_weights_update_group``
+  once, then per bucket ``/update_weights_from_distributed`` (names, dtypes, shapes) while this rank broadcasts each
+  tensor in that order on the group (nccl on GPU, gloo on CPU). The group is made exactly as SGLang makes its side
+  (``custom_process_group``), so the two agree on the rendezvous.
+- ``IPCTransport``: servers colocated on the trainer's GPUs: ``/update_weights_from_tensor`` with CUDA IPC handles,
+  one serialized entry per server TP rank (SGLang reads ``serialized_named_tensors[tp_rank]``), the servers' memory
+  resumed before the update and released again before training (``release_memory``).
+- ``DiskTransport``: the explicit fallback: each bucket a safetensors shard in the weights' own dtype (bf16 in
+  training), then ``/update_weights_from_disk``; the previous version's folder is removed.
+
+Request bodies use the field names of SGLang's request classes (``sglang.srt.managers.io_struct``, checked in
+tests/test_transport.py against the pinned release's source)."""
+from __future__ import annotations
+
+import base64
+import datetime
+import io
+import json
+import shutil
+import threading
+import urllib.error
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Protocol
+
+import torch
+
+GROUP = "megatron_ring_weights"
+
+
+class EngineError(RuntimeError):
+    """A rollout server refused or failed a request (its own message attached)."""
+
+
+def post(url: str, payload: dict | None = None, timeout: float = 600.0, api_key: str | None = None) -> dict:
+    """POST JSON; an HTTP error carries the server's message (SGLang answers 400 with {"message": ...})."""
+    headers = {"Content-Type": "application/json"}
+    if api_key:
+        headers["Authorization"] = f"Bearer {api_key}"
+    req = urllib.request.Request(url, data=json.dumps(payload or {}).encode(), headers=headers)
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as r:
+            body = r.read()
+    except urllib.error.HTTPError as e:
+        text = e.read().decode(errors="replace")
+        try:
+            text = json.loads(text).get("message") or json.loads(text).get("error") or text
+        except (ValueError, AttributeError):
+            pass
+        raise EngineError(f"{url}: HTTP {e.code}: {str(text)[:2000]}") from None
+    except OSError as e:
+        raise EngineError(f"{url}: {e}") from None
+    out = json.loads(body) if body else {}
+    if isinstance(out, dict) and out.get("success") is False:
+        raise EngineError(f"{url}: {out.get('message')}")
+    return out
+
+
+def _each(urls: list[str], fn) -> list:
+    with ThreadPoolExecutor(max(1, len(urls))) as ex:
+        return list(ex.map(fn, urls))
+
+
+class WeightTransport(Protocol):
+    def begin(self, version: int) -> None: ...
+
+    def bucket(self, named: list[tuple[str, torch.Tensor]]) -> None: ...
+
+    def end(self) -> None: ...
+
+
+class InProcessTransport:
+    def __init__(self, engine):
+        self.engine = engine
+
+    def begin(self, version: int) -> None:
+        self.version, self.params, self.seen = version, dict(self.engine.model.named_parameters()), set()
+
+    @torch.no_grad()
+    def bucket(self, named: list[tuple[str, torch.Tensor]]) -> None:
+        for name, t in named:
+            p = self.params.get(name)
+            if p is None or p.shape != t.shape:  # never serve a half-updated model (SGLang skips unknown names)
+                raise RuntimeError(f"weight sync: '{name}' {tuple(t.shape)} has no such parameter in the engine")
+            p.copy_(t)
+            self.seen.add(name)
+
+    def end(self) -> None:
+        missing = sorted(set(self.params) - self.seen)
+        if missing:
+            raise RuntimeError(f"weight sync: {len(missing)} engine parameter(s) not sent, e.g. {missing[:4]}")
+        self.engine.version = self.version
+
+
+# --- SGLang request bodies (field names of sglang.srt.managers.io_struct) -------------------------------------
+def init_group_payload(addr: str, port: int, rank_offset: int, world_size: int, backend: str,
+                       group: str = GROUP) -> dict:
+    return {"master_address": addr, "master_port": port, "rank_offset": rank_offset, "world_size": world_size,
+            "group_name": group, "backend": backend}
+
+
+def distributed_payload(named: list[tuple[str, torch.Tensor]], version: int, group: str = GROUP,
+                        flush_cache: bool = False) -> dict:
+    return {"names": [n for n, _ in named], "dtypes": [str(t.dtype).removeprefix("torch.") for _, t in named],
+            "shapes": [list(t.shape) for _, t in named], "group_name": group, "flush_cache": flush_cache,
+            "weight_version": str(version)}
+
+
+def tensor_payload(per_tp_rank: list[str], version: int, flush_cache: bool = False) -> dict:
+    return {"serialized_named_tensors": per_tp_rank, "flush_cache": flush_cache, "weight_version": str(version)}
+
+
+def disk_payload(path: str | Path, version: int) -> dict:
+    return {"model_path": str(path), "weight_version": str(version), "flush_cache": True}
+
+
+def custom_process_group(backend: str, addr: str, port: int, world_size: int, rank: int, group_name: str = GROUP,
+                         timeout: float = 1800.0):
+    """A process group outside the default one, made as SGLang's ``init_custom_process_group`` makes it (the
+    trainer is its rank 0 and hosts the store): tcp rendezvous, ``PrefixStore(group_name)``, torch's helper."""
+    from torch.distributed.distributed_c10d import (Backend, PrefixStore, _new_process_group_helper, _world,
+                                                    rendezvous)
+
+    td = datetime.timedelta(seconds=timeout)
+    store, rank, world_size = next(rendezvous(f"tcp://{addr}:{port}", rank, world_size, timeout=td))
+    store.set_timeout(td)
+    store = PrefixStore(group_name, store)
+    pg, _ = _new_process_group_helper(world_size, rank, [], Backend(backend), store, group_name=group_name,
+                                      backend_options=None, timeout=td)
+    _world.pg_group_ranks[pg] = {i: i for i in range(world_size)}
+    return pg
+
+
+class BroadcastTransport:
+    def __init__(self, urls: list[str], tp_sizes: list[int], master_addr: str, master_port: int,
+                 backend: str | None = None, timeout: float = 1800.0, api_key: str | None = None):
+        self.urls, self.tp_sizes, self.addr, self.port = urls, tp_sizes, master_addr, master_port
+        self.backend = backend or ("nccl" if torch.cuda.is_available() else "gloo")
+        self.timeout, self.key, self.group = timeout, api_key, None
+
+    def _init_group(self) -> None:
+        """Our side and every server's TP ranks join one group; a server that refuses ends the wait at once
+        (our rendezvous would otherwise wait for it until the timeout)."""
+        import os
+        import time
+
+        world = 1 + sum(self.tp_sizes)
+        offsets = [1 + sum(self.tp_sizes[:i]) for i in range(len(self.urls))]
+        # a name of its own per trainer process: a server keeps the groups of earlier trainers (torch refuses a
+        # second group under one name), e.g. servers attached by URL across a restart
+        self.name = f"{GROUP}_{os.getpid()}_{int(time.time())}"
+        errors: list[BaseException] = []
+        made: list = []
+
+        def ask(i):
+            try:
+                post(self.urls[i] + "/init_weights_update_group", init_group_payload(
+                    self.addr, self.port, offsets[i], world, self.backend, self.name), self.timeout, self.key)
+            except BaseException as e:  # noqa: BLE001 (raised below)
+                errors.append(e)
+
+        def join():
+            try:
+                made.append(custom_process_group(self.backend, self.addr, self.port, world, 0, self.name, self.timeout))
+            except BaseException as e:  # noqa: BLE001
+                errors.append(e)
+
+        threads = [threading.Thread(target=ask, args=(i,), daemon=True) for i in range(len(self.urls))]
+        ours = threading.Thread(target=join, daemon=True)
+        for t in [ours, *threads]:
+            t.start()
+        while ours.is_alive() and not errors:
+            ours.join(0.1)
+        for t in threads:
+            while t.is_alive() and not errors:
+                t.join(0.1)
+        if errors:
+            raise EngineError(f"weight-update group ({self.addr}:{self.port}, {world} ranks): {errors[0]}")
+        self.group = made[0]
+
+    def begin(self, version: int) -> None:
+        if self.group is None:
+            self._init_group()
+        self.version = version
+
+    def bucket(self, named: list[tuple[str, torch.Tensor]]) -> None:
+        import torch.distributed as dist
+
+        body = distributed_payload(named, self.version, self.name)
+        with ThreadPoolExecutor(len(self.urls)) as ex:  # the servers join the broadcasts inside these requests
+            futs = [ex.submit(post, u + "/update_weights_from_distributed", body, self.timeout, self.key)
+                    for u in self.urls]
+            works = [dist.broadcast(t, src=0, group=self.group, async_op=True) for _, t in named]
+            for w in works:
+                w.wait()
+            for f in futs:
+                f.result()
+
+    def end(self) -> None:
+        _each(self.urls, lambda u: post(u + "/flush_cache", {}, self.timeout, self.key))
+
+
+def serialize_for_ipc(named: list[tuple[str, torch.Tensor]]) -> str:
+    """SGLang's ``MultiprocessingSerializer.serialize(named, output_str=True)`` without importing SGLang (it has
+    its own environment): ForkingPickler with torch's reductions, a CUDA tensor's device named by its UUID as
+    SGLang's ``monkey_patch_torch_reductions`` does (the server's device numbering differs), base64."""
+    from multiprocessing.reduction import ForkingPickler
+
+    from torch.multiprocessing import reductions
+
+    def reduce_tensor(t):
+        fn, args = reductions.reduce_tensor(t)
+        if t.is_cuda:  # argument 6 of rebuild_cuda_tensor is the device index
+            args = (*args[:6], str(torch.cuda.get_device_properties(args[6]).uuid), *args[7:])
+        return fn, args
+
+    buf = io.BytesIO()
+    p = ForkingPickler(buf)
+    p.dispatch_table = dict(ForkingPickler._extra_reducers, **{torch.Tensor: reduce_tensor,
+                                                              torch.nn.Parameter: reduce_tensor})
+    p.dump(named)
+    return base64.b64encode(buf.getvalue()).decode()
+
+
+class IPCTransport:
+    def __init__(self, urls: list[str], tp_size: int, timeout: float = 1800.0, api_key: str | None = None):
+        self.urls, self.tp, self.timeout, self.key = urls, tp_size, timeout, api_key
+
+    def release_memory(self) -> None:
+        """Before training: the servers give back their weights and KV cache (``--enable-memory-saver``)."""
+        _each(self.urls, lambda u: post(u + "/release_memory_occupation", {}, self.timeout, self.key))
+
+    def begin(self, version: int) -> None:
+        self.version, self.keep = version, []
+        _each(self.urls, lambda u: post(u + "/resume_memory_occupation", {"tags": ["weights"]}, self.timeout, self.key))
+
+    def bucket(self, named: list[tuple[str, torch.Tensor]]) -> None:
+        named = [(n, t.cuda()) for n, t in named]
+        blob = serialize_for_ipc(named)  # each TP rank of a server opens the handles onto its own GPU
+        body = tensor_payload([blob] * self.tp, self.version)
+        _each(self.urls, lambda u: post(u + "/update_weights_from_tensor", body, self.timeout, self.key))
+        del named  # the servers copied the tensors during the request
+
+    def end(self) -> None:
+        _each(self.urls, lambda u: post(u + "/resume_memory_occupation", {"tags": ["kv_cache"]}, self.timeout, self.key))
+        _each(self.urls, lambda u: post(u + "/flush_cache", {}, self.timeout, self.key))
+
+
+class DiskTransport:
+    def __init__(self, urls: list[str], sync_dir: str | Path, hf_config: dict, timeout: float = 3600.0,
+                 api_key: str | None = None):
+        self.urls, self.dir, self.cfg, self.timeout, self.key = urls, Path(sync_dir), hf_config, timeout, api_key
+
+    def begin(self, version: int) -> None:
+        self.version, self.path = version, self.dir / f"v{version:06d}"
+        shutil.rmtree(self.path, ignore_errors=True)
+        self.path.mkdir(parents=True)
+        self.files, self.total, self.dtype = [], 0, None
+
+    def bucket(self, named: list[tuple[str, torch.Tensor]]) -> None:
+        from safetensors.torch import save_file
+
+        f = f"model-{len(self.files) + 1:05d}.safetensors"
+        save_file({n: t.detach().contiguous().cpu() for n, t in named}, str(self.path / f), metadata={"format": "pt"})
+        self.files.append((f, [n for n, _ in named]))
+        self.total += sum(t.nbytes for _, t in named)
+        self.dtype = self.dtype or named[0][1].dtype
+
+    def end(self) -> None:
+        from ..convert.hf_io import hf_export_config
+
+        weight_map = {n: f for f, names in self.files for n in names}
+        (self.path / "model.safetensors.index.json").write_text(
+            json.dumps({"metadata": {"total_size": self.total}, "weight_map": weight_map}))
+        (self.path / "config.json").write_text(json.dumps(hf_export_config(self.cfg, self.dtype), indent=2))
+        _each(self.urls, lambda u: post(u + "/update_weights_from_disk", disk_payload(self.path, self.version),
+                                        self.timeout, self.key))
+        for old in self.dir.glob("v*"):  # the servers now read this version: older ones are garbage
+            if old != self.path and old.is_dir():
+                shutil.rmtree(old, ignore_errors=True)

@@ -1,0 +1,288 @@
+"""The CPU rollout server: the part of SGLang's native API that the RL rollout engine uses, over an HF folder.
+
+So that ``megatron-ring rl`` with ``engine: sglang`` runs on a CPU through exactly the client code that drives
+SGLang on a GPU cluster (``rl/sglang_engine.py`` + ``rl/transport.py``):
+
+- ``POST /generate``: ``input_ids`` (one or a batch), ``sampling_params`` (one or one per sample: temperature,
+  top_p, max_new_tokens, sampling_seed, skip_special_tokens), ``return_logprob`` → SGLang's answer shape
+  (``text``, ``output_ids``, ``meta_info.output_token_logprobs`` / ``finish_reason`` / ``weight_version``).
+  Sampling is ``rl.rollout.sample_batch``, each sample from its own ``sampling_seed`` (the in-process engine's).
+- ``POST /init_weights_update_group``, ``/update_weights_from_distributed`` (the broadcast transport: the trainer's
+  rank 0 broadcasts each tensor on a gloo group made as SGLang makes it), ``/update_weights_from_disk``,
+  ``/flush_cache``, ``/release_memory_occupation``, ``/resume_memory_occupation`` (no-ops on a CPU), ``/health``,
+  ``/get_model_info``.
+- A prompt + ``max_new_tokens`` beyond ``--context-length`` is a 400, as SGLang answers; ``--context-length``
+  beyond the model's ``max_position_embeddings`` is refused at start unless SGLang's own override
+  ``SGLANG_ALLOW_OVERWRITE_LONGER_CONTEXT_LEN=1`` is set.
+
+Request bodies are checked field by field (unknown fields are a 400): the field names are SGLang's (the pinned
+release's request classes, tests/data/sglang_api.json), so the two servers cannot drift apart unnoticed.
+
+    python -m serving.native --model-path runs/tiny/export --port 0 --port-file F
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import socket
+import threading
+from pathlib import Path
+from typing import Literal, Optional, Union
+
+import torch
+from fastapi import FastAPI
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel, ConfigDict
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class Sampling(_Strict):  # fields of sglang.srt.sampling.sampling_params.SamplingParams
+    temperature: float = 1.0
+    top_p: float = 1.0
+    max_new_tokens: int = 128
+    sampling_seed: Optional[int] = None
+    skip_special_tokens: bool = True
+
+
+class GenerateReq(_Strict):  # GenerateReqInput (the token-id subset)
+    input_ids: Union[list[list[int]], list[int]]
+    sampling_params: Union[list[Sampling], Sampling, None] = None
+    return_logprob: bool = False
+    rid: Optional[Union[str, list[str]]] = None
+
+
+class InitGroupReq(_Strict):  # InitWeightsUpdateGroupReqInput
+    master_address: str
+    master_port: int
+    rank_offset: int
+    world_size: int
+    group_name: str = "weight_update_group"
+    backend: str = "nccl"
+
+
+class DistributedReq(_Strict):  # UpdateWeightsFromDistributedReqInput
+    names: list[str]
+    dtypes: list[str]
+    shapes: list[list[int]]
+    group_name: str = "weight_update_group"
+    flush_cache: bool = True
+    abort_all_requests: bool = False
+    weight_version: Optional[str] = None
+    load_format: Optional[str] = None
+    selector: Literal["target", "draft", "all"] = "all"
+    torch_empty_cache: bool = False
+
+
+class DiskReq(_Strict):  # UpdateWeightFromDiskReqInput (the fields a CPU server can honour)
+    model_path: str
+    load_format: Optional[str] = None
+    abort_all_requests: bool = False
+    weight_version: Optional[str] = None
+    flush_cache: bool = True
+    torch_empty_cache: bool = False
+
+
+class MemoryReq(_Strict):  # Release/ResumeMemoryOccupationReqInput
+    tags: Optional[list[str]] = None
+
+
+class Server:
+    def __init__(self, model_path: str, context_length: int | None = None, max_batch: int = 64):
+        from megatron_ring.convert.hf_io import read_hf_state
+        from megatron_ring.rl.rollout import InProcessEngine
+        from megatron_ring.tokenizer.tiny import load_tokenizer
+
+        cfg = json.loads((Path(model_path) / "config.json").read_text())
+        positions = int(cfg.get("max_position_embeddings") or 0)
+        self.context = int(context_length or positions)
+        if positions and self.context > positions and os.environ.get("SGLANG_ALLOW_OVERWRITE_LONGER_CONTEXT_LEN") != "1":
+            raise SystemExit(f"--context-length {self.context} is longer than the model's max_position_embeddings "
+                             f"{positions} ({model_path}/config.json); SGLang refuses it the same way unless "
+                             "SGLANG_ALLOW_OVERWRITE_LONGER_CONTEXT_LEN=1")
+        tok = load_tokenizer(model_path) if (Path(model_path) / "tokenizer.json").exists() else None
+        self.engine = InProcessEngine(cfg, tok, max_batch)
+        self.engine.update_weights(read_hf_state(model_path), 0)
+        self.model_path, self.version, self.max_batch = model_path, "default", max_batch
+        self.lock = threading.Lock()  # one generation or weight update at a time
+        self.groups: dict[str, object] = {}
+
+    # --- generation ------------------------------------------------------------------------------------------
+    def generate(self, req: GenerateReq):
+        from megatron_ring.rl.rollout import SamplingParams, sample_batch
+
+        single = bool(req.input_ids) and isinstance(req.input_ids[0], int)
+        ids = [req.input_ids] if single else req.input_ids
+        sps = req.sampling_params if isinstance(req.sampling_params, list) else [req.sampling_params or Sampling()] * len(ids)
+        if len(sps) != len(ids):
+            raise ValueError(f"{len(sps)} sampling_params for {len(ids)} inputs")
+        for j, (p, s) in enumerate(zip(ids, sps)):
+            if len(p) + s.max_new_tokens > self.context:
+                raise ValueError(f"Requested token count exceeds the model's maximum context length of "
+                                 f"{self.context} tokens. You requested a total of {len(p) + s.max_new_tokens} tokens: "
+                                 f"{len(p)} tokens from the input messages and {s.max_new_tokens} tokens for the "
+                                 f"completion (input {j}).")
+        groups: dict[tuple, list[int]] = {}
+        for j, s in enumerate(sps):
+            groups.setdefault((s.temperature, s.top_p, s.max_new_tokens), []).append(j)
+        out: list = [None] * len(ids)
+        with self.lock:
+            for (temp, top_p, max_new), js in groups.items():
+                sp = SamplingParams(max_new, temp, top_p)
+                for b in range(0, len(js), self.max_batch):
+                    chunk = js[b:b + self.max_batch]
+                    jobs = [(j, ids[j], sps[j].sampling_seed if sps[j].sampling_seed is not None else j) for j in chunk]
+                    for r in sample_batch(self.engine.model, self.engine.tok, jobs, sp, self.engine.eos, self.engine.pad):
+                        out[r.prompt_index] = self._answer(r, req.return_logprob)
+        return out[0] if single else out
+
+    def _answer(self, r, logprob: bool) -> dict:
+        fin = ({"type": "stop", "matched": r.response_ids[-1]} if r.finish_reason == "stop"
+               else {"type": "length", "length": len(r.response_ids)})
+        meta = {"finish_reason": fin, "prompt_tokens": len(r.prompt_ids), "completion_tokens": len(r.response_ids),
+                "weight_version": self.version}
+        if logprob:
+            meta["output_token_logprobs"] = [[lp, t, None] for lp, t in zip(r.logprobs, r.response_ids)]
+        return {"text": r.text, "output_ids": r.response_ids, "meta_info": meta}
+
+    # --- weights -----------------------------------------------------------------------------------------------
+    def init_group(self, req: InitGroupReq) -> dict:
+        from megatron_ring.rl.transport import custom_process_group
+
+        if req.backend != "gloo":
+            raise ValueError(f"backend {req.backend!r}: the CPU server joins gloo groups only")
+        self.groups[req.group_name] = custom_process_group("gloo", req.master_address, req.master_port,
+                                                          req.world_size, req.rank_offset, req.group_name)
+        return {"success": True, "message": "Succeeded to initialize custom process group."}
+
+    def update_distributed(self, req: DistributedReq) -> dict:
+        import torch.distributed as dist
+
+        if req.group_name not in self.groups:
+            raise ValueError(f"Group {req.group_name} not in {list(self.groups)}. Please call "
+                             "`init_weights_update_group` first.")
+        ts = [torch.empty(s, dtype=getattr(torch, d)) for d, s in zip(req.dtypes, req.shapes)]
+        works = [dist.broadcast(t, src=0, group=self.groups[req.group_name], async_op=True) for t in ts]
+        for w in works:  # (received before the lock: a broadcast must not wait for a running generation)
+            w.wait()
+        with self.lock:
+            self._load(list(zip(req.names, ts)), req.weight_version)
+        return {"success": True, "message": "Succeeded to update parameter online."}
+
+    def update_disk(self, req: DiskReq) -> dict:
+        from megatron_ring.convert.hf_io import read_hf_state
+
+        state = read_hf_state(req.model_path)
+        with self.lock:
+            self._load(list(state.items()), req.weight_version)
+            self.model_path = req.model_path
+        return {"success": True, "message": "Succeeded to update model weights.", "num_paused_requests": 0}
+
+    def _load(self, named, version) -> None:
+        params = dict(self.engine.model.named_parameters())
+        bad = [n for n, t in named if n not in params or params[n].shape != t.shape]
+        if bad:  # SGLang's loader would skip unknown names silently; a CPU server says so
+            raise ValueError(f"unknown or mis-shaped weight(s): {bad[:4]}")
+        with torch.no_grad():
+            for n, t in named:
+                params[n].copy_(t)
+        if version is not None:
+            self.version = version
+
+
+def create_app(server: Server) -> FastAPI:
+    app = FastAPI()
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(request, exc: RequestValidationError):
+        return JSONResponse({"success": False, "message": f"invalid request: {exc.errors()}"}, status_code=400)
+
+    async def run(fn, *args):
+        try:
+            return JSONResponse(await asyncio.to_thread(fn, *args))
+        except ValueError as e:
+            return JSONResponse({"success": False, "message": str(e)}, status_code=400)
+
+    @app.get("/health")
+    @app.get("/health_generate")
+    async def health():
+        return JSONResponse({})
+
+    @app.get("/get_model_info")
+    async def info():
+        return JSONResponse({"model_path": server.model_path, "weight_version": server.version,
+                             "context_length": server.context, "is_generation": True})
+
+    @app.get("/get_server_info")
+    async def server_info():
+        return JSONResponse({"tp_size": 1, "context_length": server.context, "model_path": server.model_path,
+                             "weight_version": server.version})
+
+    @app.post("/generate")
+    async def generate(req: GenerateReq):
+        return await run(server.generate, req)
+
+    @app.post("/init_weights_update_group")
+    async def init_group(req: InitGroupReq):
+        return await run(server.init_group, req)
+
+    @app.post("/update_weights_from_distributed")
+    async def update_distributed(req: DistributedReq):
+        return await run(server.update_distributed, req)
+
+    @app.post("/update_weights_from_disk")
+    async def update_disk(req: DiskReq):
+        return await run(server.update_disk, req)
+
+    @app.api_route("/flush_cache", methods=["GET", "POST"])
+    async def flush_cache():
+        return JSONResponse({})  # (no prefix cache kept between requests)
+
+    @app.api_route("/release_memory_occupation", methods=["GET", "POST"])
+    @app.api_route("/resume_memory_occupation", methods=["GET", "POST"])
+    async def memory(req: MemoryReq | None = None):
+        return JSONResponse({})
+
+    return app
+
+
+def main(argv=None) -> int:
+    import uvicorn
+
+    from .openai_server import _exit_with
+
+    ap = argparse.ArgumentParser(prog="python -m serving.native", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--model-path", required=True, help="an HF folder (megatron-ring export / convert mcore-to-hf)")
+    ap.add_argument("--host", default="127.0.0.1")
+    ap.add_argument("--port", type=int, default=30000, help="0: a free port (see --port-file)")
+    ap.add_argument("--port-file", help="write the bound port here once the socket is listening")
+    ap.add_argument("--context-length", type=int, help="default: the model's max_position_embeddings")
+    ap.add_argument("--max-batch", type=int, default=64)
+    ap.add_argument("--threads", type=int, default=1, help="torch CPU threads")
+    ap.add_argument("--parent-pid", type=int, help="exit when this process is gone")
+    a = ap.parse_args(argv)
+    if a.parent_pid:
+        _exit_with(a.parent_pid)
+    torch.set_num_threads(a.threads)
+    app = create_app(Server(a.model_path, a.context_length, a.max_batch))
+    sock = socket.socket(socket.AF_INET6 if ":" in a.host else socket.AF_INET)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((a.host, a.port))
+    sock.listen(2048)
+    port = sock.getsockname()[1]
+    print(f"serving {a.model_path} (SGLang native API subset) on http://{a.host}:{port}", flush=True)
+    if a.port_file:
+        tmp = Path(a.port_file + ".tmp")
+        tmp.write_text(f"{port}\n")
+        tmp.replace(a.port_file)
+    uvicorn.Server(uvicorn.Config(app, log_level="warning")).run(sockets=[sock])
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
