@@ -1,5 +1,10 @@
 """SGLang for Ring-lite / Ling-lite (GPU only): the launch command line, a health wait, and shutdown.
-Used by the RL rollout engine (``megatron_ring.rl.sglang_engine``) and by ``slurm/serve.sh``."""
+Used by the RL job scripts (rollout servers), ``eval --serve`` and ``slurm/serve.sh``.
+
+SGLang pins its own torch / transformers: it runs from its own environment, ``$SGLANG_PYTHON`` (a venv or a
+container's python; default: this interpreter). The context is checked before launch: a ``--context-length``
+beyond the model's ``max_position_embeddings`` is refused unless asked for (``allow_beyond_positions``), which
+then sets SGLang's own ``SGLANG_ALLOW_OVERWRITE_LONGER_CONTEXT_LEN=1``."""
 from __future__ import annotations
 
 import os
@@ -26,9 +31,31 @@ class SGLangServer:
     served_model_name: str | None = None
     dtype: str = "auto"
     enable_memory_saver: bool = False  # RL colocated with the trainer: release/resume memory between phases
+    allow_beyond_positions: bool = False  # a context longer than the config's max_position_embeddings
     extra: list[str] = field(default_factory=list)
 
-    def command(self, python: str = sys.executable) -> list[str]:
+    def check_context(self) -> None:
+        """Refuse, before anything starts, a context the model's positions do not cover (unless allowed)."""
+        import json
+        from pathlib import Path
+
+        cfg = Path(self.model_path) / "config.json"
+        if not self.context_length or not cfg.is_file():
+            return
+        pos = int(json.loads(cfg.read_text()).get("max_position_embeddings") or 0)
+        if pos and self.context_length > pos and not self.allow_beyond_positions:
+            raise ValueError(f"--context-length {self.context_length} exceeds max_position_embeddings {pos} of "
+                             f"{cfg}: lower it, or allow it explicitly (--allow-beyond-positions; RoPE extrapolates, "
+                             "as Ring-lite's RL did at 24K/32K tokens with a 16,384-position config)")
+
+    def env(self) -> dict:
+        env = dict(os.environ)
+        if self.allow_beyond_positions:
+            env["SGLANG_ALLOW_OVERWRITE_LONGER_CONTEXT_LEN"] = "1"
+        return env
+
+    def command(self, python: str | None = None) -> list[str]:
+        python = python or os.environ.get("SGLANG_PYTHON") or sys.executable
         cmd = [python, "-m", "sglang.launch_server", "--model-path", self.model_path, "--host", self.host,
                "--port", str(self.port), "--tp-size", str(self.tp_size), "--trust-remote-code", "--dtype", self.dtype]
         if self.ep_size > 1:
@@ -55,9 +82,10 @@ class SGLangServer:
 
 
 def launch(server: SGLangServer, log_path: str | None = None, wait: bool = True) -> subprocess.Popen:
+    server.check_context()
     log = open(log_path, "ab") if log_path else subprocess.DEVNULL
     proc = subprocess.Popen(server.command(), stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-                            env=dict(os.environ))
+                            env=server.env())
     if wait:
         wait_healthy(server.url, proc)
     return proc
@@ -93,9 +121,16 @@ def main(argv=None) -> int:
     ap.add_argument("--api-key")
     ap.add_argument("--served-model-name")
     ap.add_argument("--enable-memory-saver", action="store_true")
+    ap.add_argument("--allow-beyond-positions", action="store_true",
+                    help="a --context-length longer than the model's max_position_embeddings")
     ap.add_argument("--print-command", action="store_true", help="print the sglang command line and exit")
     a = ap.parse_args(argv)
     srv = SGLangServer(**{k: v for k, v in vars(a).items() if k != "print_command"})
+    try:
+        srv.check_context()
+    except ValueError as e:
+        print(f"serving.sglang: {e}", file=sys.stderr)
+        return 2
     if a.print_command:
         print(" ".join(srv.command()))
         return 0

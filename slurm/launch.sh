@@ -76,13 +76,23 @@ run_rl_stage() {
   hf="${SGLANG_MODEL:-$("$PY" -m megatron_ring.cli recipes --get "$RECIPE" stages.rl.out)/rollout_init_hf}"
   [ -f "$hf/config.json" ] || single_process "$PY" -m megatron_ring.cli convert mcore-to-hf --ckpt "$start" --out "$hf" \
     --tokenizer "$("$PY" -m megatron_ring.cli recipes --get "$RECIPE" stages.rl.tokenizer)" --dtype bf16
+  # the servers' context: the recipe's longest prompt + max_new_tokens, refused here (exit 2) when it exceeds the
+  # model's positions without the recipe allowing it — before any server starts
+  local ctx allow=()
+  ctx=$("$PY" -m megatron_ring.cli rl --recipe "$RECIPE" --print-context "$@")
+  [ "${ctx#* }" = beyond-positions ] && allow=(--allow-beyond-positions)
+  ctx=${ctx%% *}
   local port=$((30000 + ${SLURM_JOB_ID:-0} % 20000))
   for host in $(scontrol show hostnames "${SLURM_JOB_NODELIST:-localhost}" 2>/dev/null || echo localhost); do
     local devs; devs=$(seq -s, $((gpus - rollout)) $((gpus - 1)))
     srun --overlap --nodes=1 --ntasks=1 -w "$host" env CUDA_VISIBLE_DEVICES="$devs" \
-      "$PY" -m serving.sglang --model-path "$hf" --port "$port" --tp-size "$rollout" --enable-memory-saver &
+      "$PY" -m serving.sglang --model-path "$hf" --port "$port" --tp-size "$rollout" --context-length "$ctx" \
+      "${allow[@]}" --enable-memory-saver &
     urls+=("http://${host}:${port}")
   done
   export CUDA_VISIBLE_DEVICES=$(seq -s, 0 $((gpus - rollout - 1)))
+  # the weight-update group: hosted by trainer rank 0 (first node) on a port of its own (50000-59999)
+  export MEGATRON_RING_SYNC_ADDR=$(scontrol show hostnames "${SLURM_JOB_NODELIST:-localhost}" 2>/dev/null | head -n 1 || hostname)
+  export MEGATRON_RING_SYNC_PORT=$((50000 + ${SLURM_JOB_ID:-0} % 10000))
   NPROC=$((gpus - rollout)) run_stage rl --recipe "$RECIPE" --engine sglang --sglang-urls "${urls[@]}" "$@"
 }

@@ -10,7 +10,9 @@
 #   CKPT      a training checkpoint or run dir (SFT / RL stage 1/2; default runs/tiny/rl_stage1) — exported
 #             to HF first (EXPORT, default $CKPT/../export or <run>/export), or MODEL: an exported HF folder
 #   PORT      API port (default 8000); API_KEY optional; NAME served model id (default ring-lite)
-#   TP / EP / CONTEXT   SGLang tensor / expert parallel size (default: all GPUs / 1) and context (32768)
+#   TP / EP / CONTEXT   SGLang tensor / expert parallel size (default: all GPUs / 1) and context (default: the
+#             model's max_position_embeddings; longer only with ALLOW_LONG_CONTEXT=1, e.g. 32768 for Ring-lite)
+#   SGLANG_PYTHON       the interpreter of SGLang's own environment (default: the project's)
 #   UI=1      also start the Gradio demo on UI_PORT (default 7860); UI_AUTH=user:password for a login
 # On a GPU node with SGLang installed: SGLang (--reasoning-parser deepseek-r1, trust-remote-code). Otherwise the
 # CPU server (serving.openai_server) — the same API, e.g. locally: CKPT=runs/tiny/rl_stage1 bash slurm/serve.sh
@@ -31,10 +33,12 @@ fi
 key=(); [ -n "${API_KEY:-}" ] && key=(--api-key "$API_KEY")
 gpus=0
 if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then gpus=$(nvidia-smi -L | wc -l); fi
-if [ "$gpus" -gt 0 ] && "$PY" -c 'import sglang' 2>/dev/null; then
+if [ "$gpus" -gt 0 ] && "${SGLANG_PYTHON:-$PY}" -c 'import sglang' 2>/dev/null; then
   echo "[$(date +%T)] SGLang on $gpus GPU(s): $MODEL as $NAME on :$PORT"
+  ctx=(); [ -n "${CONTEXT:-}" ] && ctx=(--context-length "$CONTEXT")
+  [ "${ALLOW_LONG_CONTEXT:-0}" = 1 ] && ctx+=(--allow-beyond-positions)
   "$PY" -m serving.sglang --model-path "$MODEL" --port "$PORT" --tp-size "${TP:-$gpus}" --ep-size "${EP:-1}" \
-    --context-length "${CONTEXT:-32768}" --reasoning-parser deepseek-r1 --served-model-name "$NAME" "${key[@]}" &
+    "${ctx[@]}" --reasoning-parser deepseek-r1 --served-model-name "$NAME" "${key[@]}" &
 else
   echo "[$(date +%T)] no GPU/SGLang: the CPU server: $MODEL as $NAME on :$PORT"
   "$PY" -m serving.openai_server --model "$MODEL" --host "${HOST:-0.0.0.0}" --port "$PORT" --served-model-name "$NAME" "${key[@]}" &

@@ -188,7 +188,8 @@ def test_rl_step_moves_the_policy_toward_what_is_rewarded(tiny, data, tmp_path, 
     assert all(0.0 < s["reward/mean"] < 1.0 and 0 < s["tokens/kept"] <= 192 for s in r["steps"]), r["steps"]
     assert any(s["clipfrac"] > 0.05 for s in r["steps"]), r["steps"]  # the second mini-batch is off-policy
     if nproc == 2:
-        assert all(n == 32 for n in r["sequences_trained_per_rank"][0]), r
+        # (whole groups of K = 8: one whose 8 samples happen to score alike is dropped, as on any rank)
+        assert all(0 < n <= 32 and n % 8 == 0 for n in r["sequences_trained_per_rank"][0]), r
         assert all(n == 0 for n in r["sequences_trained_per_rank"][1]), r
     else:
         control = _learns(nproc, tiny["mcore"], data, tmp_path, 0.0, *extra)

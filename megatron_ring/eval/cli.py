@@ -45,7 +45,8 @@ def _gpus() -> int:
 
 
 @contextmanager
-def serving(model_dir: str, name: str, max_tokens: int, log: Path, threads: int = 0):
+def serving(model_dir: str, name: str, max_tokens: int, log: Path, threads: int = 0, max_prompt_tokens: int = 2048,
+            beyond: bool = False):
     """Serve ``model_dir`` as ``name`` for the duration of the block; yields the base URL."""
     from serving.health import bound_port, wait_healthy
     from serving.sglang import SGLangServer, launch, shutdown
@@ -55,10 +56,12 @@ def serving(model_dir: str, name: str, max_tokens: int, log: Path, threads: int 
     port_file.unlink(missing_ok=True)
     env = {k: v for k, v in os.environ.items() if not k.startswith(("TORCHELASTIC", "MASTER_", "LOCAL_RANK", "RANK",
                                                                        "WORLD_SIZE", "GROUP_", "ROLE_"))}
-    if _gpus() > 0 and _has("sglang"):
+    if _gpus() > 0 and _has_sglang():
         port = _free_port()  # SGLang binds the port it is given
+        # the context: the longest prompt allowed + max_tokens, refused (before launch) past the model's positions
         proc = launch(SGLangServer(model_dir, port=port, tp_size=_gpus(), served_model_name=name,
-                                   reasoning_parser="deepseek-r1"), str(log), wait=False)
+                                   context_length=max_tokens + max_prompt_tokens, reasoning_parser="deepseek-r1",
+                                   allow_beyond_positions=beyond), str(log), wait=False)
     else:
         cmd = [sys.executable, "-m", "serving.openai_server", "--model", model_dir, "--port", "0",
                "--port-file", str(port_file),
@@ -79,10 +82,14 @@ def serving(model_dir: str, name: str, max_tokens: int, log: Path, threads: int 
         shutdown(proc)
 
 
-def _has(mod: str) -> bool:
+def _has_sglang() -> bool:
+    """SGLang importable by the interpreter that runs it ($SGLANG_PYTHON: its own environment, else ours)."""
     import importlib.util
 
-    return importlib.util.find_spec(mod) is not None
+    py = os.environ.get("SGLANG_PYTHON")
+    if not py:
+        return importlib.util.find_spec("sglang") is not None
+    return subprocess.run([py, "-c", "import sglang"], capture_output=True).returncode == 0
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -222,9 +222,8 @@ def serialize_for_ipc(named: list[tuple[str, torch.Tensor]]) -> str:
         return fn, args
 
     buf = io.BytesIO()
-    p = ForkingPickler(buf)
-    p.dispatch_table = dict(ForkingPickler._extra_reducers, **{torch.Tensor: reduce_tensor,
-                                                              torch.nn.Parameter: reduce_tensor})
+    p = ForkingPickler(buf)  # (its own dispatch table: copyreg's + torch's reducers; ours for tensors on top)
+    p.dispatch_table[torch.Tensor] = p.dispatch_table[torch.nn.Parameter] = reduce_tensor
     p.dump(named)
     return base64.b64encode(buf.getvalue()).decode()
 

@@ -1,0 +1,199 @@
+"""Weight sync trainer -> rollout server, side by side: the disk path the trainer used before (90bedf4: dist
+checkpoint -> one-process conversion to an HF folder -> read back on rank 0 -> written again -> the server reads
+it) and the in-memory bucketed gather + broadcast transport (rl/weights.py + rl/transport.py).
+
+    .venv/bin/python benchmarks/weight_sync.py [--models tiny,ling2] [--bucket-mb 1024]
+
+Both at EP2 on 2 trainer ranks (gloo) — the layout class the ling_lite recipes always use (EP8), where the old
+path went through disk — into one receiving server (serving/native.py's SGLang API with a weight sink in place of
+the model: both ways stop once the server holds the bytes, before any model load). Models: the tiny recipe, and
+``ling2``: Ling-lite at full width with 2 layers (hidden 2048, 64 experts x 1408, 2 shared, vocab 126,464;
+1.68B parameters, bf16). Figures are the second sync of a run (the first also sets the group up, reported apart)."""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+BEFORE = "90bedf4"  # the last commit with the disk path (megatron_ring/rl/sync.py)
+LING2 = {"hidden_size": 2048, "num_hidden_layers": 2, "num_attention_heads": 16, "num_key_value_heads": 4,
+         "head_dim": 128, "num_experts": 64, "num_experts_per_tok": 6, "moe_intermediate_size": 1408,
+         "num_shared_experts": 2, "intermediate_size": 5632, "vocab_size": 126464, "max_position_embeddings": 16384}
+
+
+# --- the receiving server: SGLang's native API, a byte counter in place of the model ----------------------------
+def receiver(port_file: str) -> None:
+    import socket
+
+    import uvicorn
+
+    from serving import native
+
+    class Sink(native.Server):
+        def __init__(self):
+            import threading
+
+            self.model_path, self.version, self.context, self.groups = "", "default", 1 << 20, {}
+            self.lock, self.bytes = threading.Lock(), 0
+
+        def _load(self, named, version):
+            self.bytes += sum(t.nbytes for _, t in named)
+            self.version = version or self.version
+
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    sock.listen(64)
+    Path(port_file).write_text(str(sock.getsockname()[1]))
+    uvicorn.Server(uvicorn.Config(native.create_app(Sink()), log_level="warning")).run(sockets=[sock])
+
+
+# --- one trainer rank (under torchrun) ------------------------------------------------------------------------
+def _model(name: str):
+    import torch
+
+    from megatron_ring.config.recipe import load_recipe
+    from megatron_ring.convert.run import _materialize
+    from megatron_ring.model.build import build_model
+    from megatron_ring.parallel.dist import init_distributed
+
+    base = load_recipe("tiny").hf_config
+    cfg = dict(base, **LING2) if name == "ling2" else dict(base)
+    recipe = load_recipe("tiny", {"hf_config": cfg, "precision": {"bf16": True, "transformer_impl": "local"},
+                                  "parallel": {"expert_model_parallel_size": 2}})
+    init_distributed(recipe.parallel, seed=1)
+    with torch.device("meta"):
+        model = build_model(recipe)
+    g = torch.Generator().manual_seed(0)
+    for n, p in list(model.named_parameters()):  # (values do not matter; uninitialised memory would be slow to
+        _materialize(model, n, (torch.rand(p.shape, generator=g) - 0.5).to(torch.bfloat16))  # compress, not copy)
+    return model, cfg
+
+
+def _before_module():
+    import types
+
+    src = subprocess.run(["git", "show", f"{BEFORE}:megatron_ring/rl/sync.py"], cwd=ROOT, capture_output=True,
+                         text=True, check=True).stdout
+    mod = types.ModuleType("megatron_ring.rl._sync_before")
+    mod.__package__ = "megatron_ring.rl"
+    exec(compile(src, "sync.py@" + BEFORE, "exec"), mod.__dict__)
+    return mod
+
+
+def _du(p: Path) -> int:
+    return sum(f.stat().st_size for f in p.rglob("*") if f.is_file()) if p.exists() else 0
+
+
+def worker(a) -> None:
+    import torch.distributed as dist
+
+    from megatron_ring.rl import transport as T
+    from megatron_ring.rl.weights import stream_hf_weights
+
+    model, cfg = _model(a.model)
+    rank0 = dist.get_rank() == 0
+    url = f"http://127.0.0.1:{a.receiver_port}"
+    runs = []
+    tr = T.BroadcastTransport([url], [1], "127.0.0.1", a.group_port) if rank0 and a.way == "memory" else None
+    old = _before_module() if a.way == "disk" else None
+    scratch = Path(a.scratch)
+    for version in (1, 2):
+        dist.barrier()
+        t0 = time.perf_counter()
+        if a.way == "memory":
+            if tr:
+                tr.begin(version)
+            fig = stream_hf_weights(model, cfg, tr.bucket if tr else None, bucket_bytes=a.bucket_mb << 20)
+            if tr:
+                tr.end()
+            moved = fig["bytes_received"] + fig["bytes_total"]  # pieces to rank 0 + the broadcast to the server
+        else:
+            state = old.gather_hf_state(model, cfg, scratch)
+            moved = 0
+            if rank0:
+                from megatron_ring.convert.hf_io import write_hf_checkpoint
+
+                path = scratch / "sync" / f"v{version:06d}"
+                write_hf_checkpoint(state, cfg, path, None)
+                T.post(url + "/update_weights_from_disk", {"model_path": str(path)}, 3600)
+                ckpt, hf = _du(scratch / "weight_sync"), _du(scratch / "weight_sync_hf")
+                moved = 2 * ckpt + 2 * hf + 2 * _du(path)  # each folder written once and read once
+        dist.barrier()
+        runs.append({"seconds": time.perf_counter() - t0, "bytes": moved})
+    if rank0:
+        n = sum(p.numel() for p in model.parameters())  # (rank 0's share; the total comes from the config)
+        Path(a.out).write_text(json.dumps({"runs": runs, "rank0_params": n}))
+
+
+def _params(cfg: dict) -> int:
+    from megatron_ring.convert.mapping import expected_hf_shapes
+
+    import math
+
+    return sum(math.prod(s) for s in expected_hf_shapes(cfg).values())
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--models", default="tiny,ling2")
+    ap.add_argument("--bucket-mb", type=int, default=1024)
+    ap.add_argument("--receiver", help=argparse.SUPPRESS)
+    ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    for f in ("model", "way", "out", "scratch"):
+        ap.add_argument(f"--{f}", help=argparse.SUPPRESS)
+    for f in ("receiver_port", "group_port"):
+        ap.add_argument(f"--{f.replace('_', '-')}", dest=f, type=int, help=argparse.SUPPRESS)
+    a = ap.parse_args()
+    if a.receiver:
+        return receiver(a.receiver) or 0
+    if a.worker:
+        return worker(a) or 0
+    from megatron_ring.config.recipe import load_recipe
+    from megatron_ring.rl.sglang_engine import _free_port
+    from serving.health import wait_healthy
+
+    rows = []
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    for model in a.models.split(","):
+        cfg = dict(load_recipe("tiny").hf_config, **(LING2 if model == "ling2" else {}))
+        res = {}
+        for way in ("disk", "memory"):
+            with tempfile.TemporaryDirectory(dir=ROOT / "runs" if (ROOT / "runs").exists() else None) as td:
+                pf = Path(td) / "port"
+                rec = subprocess.Popen([sys.executable, __file__, "--receiver", str(pf)], cwd=ROOT, env=env)
+                while not pf.exists():
+                    time.sleep(0.1)
+                port = int(pf.read_text())
+                wait_healthy(f"http://127.0.0.1:{port}", rec, timeout=120, interval=0.2)
+                out = Path(td) / "out.json"
+                print(f"[weight_sync] {model}: {way} ...", flush=True)
+                subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2", "--standalone",
+                                __file__, "--worker", "--model", model, "--way", way, "--out", str(out),
+                                "--scratch", td, "--receiver-port", str(port), "--group-port", str(_free_port()),
+                                "--bucket-mb", str(a.bucket_mb)], cwd=ROOT, env=env, check=True,
+                               stdout=subprocess.DEVNULL, stderr=open(Path(td) / "log", "w"))
+                res[way] = json.loads(out.read_text())["runs"]
+                rec.terminate()
+                rec.wait(timeout=30)
+        n = _params(cfg)
+        for way, label in (("disk", f"disk (before, {BEFORE})"), ("memory", "in-memory broadcast (now)")):
+            first, steady = res[way]
+            rows.append((model, n, label, first["seconds"], steady["seconds"], steady["bytes"],
+                         res["disk"][1]["seconds"] / steady["seconds"], res["disk"][1]["bytes"] / max(steady["bytes"], 1)))
+    print(f"\nweight sync, trainer EP2 (2 ranks, gloo) -> 1 server; bucket {a.bucket_mb} MB; second sync of a run\n")
+    print("| model | parameters | way | first sync s | sync s | bytes moved | speed-up | bytes ratio |")
+    print("|---|---|---|---|---|---|---|---|")
+    for m, n, label, s1, s, b, r, rb in rows:
+        print(f"| {m} | {n / 1e9:.2f}B | {label} | {s1:.2f} | {s:.2f} | {b / 1e9:.2f} GB | {r:.1f}x | {rb:.1f}x |")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,234 @@
+"""Weight transports and the server rollout path on CPU: two real CPU servers (serving/native.py, SGLang's native
+API) updated by the broadcast transport over gloo and by the disk transport, sampled through the same client
+(rl/sglang_engine.py) that drives SGLang on GPUs; request bodies checked against the pinned SGLang's own fields."""
+import json
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from megatron_ring.rl import transport as T
+from megatron_ring.rl.rollout import InProcessEngine, SamplingParams
+from megatron_ring.rl.sglang_engine import SGLangEngine, _free_port, generate_payload
+
+from .conftest import PY, ROOT
+
+API = json.loads((Path(__file__).parent / "data" / "sglang_api.json").read_text())["classes"]
+
+
+def _fits(payload: dict, cls: str) -> None:
+    fields = {**API[cls], **API["BaseReq"]}
+    assert set(payload) <= set(fields), f"{cls}: SGLang has no field(s) {sorted(set(payload) - set(fields))}"
+    required = {f for f, has_default in API[cls].items() if not has_default}
+    assert required <= set(payload), f"{cls}: required field(s) missing {sorted(required - set(payload))}"
+
+
+def test_request_bodies_use_sglang_fields():
+    """Every body we send, and every field the CPU server accepts, exists in the pinned SGLang's request class."""
+    from serving import native
+
+    t = torch.zeros(2, 3, dtype=torch.bfloat16)
+    g = generate_payload([[1, 2]], 2, SamplingParams(max_new_tokens=4, seed=1))
+    _fits(g, "GenerateReqInput")
+    for sp in g["sampling_params"]:
+        assert set(sp) <= set(API["SamplingParams"]), sorted(set(sp) - set(API["SamplingParams"]))
+    _fits(T.init_group_payload("h", 1, 1, 3, "nccl"), "InitWeightsUpdateGroupReqInput")
+    d = T.distributed_payload([("a", t)], 3)
+    _fits(d, "UpdateWeightsFromDistributedReqInput")
+    assert d["dtypes"] == ["bfloat16"] and d["shapes"] == [[2, 3]] and d["weight_version"] == "3"
+    _fits(T.tensor_payload(["x", "y"], 3), "UpdateWeightsFromTensorReqInput")
+    _fits(T.disk_payload("/p", 3), "UpdateWeightFromDiskReqInput")
+    _fits({"tags": ["weights"]}, "ResumeMemoryOccupationReqInput")
+    models = {native.GenerateReq: "GenerateReqInput", native.Sampling: "SamplingParams",
+              native.InitGroupReq: "InitWeightsUpdateGroupReqInput", native.DiskReq: "UpdateWeightFromDiskReqInput",
+              native.DistributedReq: "UpdateWeightsFromDistributedReqInput",
+              native.MemoryReq: "ReleaseMemoryOccupationReqInput"}
+    for model, cls in models.items():
+        extra = set(model.model_fields) - set(API[cls]) - set(API["BaseReq"])
+        assert not extra, f"serving/native.py {model.__name__} accepts fields SGLang's {cls} lacks: {extra}"
+
+
+def test_ipc_serializer_one_entry_per_tp_rank():
+    """Colocated servers: one serialized entry per server TP rank (SGLang indexes the list by its TP rank), each
+    SGLang's MultiprocessingSerializer format (base64 of a ForkingPickler dump)."""
+    import base64
+    import pickle
+
+    blob = T.serialize_for_ipc([("w", torch.arange(6.0).reshape(2, 3))])
+    body = T.tensor_payload([blob] * 4, 5)
+    assert len(body["serialized_named_tensors"]) == 4
+    (name, t), = pickle.loads(base64.b64decode(blob))  # (CPU tensors: shared memory; CUDA ones: IPC handles)
+    assert name == "w" and torch.equal(t, torch.arange(6.0).reshape(2, 3))
+
+
+@pytest.fixture(scope="module")
+def servers(tiny, tmp_path_factory):
+    """Two CPU servers over the tiny export (context 256 tokens)."""
+    d = tmp_path_factory.mktemp("native")
+    procs, urls = [], []
+    for i in range(2):
+        pf = d / f"port{i}"
+        procs.append(subprocess.Popen([PY, "-m", "serving.native", "--model-path", str(tiny["export"]), "--port", "0",
+                                       "--port-file", str(pf), "--context-length", "256"], cwd=ROOT,
+                                      stdout=subprocess.DEVNULL, stderr=open(d / f"log{i}", "w")))
+    from serving.health import bound_port, wait_healthy
+
+    for i, p in enumerate(procs):
+        urls.append(f"http://127.0.0.1:{bound_port(d / f'port{i}', p)}")
+        wait_healthy(urls[-1], p, timeout=120, interval=0.2)
+    yield urls
+    for p in procs:
+        p.terminate()
+        p.wait(timeout=30)
+
+
+def _state(tiny, seed: int, dtype=torch.float32) -> dict:
+    from megatron_ring.convert.hf_io import read_hf_state
+
+    g = torch.Generator().manual_seed(seed)
+    return {k: (v.float() + 0.02 * torch.randn(v.shape, generator=g)).to(dtype) for k, v in read_hf_state(tiny["export"]).items()}
+
+
+def _reference(tiny, state) -> InProcessEngine:
+    from megatron_ring.model.hf_config import load_hf_config
+    from megatron_ring.tokenizer.tiny import load_tokenizer
+
+    eng = InProcessEngine(load_hf_config(tiny["export"]), load_tokenizer(tiny["export"]))
+    eng.update_weights({k: v.float() for k, v in state.items()}, 0)
+    return eng
+
+
+def _send(tr, state: dict, version: int, buckets: int = 3) -> None:
+    items = list(state.items())
+    tr.begin(version)
+    for b in range(buckets):
+        tr.bucket(items[b::buckets])
+    tr.end()
+
+
+def _info(url: str) -> dict:
+    import urllib.request
+
+    return json.loads(urllib.request.urlopen(url + "/get_model_info", timeout=30).read())
+
+
+def test_broadcast_transport_updates_both_servers(tiny, servers):
+    """Trainer rank 0 (this process) broadcasts each bucket over gloo to the two servers, which join the group
+    inside /update_weights_from_distributed; the servers then sample exactly what the in-process engine does with
+    the same weights (same seeds), and a second version goes over the same group."""
+    from megatron_ring.tokenizer.tiny import load_tokenizer
+
+    eng = SGLangEngine(servers, {}, load_tokenizer(tiny["export"]), "broadcast", master_port=_free_port())
+    eng.wait_ready(timeout=60)
+    prompts = [[5, 6, 7, 8], [9, 10, 11]]
+    sp = SamplingParams(max_new_tokens=12, temperature=1.0, seed=21)
+    for version, seed in ((1, 1), (2, 2)):
+        state = _state(tiny, seed)
+        _send(eng.transport(), state, version)
+        assert [_info(u)["weight_version"] for u in servers] == [str(version)] * 2
+        got = eng.generate(prompts, 4, sp)
+        want = _reference(tiny, state).generate(prompts, 4, sp)
+        assert [(r.prompt_index, r.response_ids) for r in got] == [(r.prompt_index, r.response_ids) for r in want]
+        assert max(abs(a - b) for r, w in zip(got, want) for a, b in zip(r.logprobs, w.logprobs)) < 1e-4
+    # seeds: the K samples of a prompt differ, and the same request reruns identically
+    assert len({tuple(r.response_ids) for r in got if r.prompt_index == 0}) > 1
+    assert [r.response_ids for r in eng.generate(prompts, 4, sp)] == [r.response_ids for r in got]
+
+
+def test_a_server_refusal_ends_the_group_wait(servers):
+    """A server that cannot join (nccl asked of a CPU server) fails the sync at once with the server's message,
+    instead of leaving our rendezvous waiting for it until the timeout."""
+    tr = T.BroadcastTransport(servers, [1, 1], "127.0.0.1", _free_port(), backend="nccl", timeout=600)
+    t0 = time.time()
+    with pytest.raises(T.EngineError, match="gloo groups only"):
+        tr.begin(1)
+    assert time.time() - t0 < 30
+
+
+def test_disk_transport_bf16_and_old_versions_removed(tiny, servers, tmp_path):
+    tr = T.DiskTransport(servers, tmp_path / "sync", {**json.loads((Path(tiny["export"]) / "config.json").read_text())})
+    for v in (1, 2):
+        state = _state(tiny, 10 + v, torch.bfloat16)
+        _send(tr, state, v)
+    assert sorted(p.name for p in (tmp_path / "sync").iterdir()) == ["v000002"]  # v1 removed once v2 was loaded
+    from megatron_ring.convert.hf_io import read_hf_state
+
+    back = read_hf_state(tmp_path / "sync" / "v000002")
+    assert all(t.dtype == torch.bfloat16 and torch.equal(t, state[k]) for k, t in back.items()) and len(back) == len(state)
+    eng = SGLangEngine(servers[:1], {}, None, "disk", sync_dir=tmp_path / "sync")
+    sp = SamplingParams(max_new_tokens=8, temperature=0.0)
+    assert [r.response_ids for r in eng.generate([[5, 6, 7]], 1, sp)] == \
+        [r.response_ids for r in _reference(tiny, state).generate([[5, 6, 7]], 1, sp)]
+
+
+def test_server_errors_carry_the_servers_message(servers):
+    """A prompt + max_new_tokens beyond the server's context (256): SGLang's 400 message, which prompt it was."""
+    eng = SGLangEngine(servers, {}, None, "broadcast")
+    with pytest.raises(T.EngineError, match=r"prompt 1 \(250 tokens.*maximum context length of 256"):
+        eng.generate([[5, 6], [7] * 250], 1, SamplingParams(max_new_tokens=16))
+
+
+def test_inprocess_transport_refuses_a_partial_or_unknown_update(tiny):
+    from megatron_ring.convert.hf_io import read_hf_state
+
+    state = read_hf_state(tiny["export"])
+    eng = _reference(tiny, state)
+    tr = eng.transport()
+    tr.begin(1)
+    tr.bucket(list(state.items())[:-1])
+    with pytest.raises(RuntimeError, match="not sent"):
+        tr.end()
+    tr.begin(2)
+    with pytest.raises(RuntimeError, match="no such parameter"):
+        tr.bucket([("model.layers.0.mlp.experts.99.up_proj.weight", torch.zeros(1))])
+
+
+from .test_rl_trainer import KEYS, _rl, data  # noqa: E402,F401 (the RL prompt data fixture)
+
+
+def test_rl_with_two_cpu_servers_equals_the_in_process_engine_and_resumes_exactly(tiny, data, tmp_path, servers):
+    """`megatron-ring rl` with engine sglang against the two CPU servers (broadcast transport over gloo, trainer at
+    EP2 on 2 ranks: rank 1's experts travel too): every per-step figure equals the in-process engine's for the
+    same seeds; only the rollout log-probs differ in their last bits (the servers batch one prompt's samples, the
+    in-process engine 16 rows at once), bounded here. A run stopped after step 2 and resumed matches exactly."""
+    srv = ["--ep", "2", "--engine", "sglang", "--sglang-urls", *servers]
+    a = _rl(2, data, tiny["mcore"], tmp_path / "inprocess", 4, "--ep", "2")
+    s = _rl(2, data, tiny["mcore"], tmp_path / "servers", 4, *srv)
+    assert [r["step"] for r in s] == [0, 1, 2, 3, 4]
+    for ra, rs in zip(a, s):
+        assert {k: ra.get(k) for k in KEYS} == {k: rs.get(k) for k in KEYS}, (ra, rs)
+        assert ra.get("eval/math") == rs.get("eval/math")
+        if rs["step"]:
+            assert rs["logp_mismatch"] < 1e-5 and rs["time/sync"] > 0
+    _rl(2, data, tiny["mcore"], tmp_path / "resumed", 2, *srv)
+    b = _rl(2, data, tiny["mcore"], tmp_path / "resumed", 4, *srv)
+    for rs, rb in zip(s, b):
+        assert {k: rs.get(k) for k in KEYS} == {k: rb.get(k) for k in KEYS}, (rs, rb)
+    assert not (tmp_path / "servers" / "weight_sync").exists()  # no file on the way (the disk transport's folder)
+
+
+def test_context_beyond_the_positions_is_refused_before_any_server_starts(tiny, data):
+    """`rl --print-context` (what the job script asks before it starts the servers): prompt + max_new_tokens
+    past the model's max_position_embeddings (2048 in the tiny config) is refused naming both, unless the recipe
+    allows it; the ling_lite recipes do (the paper's 24K/32K RL on a 16,384-position config)."""
+    from megatron_ring.config.recipe import load_recipe
+    from megatron_ring.rl.config import ContextTooLong, rl_config, rollout_context
+
+    def ctx(*extra):
+        return subprocess.run([PY, "-m", "megatron_ring.cli", "rl", "--recipe", "rl_stage1_tiny", "--init",
+                               str(tiny["mcore"]), "--print-context", *extra], cwd=ROOT, capture_output=True,
+                              text=True, timeout=120)
+
+    ok = ctx()
+    assert ok.returncode == 0 and ok.stdout.strip() == str(1024 + 192), ok.stderr[-2000:]
+    bad = ctx("--max-new-tokens", "1500")
+    assert bad.returncode == 2 and "2524 tokens exceed the model's max_position_embeddings 2048" in bad.stderr
+    published = json.loads((Path(__file__).parent / "data" / "published_configs" / "ring-lite.chat.config.json").read_text())
+    for stage, need in (("rl_stage1_ling_lite", 2048 + 24576), ("rl_stage2_ling_lite", 2048 + 32768)):
+        cfg = rl_config(load_recipe(stage))
+        assert rollout_context(cfg, published) == need > published["max_position_embeddings"]
+        cfg.context_beyond_positions = False
+        with pytest.raises(ContextTooLong, match="context_beyond_positions"):
+            rollout_context(cfg, published)
