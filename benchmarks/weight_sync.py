@@ -167,7 +167,8 @@ def main() -> int:
         for way in ("disk", "memory"):
             with tempfile.TemporaryDirectory(dir=ROOT / "runs" if (ROOT / "runs").exists() else None) as td:
                 pf = Path(td) / "port"
-                rec = subprocess.Popen([sys.executable, __file__, "--receiver", str(pf)], cwd=ROOT, env=env)
+                rec = subprocess.Popen([sys.executable, __file__, "--receiver", str(pf)], cwd=ROOT, env=env,
+                                       stdout=subprocess.DEVNULL, stderr=open(Path(td) / "receiver.log", "w"))
                 while not pf.exists():
                     time.sleep(0.1)
                 port = int(pf.read_text())

@@ -138,7 +138,7 @@ def stream_hf_weights(model: torch.nn.Module, cfg: dict, sink: Callable[[list[tu
     g = (lambda r: dist.get_global_rank(group, r)) if group is not None else (lambda r: r)
     dev = device or (next(iter(mine.values())).device if mine else "cpu")
     moved = sent = 0
-    plan_s = time.perf_counter() - t0
+    plan_s, sink_s = time.perf_counter() - t0, 0.0
     for bucket in buckets(units, bucket_bytes):
         if me != 0:
             works, keep = [], []  # (keep: a copy made by .contiguous() must outlive its send)
@@ -160,9 +160,11 @@ def stream_hf_weights(model: torch.nn.Module, cfg: dict, sink: Callable[[list[tu
             named += mcore_tensor_to_hf(name, t, cfg)
             del t
         if sink is not None:
+            t1 = time.perf_counter()
             sink(named)
+            sink_s += time.perf_counter() - t1
         del named
-    return {"seconds": time.perf_counter() - t0, "plan_seconds": plan_s, "bytes_received": moved,
+    return {"seconds": time.perf_counter() - t0, "plan_seconds": plan_s, "sink_seconds": sink_s, "bytes_received": moved,
             "bytes_sent": sent, "buckets": len(buckets(units, bucket_bytes)),
             "bytes_total": sum(u.nbytes for u in units)}
 
