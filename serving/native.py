@@ -9,6 +9,7 @@ SGLang on a GPU cluster (``rl/sglang_engine.py`` + ``rl/transport.py``):
   Sampling is ``rl.rollout.sample_batch``, each sample from its own ``sampling_seed`` (the in-process engine's).
 - ``POST /init_weights_update_group``, ``/update_weights_from_distributed`` (the broadcast transport: the trainer's
   rank 0 broadcasts each tensor on a gloo group made as SGLang makes it), ``/update_weights_from_disk``,
+  ``/update_weights_from_tensor`` (the IPC transport: shared memory from a trainer on the same machine),
   ``/flush_cache``, ``/release_memory_occupation``, ``/resume_memory_occupation`` (no-ops on a CPU), ``/health``,
   ``/get_model_info``.
 - A prompt + ``max_new_tokens`` beyond ``--context-length`` is a 400, as SGLang answers; ``--context-length``
@@ -85,6 +86,16 @@ class DiskReq(_Strict):  # UpdateWeightFromDiskReqInput (the fields a CPU server
     abort_all_requests: bool = False
     weight_version: Optional[str] = None
     flush_cache: bool = True
+    torch_empty_cache: bool = False
+
+
+class TensorReq(_Strict):  # UpdateWeightsFromTensorReqInput
+    serialized_named_tensors: list[str]  # one per TP rank: base64 of a ForkingPickler dump of [(name, tensor)]
+    load_format: Optional[str] = None
+    flush_cache: bool = True
+    abort_all_requests: bool = False
+    weight_version: Optional[str] = None
+    selector: Literal["target", "draft", "all"] = "all"
     torch_empty_cache: bool = False
 
 
@@ -174,6 +185,21 @@ class Server:
             self._load(list(zip(req.names, ts)), req.weight_version)
         return {"success": True, "message": "Succeeded to update parameter online."}
 
+    def update_tensor(self, req: TensorReq) -> dict:
+        """Tensors shared by a colocated trainer (entry 0: this server's one TP rank)."""
+        import base64
+        import io
+        import pickle
+
+        import torch.multiprocessing  # noqa: F401 (registers torch's rebuild functions for the unpickler)
+
+        if req.load_format is not None:
+            raise ValueError(f"load_format {req.load_format!r}: the CPU server loads named tensors only")
+        named = pickle.load(io.BytesIO(base64.b64decode(req.serialized_named_tensors[0])))
+        with self.lock:
+            self._load([(n, t) for n, t in named], req.weight_version)
+        return {"success": True, "message": "Succeeded to update model weights."}
+
     def update_disk(self, req: DiskReq) -> dict:
         from megatron_ring.convert.hf_io import read_hf_state
 
@@ -234,6 +260,10 @@ def create_app(server: Server) -> FastAPI:
     @app.post("/update_weights_from_distributed")
     async def update_distributed(req: DistributedReq):
         return await run(server.update_distributed, req)
+
+    @app.post("/update_weights_from_tensor")
+    async def update_tensor(req: TensorReq):
+        return await run(server.update_tensor, req)
 
     @app.post("/update_weights_from_disk")
     async def update_disk(req: DiskReq):

@@ -79,6 +79,9 @@ REVIEWED = {
     ("model/norm_head.py", "normalized_head_weight"): "derived from the output layer's weight",
     ("rl/policy.py", "vocab_parallel_entropy"): "derived from the logits",
     ("model/inference.py", "greedy_generate"): "argmax of the logits, or made with device=device()",
+    ("rl/weights.py", "stream_hf_weights"): "a piece of a parameter (the parameter's device)",
+    ("rl/weights.py", "_assemble"): "made on the device of rank 0's own pieces (its parameters')",
+    ("rl/transport.py", "bucket"): "the assembled bucket (the parameters' device: cuda with nccl, cpu with gloo)",
 }
 COLLECTIVES = {"all_reduce", "broadcast", "all_gather", "all_gather_into_tensor", "reduce_scatter_tensor", "reduce",
                "all_to_all_single", "send", "recv", "isend", "irecv"}

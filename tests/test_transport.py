@@ -44,7 +44,7 @@ def test_request_bodies_use_sglang_fields():
     models = {native.GenerateReq: "GenerateReqInput", native.Sampling: "SamplingParams",
               native.InitGroupReq: "InitWeightsUpdateGroupReqInput", native.DiskReq: "UpdateWeightFromDiskReqInput",
               native.DistributedReq: "UpdateWeightsFromDistributedReqInput",
-              native.MemoryReq: "ReleaseMemoryOccupationReqInput"}
+              native.MemoryReq: "ReleaseMemoryOccupationReqInput", native.TensorReq: "UpdateWeightsFromTensorReqInput"}
     for model, cls in models.items():
         extra = set(model.model_fields) - set(API[cls]) - set(API["BaseReq"])
         assert not extra, f"serving/native.py {model.__name__} accepts fields SGLang's {cls} lacks: {extra}"
@@ -163,6 +163,21 @@ def test_disk_transport_bf16_and_old_versions_removed(tiny, servers, tmp_path):
         [r.response_ids for r in _reference(tiny, state).generate([[5, 6, 7]], 1, sp)]
 
 
+def test_ipc_transport_updates_a_colocated_server(tiny, servers):
+    """The colocated path's request sequence (release before training, resume, one entry per TP rank, flush)
+    against a CPU server on this machine; the tensors travel by shared memory (CUDA IPC handles on a GPU)."""
+    eng = SGLangEngine(servers[:1], {}, None, "ipc")
+    tr = eng.transport()
+    eng.before_training()
+    assert tr.released
+    state = _state(tiny, 31)
+    _send(tr, state, 4)
+    assert not tr.released and _info(servers[0])["weight_version"] == "4"
+    sp = SamplingParams(max_new_tokens=8, temperature=0.0)
+    assert [r.response_ids for r in eng.generate([[5, 6, 7]], 1, sp)] == \
+        [r.response_ids for r in _reference(tiny, state).generate([[5, 6, 7]], 1, sp)]
+
+
 def test_server_errors_carry_the_servers_message(servers):
     """A prompt + max_new_tokens beyond the server's context (256): SGLang's 400 message, which prompt it was."""
     eng = SGLangEngine(servers, {}, None, "broadcast")
@@ -232,3 +247,14 @@ def test_context_beyond_the_positions_is_refused_before_any_server_starts(tiny, 
         cfg.context_beyond_positions = False
         with pytest.raises(ContextTooLong, match="context_beyond_positions"):
             rollout_context(cfg, published)
+
+
+def test_selection_entropy_through_the_servers_matches_the_in_process_one(tiny, servers):
+    """`select --sglang-urls`: the entropy from the servers' sampled log-probs (−mean log p, what SGLang returns)
+    estimates the in-process figure (full next-token distributions along the model's own samples)."""
+    from megatron_ring.select.entropy import served_entropy, token_entropy
+
+    prompts = [f"What is {i} plus {2 * i}?" for i in range(48)]
+    exact = token_entropy(tiny["export"], prompts, 32, seed=0)
+    served = served_entropy(servers, tiny["export"], prompts, 32, seed=0)
+    assert served == pytest.approx(exact, rel=0.03), (served, exact)

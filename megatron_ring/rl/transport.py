@@ -10,7 +10,8 @@ One interface, one class per way (as slime keeps them), all driven by trainer ra
   (``custom_process_group``), so the two agree on the rendezvous.
 - ``IPCTransport``: servers colocated on the trainer's GPUs: ``/update_weights_from_tensor`` with CUDA IPC handles,
   one serialized entry per server TP rank (SGLang reads ``serialized_named_tensors[tp_rank]``), the servers' memory
-  resumed before the update and released again before training (``release_memory``).
+  resumed before the update and released again before training (``release_memory``). (On a CPU: shared memory,
+  to a CPU server on the same machine.)
 - ``DiskTransport``: the explicit fallback: each bucket a safetensors shard in the weights' own dtype (bf16 in
   training), then ``/update_weights_from_disk``; the previous version's folder is removed.
 
@@ -231,25 +232,36 @@ def serialize_for_ipc(named: list[tuple[str, torch.Tensor]]) -> str:
 class IPCTransport:
     def __init__(self, urls: list[str], tp_size: int, timeout: float = 1800.0, api_key: str | None = None):
         self.urls, self.tp, self.timeout, self.key = urls, tp_size, timeout, api_key
+        self.released = False
+
+    def _all(self, path: str, body: dict) -> None:
+        _each(self.urls, lambda u: post(u + path, body, self.timeout, self.key))
 
     def release_memory(self) -> None:
         """Before training: the servers give back their weights and KV cache (``--enable-memory-saver``)."""
-        _each(self.urls, lambda u: post(u + "/release_memory_occupation", {}, self.timeout, self.key))
+        if not self.released:
+            self._all("/release_memory_occupation", {})
+            self.released = True
 
     def begin(self, version: int) -> None:
-        self.version, self.keep = version, []
-        _each(self.urls, lambda u: post(u + "/resume_memory_occupation", {"tags": ["weights"]}, self.timeout, self.key))
+        self.version = version
+        if self.released:  # the weights' memory first (the KV cache after the update: less peak memory)
+            self._all("/resume_memory_occupation", {"tags": ["weights"]})
 
     def bucket(self, named: list[tuple[str, torch.Tensor]]) -> None:
-        named = [(n, t.cuda()) for n, t in named]
+        if torch.cuda.is_available():
+            named = [(n, t.cuda()) for n, t in named]
+        else:  # a CPU server on this machine (serving/native.py): shared memory by file name, not fd passing
+            torch.multiprocessing.set_sharing_strategy("file_system")
         blob = serialize_for_ipc(named)  # each TP rank of a server opens the handles onto its own GPU
-        body = tensor_payload([blob] * self.tp, self.version)
-        _each(self.urls, lambda u: post(u + "/update_weights_from_tensor", body, self.timeout, self.key))
+        self._all("/update_weights_from_tensor", tensor_payload([blob] * self.tp, self.version))
         del named  # the servers copied the tensors during the request
 
     def end(self) -> None:
-        _each(self.urls, lambda u: post(u + "/resume_memory_occupation", {"tags": ["kv_cache"]}, self.timeout, self.key))
-        _each(self.urls, lambda u: post(u + "/flush_cache", {}, self.timeout, self.key))
+        if self.released:
+            self._all("/resume_memory_occupation", {"tags": ["kv_cache"]})
+            self.released = False
+        self._all("/flush_cache", {})
 
 
 class DiskTransport:

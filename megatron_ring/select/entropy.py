@@ -51,6 +51,30 @@ def token_entropy(hf_dir: str | Path, prompts: list[str], max_new_tokens: int = 
     return total / max(count, 1)
 
 
+def served_entropy(urls: list[str], hf_dir: str | Path, prompts: list[str], max_new_tokens: int = 128,
+                   seed: int = 0) -> float:
+    """The same quantity through rollout servers (SGLang on GPUs, ``serving/native.py`` on CPU): their weights are
+    swapped to ``hf_dir`` (``/update_weights_from_disk``; the servers must see the path), one response per prompt is
+    sampled at temperature 1 with its log-probs, and the entropy is estimated as −mean log p of the sampled tokens
+    (up to and including EOS): E_{x~p}[−log p(x)] is the entropy of p at every position, so this is unbiased for
+    the in-process figure, without the full distribution (SGLang returns the sampled tokens' log-probs)."""
+    from ..rl.rollout import SamplingParams
+    from ..rl.sglang_engine import SGLangEngine
+    from ..rl.transport import disk_payload, post
+    from ..tokenizer.tiny import load_tokenizer
+
+    tok = load_tokenizer(hf_dir)
+    eng = SGLangEngine(urls, {}, None, "disk")
+    eng.wait_ready()
+    for u in eng.urls:
+        post(u + "/update_weights_from_disk", disk_payload(Path(hf_dir).resolve(), 0), eng.timeout, eng.key)
+    ids = [tok.apply_chat_template([{"role": "user", "content": p}], tokenize=True, add_generation_prompt=True,
+                                   return_dict=False) for p in prompts]
+    rs = eng.generate(ids, 1, SamplingParams(max_new_tokens, 1.0, 1.0, seed))
+    lps = [lp for r in rs for lp in r.logprobs]
+    return -sum(lps) / max(len(lps), 1)
+
+
 def choose(entries: list[dict], window: tuple[float, float]) -> tuple[Optional[dict], str]:
     lo, hi = window
     inside = [e for e in entries if lo <= e["entropy"] <= hi]
@@ -73,7 +97,9 @@ def _checkpoints(run: Path) -> list[Path]:
 
 def select_checkpoints(run: str | Path, prompts_parquet: str | Path, tokenizer_dir: str | Path,
                        window: tuple[float, float] = (0.3, 0.5), eval_parquet: str | Path | None = None,
-                       limit: int = 64, max_new_tokens: int = 128, seed: int = 0, out: str | Path | None = None) -> dict:
+                       limit: int = 64, max_new_tokens: int = 128, seed: int = 0, out: str | Path | None = None,
+                       sglang_urls: list[str] | None = None) -> dict:
+    """``sglang_urls``: measure through these rollout servers (``served_entropy``) instead of in this process."""
     from ..convert.run import mcore_to_hf_checkpoint
     from ..sft.heldout import answer_accuracy
 
@@ -88,11 +114,12 @@ def select_checkpoints(run: str | Path, prompts_parquet: str | Path, tokenizer_d
     for k, ck in enumerate(cks):
         progress.phase(f"measuring {ck.name}")
         meta = json.loads((ck / "megatron_ring.json").read_text())
-        with tempfile.TemporaryDirectory() as td:
+        with tempfile.TemporaryDirectory(dir=out) as td:  # (under the run: servers on other nodes see it)
             hf = Path(td) / "hf"
             mcore_to_hf_checkpoint(ck, hf, tokenizer_dir=tokenizer_dir)
-            e = {"checkpoint": ck.name, "iteration": meta.get("iteration"), "epoch": meta.get("epoch"),
-                 "entropy": token_entropy(hf, prompts, max_new_tokens, seed)}
+            ent = (served_entropy(sglang_urls, hf, prompts, max_new_tokens, seed) if sglang_urls
+                   else token_entropy(hf, prompts, max_new_tokens, seed))
+            e = {"checkpoint": ck.name, "iteration": meta.get("iteration"), "epoch": meta.get("epoch"), "entropy": ent}
             e["accuracy"] = (answer_accuracy(hf, eval_parquet, limit=limit, max_new_tokens=max_new_tokens)["accuracy"]
                              if eval_parquet else None)
         entries.append(e)
@@ -152,7 +179,10 @@ def main(argv=None) -> int:
     ap.add_argument("--window", type=float, nargs=2, default=(0.3, 0.5))
     ap.add_argument("--limit", type=int, default=64)
     ap.add_argument("--max-new-tokens", type=int, default=128)
+    ap.add_argument("--sglang-urls", nargs="*", help="measure through these rollout servers (SGLang on GPUs; "
+                                                       "python -m serving.native on CPU) instead of in this process")
     a = ap.parse_args(argv)
-    r = select_checkpoints(a.run, a.prompts, a.tokenizer, tuple(a.window), a.eval, a.limit, a.max_new_tokens)
+    r = select_checkpoints(a.run, a.prompts, a.tokenizer, tuple(a.window), a.eval, a.limit, a.max_new_tokens,
+                           sglang_urls=a.sglang_urls)
     print(r["why"])
     return 0
