@@ -249,12 +249,23 @@ def test_context_beyond_the_positions_is_refused_before_any_server_starts(tiny, 
             rollout_context(cfg, published)
 
 
-def test_selection_entropy_through_the_servers_matches_the_in_process_one(tiny, servers):
+def test_selection_entropy_through_the_servers_matches_the_in_process_one(tiny, servers, tmp_path):
     """`select --sglang-urls`: the entropy from the servers' sampled log-probs (−mean log p, what SGLang returns)
-    estimates the in-process figure (full next-token distributions along the model's own samples)."""
+    estimates the in-process figure (full next-token distributions along the model's own samples). The random
+    tiny model is sharpened first (final norm x 6: ~2 nats instead of ~ln 512), so a wrong temperature shows."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
     from megatron_ring.select.entropy import served_entropy, token_entropy
 
+    sharp = tmp_path / "sharp"
+    shutil.copytree(tiny["export"], sharp)
+    w = load_file(sharp / "model.safetensors")
+    w["model.norm.weight"] = w["model.norm.weight"] * 6
+    save_file(w, sharp / "model.safetensors", metadata={"format": "pt"})
     prompts = [f"What is {i} plus {2 * i}?" for i in range(48)]
-    exact = token_entropy(tiny["export"], prompts, 32, seed=0)
-    served = served_entropy(servers, tiny["export"], prompts, 32, seed=0)
-    assert served == pytest.approx(exact, rel=0.03), (served, exact)
+    exact = token_entropy(sharp, prompts, 32, seed=0)
+    served = served_entropy(servers, sharp, prompts, 32, seed=0)
+    assert 0.5 < exact < 4.0, exact
+    assert served == pytest.approx(exact, rel=0.05), (served, exact)
