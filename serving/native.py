@@ -27,7 +27,6 @@ import argparse
 import asyncio
 import json
 import os
-import socket
 import threading
 from pathlib import Path
 from typing import Literal, Optional, Union
@@ -282,9 +281,7 @@ def create_app(server: Server) -> FastAPI:
 
 
 def main(argv=None) -> int:
-    import uvicorn
-
-    from .openai_server import _exit_with
+    from .openai_server import _exit_with, serve
 
     ap = argparse.ArgumentParser(prog="python -m serving.native", description=__doc__.split("\n\n")[0])
     ap.add_argument("--model-path", required=True, help="an HF folder (megatron-ring export / convert mcore-to-hf)")
@@ -300,17 +297,8 @@ def main(argv=None) -> int:
         _exit_with(a.parent_pid)
     torch.set_num_threads(a.threads)
     app = create_app(Server(a.model_path, a.context_length, a.max_batch))
-    sock = socket.socket(socket.AF_INET6 if ":" in a.host else socket.AF_INET)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind((a.host, a.port))
-    sock.listen(2048)
-    port = sock.getsockname()[1]
-    print(f"serving {a.model_path} (SGLang native API subset) on http://{a.host}:{port}", flush=True)
-    if a.port_file:
-        tmp = Path(a.port_file + ".tmp")
-        tmp.write_text(f"{port}\n")
-        tmp.replace(a.port_file)
-    uvicorn.Server(uvicorn.Config(app, log_level="warning")).run(sockets=[sock])
+    serve(app, a.host, a.port, a.port_file, f"serving {a.model_path} (SGLang native API subset) on "
+                                            f"http://{a.host}:{{port}}")
     return 0
 
 

@@ -367,8 +367,6 @@ def _exit_with(pid: int, every: float = 2.0) -> None:
 
 
 def main(argv=None) -> int:
-    import uvicorn
-
     ap = argparse.ArgumentParser(prog="python -m serving.openai_server", description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", required=True, help="an exported HF folder (megatron-ring export)")
     ap.add_argument("--served-model-name", help="the model id clients send (default: the folder name)")
@@ -389,18 +387,26 @@ def main(argv=None) -> int:
     model = ChatModel(a.model)
     name = a.served_model_name or Path(a.model).resolve().name
     app = create_app(model, name, a.api_key, Limits(max_tokens=a.max_tokens_limit, max_queue=a.max_queue))
-    sock = socket.socket(socket.AF_INET6 if ":" in a.host else socket.AF_INET)
+    serve(app, a.host, a.port, a.port_file, f"serving {a.model} as {name!r} on http://{a.host}:{{port}}/v1")
+    return 0
+
+
+def serve(app, host: str, port: int, port_file: str | None, banner: str) -> None:
+    """Run ``app`` on a socket bound here, before anyone is told the port (``port`` 0: a free one, written to
+    ``port_file`` once listening): no window for another process to take it."""
+    import uvicorn
+
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind((a.host, a.port))  # bound here, before anyone is told the port: no window for another process
+    sock.bind((host, port))
     sock.listen(2048)
     port = sock.getsockname()[1]
-    print(f"serving {a.model} as {name!r} on http://{a.host}:{port}/v1", flush=True)
-    if a.port_file:
-        tmp = Path(a.port_file + ".tmp")
+    print(banner.format(port=port), flush=True)
+    if port_file:
+        tmp = Path(port_file + ".tmp")
         tmp.write_text(f"{port}\n")
-        tmp.replace(a.port_file)
+        tmp.replace(port_file)
     uvicorn.Server(uvicorn.Config(app, log_level="warning")).run(sockets=[sock])
-    return 0
 
 
 if __name__ == "__main__":
