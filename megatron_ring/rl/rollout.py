@@ -47,6 +47,8 @@ class RolloutEngine(Protocol):
     def transport(self):  # the weight transport (rl/transport.py) that updates this engine
         ...
 
+    def before_training(self) -> None: ...  # after a rollout: colocated servers give their memory back
+
     def health(self) -> bool: ...
 
 
@@ -66,6 +68,9 @@ class InProcessEngine:
         from .transport import InProcessTransport
 
         return InProcessTransport(self)
+
+    def before_training(self) -> None:
+        pass  # (shares nothing with the trainer)
 
     def update_weights(self, hf_state: dict[str, torch.Tensor], version: int) -> None:
         """A whole HF state at once (every parameter, no other name)."""

@@ -43,7 +43,7 @@ class RLState:
         self.start = resolve_start(cfg.init)
         # the checkpoint's architecture; a recipe that disagrees is refused before anything is built
         self.recipe = recipe = adopt_architecture(recipe, self.resume or self.start)
-        self.context = rollout_context(cfg, recipe.hf_config)  # refused before anything is built or started
+        rollout_context(cfg, recipe.hf_config)  # refused before anything is built or started
         init_distributed(recipe.parallel, recipe.seed)
         self.rank0 = dist.get_rank() == 0
         # rollout control (rank 0 generates and scores while the others wait): gloo, with its own timeout — not
@@ -135,8 +135,7 @@ class RLState:
             sp = SamplingParams(self.cfg.max_new_tokens, self.cfg.temperature, self.cfg.top_p,
                                 seed=self.recipe.seed * 1_000_003 + step)
             obj = [self.engine.generate(self.encode(prompts), self.cfg.samples_per_prompt, sp)]
-            if hasattr(self.engine, "before_training"):
-                self.engine.before_training()  # colocated servers release their GPU memory
+            self.engine.before_training()  # colocated servers release their GPU memory
         dist.broadcast_object_list(obj, src=0, group=self.ctrl)
         return obj[0]
 
@@ -372,13 +371,15 @@ def main(argv=None) -> int:
     skip = {"recipe", "tp", "ep", "pp", "print_context"}
     cfg = rl_config(recipe, **{k: v for k, v in vars(a).items() if k not in skip})
     if a.print_context:
+        import sys
+
         from .config import ContextTooLong
 
         cfg_model = adopt_architecture(recipe, resolve_start(cfg.init)).hf_config
         try:
             n = rollout_context(cfg, cfg_model)
         except ContextTooLong as e:
-            print(f"megatron-ring rl: {e}", file=__import__("sys").stderr)
+            print(f"megatron-ring rl: {e}", file=sys.stderr)
             return 2
         beyond = n > int(cfg_model.get("max_position_embeddings") or n)
         print(f"{n} beyond-positions" if beyond else n)

@@ -64,9 +64,10 @@ def post(url: str, payload: dict | None = None, timeout: float = 600.0, api_key:
     return out
 
 
-def _each(urls: list[str], fn) -> list:
+def post_all(urls: list[str], path: str, body: dict, timeout: float, api_key: str | None) -> list:
+    """The same request to every server, concurrently."""
     with ThreadPoolExecutor(max(1, len(urls))) as ex:
-        return list(ex.map(fn, urls))
+        return list(ex.map(lambda u: post(u + path, body, timeout, api_key), urls))
 
 
 class WeightTransport(Protocol):
@@ -205,7 +206,7 @@ class BroadcastTransport:
                 f.result()
 
     def end(self) -> None:
-        _each(self.urls, lambda u: post(u + "/flush_cache", {}, self.timeout, self.key))
+        post_all(self.urls, "/flush_cache", {}, self.timeout, self.key)
 
 
 def serialize_for_ipc(named: list[tuple[str, torch.Tensor]]) -> str:
@@ -235,7 +236,7 @@ class IPCTransport:
         self.released = False
 
     def _all(self, path: str, body: dict) -> None:
-        _each(self.urls, lambda u: post(u + path, body, self.timeout, self.key))
+        post_all(self.urls, path, body, self.timeout, self.key)
 
     def release_memory(self) -> None:
         """Before training: the servers give back their weights and KV cache (``--enable-memory-saver``)."""
@@ -291,8 +292,7 @@ class DiskTransport:
         (self.path / "model.safetensors.index.json").write_text(
             json.dumps({"metadata": {"total_size": self.total}, "weight_map": weight_map}))
         (self.path / "config.json").write_text(json.dumps(hf_export_config(self.cfg, self.dtype), indent=2))
-        _each(self.urls, lambda u: post(u + "/update_weights_from_disk", disk_payload(self.path, self.version),
-                                        self.timeout, self.key))
+        post_all(self.urls, "/update_weights_from_disk", disk_payload(self.path, self.version), self.timeout, self.key)
         for old in self.dir.glob("v*"):  # the servers now read this version: older ones are garbage
             if old != self.path and old.is_dir():
                 shutil.rmtree(old, ignore_errors=True)

@@ -139,7 +139,8 @@ def stream_hf_weights(model: torch.nn.Module, cfg: dict, sink: Callable[[list[tu
     dev = device or (next(iter(mine.values())).device if mine else "cpu")
     moved = sent = 0
     plan_s, sink_s = time.perf_counter() - t0, 0.0
-    for bucket in buckets(units, bucket_bytes):
+    parts = buckets(units, bucket_bytes)
+    for bucket in parts:
         if me != 0:
             works, keep = [], []  # (keep: a copy made by .contiguous() must outlive its send)
             for u in bucket:
@@ -165,7 +166,7 @@ def stream_hf_weights(model: torch.nn.Module, cfg: dict, sink: Callable[[list[tu
             sink_s += time.perf_counter() - t1
         del named
     return {"seconds": time.perf_counter() - t0, "plan_seconds": plan_s, "sink_seconds": sink_s, "bytes_received": moved,
-            "bytes_sent": sent, "buckets": len(buckets(units, bucket_bytes)),
+            "bytes_sent": sent, "buckets": len(parts),
             "bytes_total": sum(u.nbytes for u in units)}
 
 

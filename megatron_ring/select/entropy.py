@@ -58,7 +58,7 @@ def served_entropy(urls: list[str], hf_dir: str | Path, prompts: list[str], max_
     sampled at temperature 1 with its log-probs, and the entropy is estimated as −mean log p of the sampled tokens
     (up to and including EOS): E_{x~p}[−log p(x)] is the entropy of p at every position, so this is unbiased for
     the in-process figure, without the full distribution (SGLang returns the sampled tokens' log-probs)."""
-    from ..rl.rollout import SamplingParams
+    from ..rl.rollout import SamplingParams, chat_prompt_ids
     from ..rl.sglang_engine import SGLangEngine
     from ..rl.transport import disk_payload, post
     from ..tokenizer.tiny import load_tokenizer
@@ -68,8 +68,7 @@ def served_entropy(urls: list[str], hf_dir: str | Path, prompts: list[str], max_
     eng.wait_ready()
     for u in eng.urls:
         post(u + "/update_weights_from_disk", disk_payload(Path(hf_dir).resolve(), 0), eng.timeout, eng.key)
-    ids = [tok.apply_chat_template([{"role": "user", "content": p}], tokenize=True, add_generation_prompt=True,
-                                   return_dict=False) for p in prompts]
+    ids = chat_prompt_ids(tok, [{"prompt": p} for p in prompts])
     rs = eng.generate(ids, 1, SamplingParams(max_new_tokens, 1.0, 1.0, seed))
     lps = [lp for r in rs for lp in r.logprobs]
     return -sum(lps) / max(len(lps), 1)
