@@ -11,8 +11,14 @@ def test_bucketed_sync_equals_the_export(tiny, tmp_path, layout, nproc):
     args = {"tp2": ["--tp", 2], "ep2": ["--ep", 2], "pp2": ["--pp", 2], "tp2ep2": ["--tp", 2, "--ep", 2]}[layout]
     out = tmp_path / "sync.json"
     bucket = 64 << 10  # small enough that the tiny model (5 MB fp32) goes in ~90 buckets
-    torchrun("case_weight_sync.py", nproc, "--ckpt", tiny["mcore"], "--export", tiny["export"], *args,
-             "--bucket-bytes", bucket, "--out", out)
+    run = ("case_weight_sync.py", nproc, "--ckpt", tiny["mcore"], "--export", tiny["export"], *args,
+           "--bucket-bytes", bucket, "--out", out)
+    try:
+        torchrun(*run)
+    except AssertionError as e:  # torch's profiler (the memory measurement) aborted once at its stop in CI
+        if "terminate called without an active exception" not in str(e):  # (SIGABRT in kineto, after the sync)
+            raise
+        torchrun(*run)
     ranks = read_json(out)
     r0 = ranks[0]
     assert sorted(r0["names"]) == r0["expected"] and len(r0["names"]) == len(set(r0["names"]))  # each tensor once
