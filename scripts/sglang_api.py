@@ -22,7 +22,7 @@ CLASSES = {
     "sglang/srt/managers/io_struct.py": ["GenerateReqInput", "InitWeightsUpdateGroupReqInput",
                                          "UpdateWeightsFromDistributedReqInput", "UpdateWeightsFromTensorReqInput",
                                          "UpdateWeightFromDiskReqInput", "ReleaseMemoryOccupationReqInput",
-                                         "ResumeMemoryOccupationReqInput", "BaseReq"],
+                                         "ResumeMemoryOccupationReqInput", "AbortReq", "BaseReq"],
     "sglang/srt/sampling/sampling_params.py": ["SamplingParams"],
 }
 OUT = Path(__file__).resolve().parents[1] / "tests" / "data" / "sglang_api.json"

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import threading
@@ -98,8 +99,22 @@ class TensorReq(_Strict):  # UpdateWeightsFromTensorReqInput
     torch_empty_cache: bool = False
 
 
+class AbortReq(_Strict):  # AbortReq (abort_all; a CPU server keeps no request ids)
+    abort_all: bool = False
+
+
 class MemoryReq(_Strict):  # Release/ResumeMemoryOccupationReqInput
     tags: Optional[list[str]] = None
+
+
+@contextlib.contextmanager
+def _aborted_as_400():
+    from megatron_ring.rl.rollout import Interrupted
+
+    try:
+        yield
+    except Interrupted as e:
+        raise ValueError(f"Abort request: aborted by /abort_request ({e})") from None
 
 
 class Server:
@@ -120,11 +135,12 @@ class Server:
         self.engine.update_weights(read_hf_state(model_path), 0)
         self.model_path, self.version, self.max_batch = model_path, "default", max_batch
         self.lock = threading.Lock()  # one generation or weight update at a time
+        self.aborts = 0
         self.groups: dict[str, object] = {}
 
     # --- generation ------------------------------------------------------------------------------------------
     def generate(self, req: GenerateReq):
-        from megatron_ring.rl.rollout import SamplingParams, sample_batch
+        from megatron_ring.rl.rollout import Interrupted, SamplingParams, sample_batch
 
         single = bool(req.input_ids) and isinstance(req.input_ids[0], int)
         ids = [req.input_ids] if single else req.input_ids
@@ -137,17 +153,22 @@ class Server:
                                  f"{self.context} tokens. You requested a total of {len(p) + s.max_new_tokens} tokens: "
                                  f"{len(p)} tokens from the input messages and {s.max_new_tokens} tokens for the "
                                  f"completion (input {j}).")
+        epoch = self.aborts
+        stop = lambda: self.aborts != epoch  # noqa: E731 (an /abort_request since this request came in)
         groups: dict[tuple, list[int]] = {}
         for j, s in enumerate(sps):
             groups.setdefault((s.temperature, s.top_p, s.max_new_tokens), []).append(j)
         out: list = [None] * len(ids)
-        with self.lock:
+        with self.lock, _aborted_as_400():
             for (temp, top_p, max_new), js in groups.items():
                 sp = SamplingParams(max_new, temp, top_p)
                 for b in range(0, len(js), self.max_batch):
                     chunk = js[b:b + self.max_batch]
                     jobs = [(j, ids[j], sps[j].sampling_seed if sps[j].sampling_seed is not None else j) for j in chunk]
-                    for r in sample_batch(self.engine.model, self.engine.tok, jobs, sp, self.engine.eos, self.engine.pad):
+                    if stop():
+                        raise Interrupted("before its first token")
+                    for r in sample_batch(self.engine.model, self.engine.tok, jobs, sp, self.engine.eos, self.engine.pad,
+                                          stop):
                         out[r.prompt_index] = self._answer(r, req.return_logprob)
         return out[0] if single else out
 
@@ -267,6 +288,12 @@ def create_app(server: Server) -> FastAPI:
     @app.post("/update_weights_from_disk")
     async def update_disk(req: DiskReq):
         return await run(server.update_disk, req)
+
+    @app.post("/abort_request")
+    async def abort(req: AbortReq):
+        if req.abort_all:  # every request in flight or waiting ends (its answer: a 400 naming the abort)
+            server.aborts += 1
+        return JSONResponse({})
 
     @app.api_route("/flush_cache", methods=["GET", "POST"])
     async def flush_cache():

@@ -22,14 +22,18 @@ def data(tmp_path_factory):
     return d
 
 
+def _args(data, init, out, steps, *extra) -> list[str]:
+    return ["--recipe", "rl_stage1_tiny", "--init", str(init), "--out", str(out),
+            "--prompts", str(data / "rl_stage1" / "4_filtered.parquet"), "--tokenizer", str(data / "tokenizer"),
+            "--eval-sets", str(data / "eval" / "math.parquet"), "--eval-limit", "4", "--eval-interval", "0",
+            "--steps", "4", "--max-steps", str(steps), "--prompts-per-step", "4", "--samples-per-prompt", "4",
+            "--max-new-tokens", "24", "--token-budget", "160", "--reward-workers", "1", "--save-interval", "0",
+            "--lr", "1e-3", "--keep-uninformative", *map(str, extra)]  # a random model scores 0: keep its groups
+
+
 def _rl(nproc, data, init, out, steps, *extra):
     cmd = [PY, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}", "--standalone",
-           "-m", "megatron_ring.cli", "rl", "--recipe", "rl_stage1_tiny", "--init", str(init), "--out", str(out),
-           "--prompts", str(data / "rl_stage1" / "4_filtered.parquet"), "--tokenizer", str(data / "tokenizer"),
-           "--eval-sets", str(data / "eval" / "math.parquet"), "--eval-limit", "4", "--eval-interval", "0",
-           "--steps", "4", "--max-steps", str(steps), "--prompts-per-step", "4", "--samples-per-prompt", "4",
-           "--max-new-tokens", "24", "--token-budget", "160", "--reward-workers", "1", "--save-interval", "0",
-           "--lr", "1e-3", "--keep-uninformative", *extra]  # a random model scores 0: keep its groups
+           "-m", "megatron_ring.cli", "rl", *_args(data, init, out, steps, *extra)]
     r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900,
                        env=dict(os.environ, OMP_NUM_THREADS="1"))
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-4000:]
@@ -278,3 +282,42 @@ def test_retention_keeps_the_newest_milestones_and_pointed_checkpoints(tiny, dat
     ck = tmp_path / "r" / "checkpoints"
     assert sorted(p.name for p in ck.iterdir() if p.is_dir()) == ["iter_0000003", "iter_0000004"]
     assert (ck / "latest").read_text().strip() == "iter_0000004"
+
+
+def test_a_preemption_inside_the_generate_phase_saves_at_once_and_resumes_exactly(tiny, data, tmp_path):
+    """SIGTERM (what torchrun forwards from Slurm's signal) while step 2 generates: the generation stops at the next
+    token, the step boundary's state is saved (nothing of step 2 has changed it) and the job exits long before the
+    generation would have ended; the restart redoes step 2 and every step's metrics equal the uninterrupted run's."""
+    import signal
+    import time
+
+    long = ("--max-new-tokens", "256", "--token-budget", "512")  # a generate phase of seconds
+    a = _rl(1, data, tiny["mcore"], tmp_path / "a", 3, *long)
+    gen_s = a[2]["time/generate"]
+    cmd = [PY, "-m", "torch.distributed.run", "--nproc-per-node=1", "--standalone", "-m", "megatron_ring.cli", "rl",
+           *_args(data, tiny["mcore"], tmp_path / "b", 3, *long)]
+    p = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                         env=dict(os.environ, OMP_NUM_THREADS="1"))
+    out = []
+    for line in p.stdout:
+        out.append(line)
+        if "step 2: generating" in line:
+            time.sleep(gen_s / 3)  # well inside the phase
+            t0 = time.monotonic()
+            p.send_signal(signal.SIGTERM)  # torchrun forwards it to the rank
+            break
+    rest, _ = p.communicate(timeout=300)
+    took = time.monotonic() - t0
+    log = "".join(out) + rest
+    rec = next(json.loads(x[x.index("{"):]) for x in log.splitlines() if '"preempted_at_step"' in x)
+    assert rec["preempted_at_step"] == 1 and rec["phase"] == "generate", log[-3000:]
+    stopped_at = int(rec["detail"].split("token ")[1].split()[0])
+    assert "stopped at token" in rec["detail"] and 0 < stopped_at < 256, rec
+    assert (tmp_path / "b" / "checkpoints" / "latest").read_text().strip() == "iter_0000001"
+    print(f"generate phase {gen_s:.2f} s uninterrupted; stopped at token {stopped_at}/256; signal -> exit {took:.2f} s "
+          f"(save {rec['save_seconds']} s)")
+    assert took < 30, (took, rec, gen_s)  # inside torchrun's grace before it kills the ranks
+    b = _rl(1, data, tiny["mcore"], tmp_path / "b", 3, *long)  # the restart
+    assert [r["step"] for r in b] == [0, 1, 2, 3]
+    for ra, rb in zip(a, b):
+        assert {k: ra.get(k) for k in KEYS} == {k: rb.get(k) for k in KEYS}, (ra, rb)

@@ -11,7 +11,7 @@ import torch
 
 from megatron_ring.rl import transport as T
 from megatron_ring.rl.rollout import InProcessEngine, SamplingParams
-from megatron_ring.rl.sglang_engine import SGLangEngine, _free_port, generate_payload
+from megatron_ring.rl.sglang_engine import SGLangEngine, _free_port, abort_payload, generate_payload
 
 from .conftest import PY, ROOT
 
@@ -41,10 +41,12 @@ def test_request_bodies_use_sglang_fields():
     _fits(T.tensor_payload(["x", "y"], 3), "UpdateWeightsFromTensorReqInput")
     _fits(T.disk_payload("/p", 3), "UpdateWeightFromDiskReqInput")
     _fits({"tags": ["weights"]}, "ResumeMemoryOccupationReqInput")
+    _fits(abort_payload(), "AbortReq")
     models = {native.GenerateReq: "GenerateReqInput", native.Sampling: "SamplingParams",
               native.InitGroupReq: "InitWeightsUpdateGroupReqInput", native.DiskReq: "UpdateWeightFromDiskReqInput",
               native.DistributedReq: "UpdateWeightsFromDistributedReqInput",
-              native.MemoryReq: "ReleaseMemoryOccupationReqInput", native.TensorReq: "UpdateWeightsFromTensorReqInput"}
+              native.MemoryReq: "ReleaseMemoryOccupationReqInput", native.TensorReq: "UpdateWeightsFromTensorReqInput",
+              native.AbortReq: "AbortReq"}
     for model, cls in models.items():
         extra = set(model.model_fields) - set(API[cls]) - set(API["BaseReq"])
         assert not extra, f"serving/native.py {model.__name__} accepts fields SGLang's {cls} lacks: {extra}"
@@ -145,6 +147,56 @@ def test_a_server_refusal_ends_the_group_wait(servers):
     with pytest.raises(T.EngineError, match="gloo groups only"):
         tr.begin(1)
     assert time.time() - t0 < 30
+
+
+REFUSED_UPDATE = """
+import json, os, sys, time, torch
+from megatron_ring.rl import transport as T
+tr = T.BroadcastTransport(sys.argv[1:3], [1, 1], "127.0.0.1", int(sys.argv[3]), timeout=600)
+tr.begin(1)
+tr.name = "not_" + tr.name  # an update the servers refuse before joining its broadcasts
+t0 = time.time()
+try:
+    tr.bucket([("model.norm.weight", torch.ones(4))])
+    print(json.dumps({"error": None}))
+except T.EngineError as e:
+    print(json.dumps({"error": str(e), "seconds": time.time() - t0}))
+sys.stdout.flush()
+os._exit(0)  # (our side of the broadcast is still pending on the group: never joined)
+"""
+
+
+def test_a_refused_update_ends_the_broadcast_wait(servers):
+    """A server that refuses an update never joins its broadcasts: the sync fails at once with the server's message
+    instead of a broadcast hung until the group's 30-minute timeout."""
+    r = subprocess.run([PY, "-c", REFUSED_UPDATE, *servers, str(_free_port())], cwd=ROOT, capture_output=True,
+                       text=True, timeout=120)
+    got = json.loads(r.stdout.strip().splitlines()[-1])
+    assert got["error"] and "not in" in got["error"] and "weight update v1" in got["error"], (got, r.stderr[-2000:])
+    assert got["seconds"] < 30
+
+
+def test_a_stop_request_ends_a_server_generation_and_aborts_it_there(tiny, servers):
+    """``should_stop`` turning true (preemption) ends a long server generation within a poll, aborts what the servers
+    run (SGLang's /abort_request), and leaves them serving: the next request is answered."""
+    from megatron_ring.rl.rollout import Interrupted
+    from megatron_ring.tokenizer.tiny import load_tokenizer
+
+    eng = SGLangEngine(servers, {}, load_tokenizer(tiny["export"]), "broadcast")
+    eng.wait_ready(timeout=60)
+    sp = SamplingParams(max_new_tokens=200, temperature=1.0, seed=3)
+    t0 = time.time()
+    full = eng.generate([[5, 6, 7]] * 8, 4, sp)  # the same request, uninterrupted
+    whole = time.time() - t0
+    t0 = time.time()
+    with pytest.raises(Interrupted, match="unanswered"):
+        eng.generate([[5, 6, 7]] * 8, 4, sp, should_stop=lambda: time.time() - t0 > 0.3)
+    stopped = time.time() - t0
+    t0 = time.time()
+    again = eng.generate([[5, 6, 7]], 2, SamplingParams(max_new_tokens=8, temperature=1.0, seed=3))
+    print(f"whole {whole:.2f} s, stopped after {stopped:.2f} s, next request {time.time() - t0:.2f} s")
+    assert whole > 1.0 and stopped < min(whole / 2, 5.0), (stopped, whole)
+    assert len(again) == 2 and len(full) == 32 and time.time() - t0 < whole / 2  # (not queued behind the rest)
 
 
 def test_disk_transport_bf16_and_old_versions_removed(tiny, servers, tmp_path):

@@ -9,7 +9,7 @@ on CPU as on a GPU cluster. ``SGLangEngine`` (``sglang_engine.py``) drives SGLan
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Callable, Protocol
 
 import torch
 
@@ -41,8 +41,14 @@ def chat_prompt_ids(tokenizer, rows: list[dict]) -> list[list[int]]:
                                           add_generation_prompt=True, return_dict=False) for r in rows]
 
 
+class Interrupted(Exception):
+    """A generation given up because ``should_stop()`` said so (preemption): the step is redone after a restart."""
+
+
 class RolloutEngine(Protocol):
-    def generate(self, prompts: list[list[int]], n: int, sp: SamplingParams) -> list[Rollout]: ...
+    def generate(self, prompts: list[list[int]], n: int, sp: SamplingParams,
+                 should_stop: Callable[[], bool] | None = None) -> list[Rollout]:
+        """``should_stop``: polled while generating; when it turns true the engine gives up (``Interrupted``)."""
 
     def transport(self):  # the weight transport (rl/transport.py) that updates this engine
         ...
@@ -84,7 +90,7 @@ class InProcessEngine:
 
     @torch.no_grad()
     def generate(self, prompts: list[list[int]], n: int, sp: SamplingParams,
-                 indices: list[int] | None = None) -> list[Rollout]:
+                 should_stop: Callable[[], bool] | None = None, indices: list[int] | None = None) -> list[Rollout]:
         """Sample k of prompt i is drawn from its own generator seeded ``sp.seed + i * n + k`` (``indices``: the
         prompts' places in the step's batch), as the SGLang path seeds it: a sample does not depend on which batch
         or server it ran in, the K samples of a prompt differ, and a rerun reproduces them."""
@@ -92,15 +98,16 @@ class InProcessEngine:
         jobs = [(j, p, sp.seed + i * n + k) for j, (i, p) in enumerate(zip(idx, prompts)) for k in range(n)]
         out: list[Rollout] = []
         for s in range(0, len(jobs), self.batch_size):
-            out += sample_batch(self.model, self.tok, jobs[s:s + self.batch_size], sp, self.eos, self.pad)
+            out += sample_batch(self.model, self.tok, jobs[s:s + self.batch_size], sp, self.eos, self.pad,
+                                should_stop)
         return out
 
 
 @torch.no_grad()
-def sample_batch(model, tok, jobs: list[tuple[int, list[int], int]], sp: SamplingParams, eos: int, pad: int
-                 ) -> list[Rollout]:
+def sample_batch(model, tok, jobs: list[tuple[int, list[int], int]], sp: SamplingParams, eos: int, pad: int,
+                 should_stop: Callable[[], bool] | None = None) -> list[Rollout]:
     """Left-padded batch of (prompt index, prompt ids, seed), KV-cached decode, temperature/top-p sampling, each
-    row from its own generator (greedy at temperature 0)."""
+    row from its own generator (greedy at temperature 0). ``should_stop`` is asked before every token."""
     from ..hf.modeling_bailing_moe import output_cache
 
     B, L = len(jobs), max(len(p) for _, p, _ in jobs)
@@ -115,6 +122,8 @@ def sample_batch(model, tok, jobs: list[tuple[int, list[int], int]], sp: Samplin
     toks, lps = [], []
     done = torch.zeros(B, dtype=torch.bool)
     for t in range(sp.max_new_tokens):
+        if should_stop is not None and should_stop():
+            raise Interrupted(f"generation stopped at token {t} of {sp.max_new_tokens}")
         if sp.temperature > 0:
             logp = torch.log_softmax(logits.float() / sp.temperature, -1)
             nxt = torch.stack([_sample(logp[b:b + 1], sp.top_p, gens[b])[0] for b in range(B)])

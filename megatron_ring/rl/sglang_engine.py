@@ -10,13 +10,18 @@ servers of ``serving/native.py`` that speak the same native API — one client f
 from __future__ import annotations
 
 import threading
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
+from typing import Callable
 from pathlib import Path
 
-from .rollout import Rollout, SamplingParams
+from .rollout import Interrupted, Rollout, SamplingParams
 from .transport import EngineError, post
 
 TRANSPORTS = ("broadcast", "ipc", "disk")
+
+
+def abort_payload() -> dict:  # AbortReq
+    return {"abort_all": True}
 
 
 def generate_payload(prompts: list[list[int]], n: int, sp: SamplingParams, indices: list[int] | None = None) -> dict:
@@ -90,10 +95,33 @@ class SGLangEngine:
             r.prompt_index = i
         return rs
 
-    def generate(self, prompts: list[list[int]], n: int, sp: SamplingParams) -> list[Rollout]:
-        with ThreadPoolExecutor(len(self.urls) * self.inflight) as ex:
-            parts = list(ex.map(lambda ip: self._one(ip[0], ip[1], n, sp), enumerate(prompts)))
-        return [r for part in parts for r in part]
+    def generate(self, prompts: list[list[int]], n: int, sp: SamplingParams,
+                 should_stop: Callable[[], bool] | None = None) -> list[Rollout]:
+        """One request per prompt (its K samples), at most ``inflight`` per server. ``should_stop`` turning true
+        ends the wait: requests not yet sent are dropped, the ones in flight are left to the servers (preemption
+        stops them with the job), and ``Interrupted`` is raised."""
+        ex = ThreadPoolExecutor(len(self.urls) * self.inflight)
+        try:
+            futs = [ex.submit(self._one, i, p, n, sp) for i, p in enumerate(prompts)]
+            pending = set(futs)
+            while pending:
+                done, pending = wait(pending, timeout=0.2, return_when=FIRST_EXCEPTION)
+                for f in done:
+                    f.result()  # (a failed request: its error, at once)
+                if pending and should_stop is not None and should_stop():
+                    self.abort()
+                    raise Interrupted(f"generation stopped with {len(pending)} of {len(futs)} requests unanswered")
+            return [r for f in futs for r in f.result()]
+        finally:
+            ex.shutdown(wait=False, cancel_futures=True)
+
+    def abort(self) -> None:
+        """Every server drops the requests it is running or holding (SGLang's ``/abort_request``); best effort."""
+        for u in self.urls:
+            try:
+                post(u + "/abort_request", abort_payload(), 30, self.key)
+            except EngineError as e:
+                print(f"[rollout] {u}: abort refused ({e})", flush=True)
 
     def server_tp_sizes(self) -> list[int]:
         """Each server's tensor-parallel size (its ranks in the weight-update group)."""

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import time
 from collections import defaultdict
 from pathlib import Path
 
@@ -22,10 +23,14 @@ from .config import RLConfig, resolve_start, rl_config, rollout_context, transpo
 from .policy import empty_like, make_microbatches, rl_forward_step, score_logprobs
 from ..rewards import reward_job
 from ..scalars import Progress, Scalars
-from .rollout import SamplingParams, chat_prompt_ids
+from .rollout import Interrupted, SamplingParams, chat_prompt_ids
 from .step import as_tensor, rl_step
 
 REPORT = ("pg loss", "kl", "entropy", "clipfrac", "logp_mismatch")
+
+
+class Preempted(Exception):
+    """The step was given up inside its generate phase (a preemption signal): save the step boundary's state."""
 
 
 class RLState:
@@ -72,6 +77,7 @@ class RLState:
             load_checkpoint(self.ref, self.start, recipe.hf_config)
             self.ref.requires_grad_(False)
         self.step, self.history = 0, []
+        self.flag = self.progress = None  # (set by train_rl: the preemption flag, the progress line)
         if self.resume is not None:
             ts, meta = load_training_state(self.resume, self.policy, self.opt, self.sched)
             self.step, self.history = ts["step"], meta.get("history", [])
@@ -130,13 +136,23 @@ class RLState:
         return [self.rows[i] for i in order[k * P:(k + 1) * P]]
 
     def generate(self, prompts: list[dict], step: int):
+        """Rank 0 asks the engine; a preemption signal during it ends the generation (``Preempted``: nothing of the
+        step has changed yet, so the checkpoint is the step boundary's and a restart redoes the step exactly)."""
         obj = [None]
         if self.rank0:
             sp = SamplingParams(self.cfg.max_new_tokens, self.cfg.temperature, self.cfg.top_p,
                                 seed=self.recipe.seed * 1_000_003 + step)
-            obj = [self.engine.generate(self.encode(prompts), self.cfg.samples_per_prompt, sp)]
+            if self.progress is not None:
+                self.progress.note(f"step {step + 1}: generating {len(prompts)} x {self.cfg.samples_per_prompt}")
+            try:
+                obj = [self.engine.generate(self.encode(prompts), self.cfg.samples_per_prompt, sp,
+                                            (lambda: self.flag.requested) if self.flag else None)]
+            except Interrupted as e:
+                obj = [f"interrupted: {e}"]
             self.engine.before_training()  # colocated servers release their GPU memory
         dist.broadcast_object_list(obj, src=0, group=self.ctrl)
+        if isinstance(obj[0], str):
+            raise Preempted(obj[0])
         return obj[0]
 
     def score(self, prompts: list[dict], rollouts) -> torch.Tensor:
@@ -290,15 +306,24 @@ def train_rl(recipe: Recipe, cfg: RLConfig) -> list[dict]:
     if s.rank0:
         s.tb = Scalars(s.run, cfg.wandb_project, cfg.wandb_mode, config={"recipe": recipe.name, **vars(cfg)})
     stop = min(cfg.steps, cfg.max_steps) if cfg.max_steps else cfg.steps
-    flag = StopFlag()
+    s.flag = flag = StopFlag()
     s.progress = progress = Progress("rl", stop, start=s.step, every_s=0, enabled=s.rank0)
-    if s.step == 0:
+    if s.step == 0 and not s.history:  # (a run preempted in its first step resumes with its step-0 record)
         progress.phase("evaluating the start checkpoint")
         s.history.append({"step": 0, **s.evaluate()})
         _log(s, s.history[-1])
     while s.step < stop:
         progress.phase(f"step {s.step + 1}: generate, reward, train, sync")
-        rec = {"step": s.step + 1, **rl_step(s, s.step)}
+        try:
+            rec = {"step": s.step + 1, **rl_step(s, s.step)}
+        except Preempted as e:  # inside the generate phase: the state is still step s.step's
+            t0 = time.perf_counter()
+            save_training_state(s.run, s.policy, s.opt, s.sched, recipe, s.step, {"pos": s.step}, s.history,
+                                cfg.keep_last, cfg.keep_every)
+            if s.rank0:
+                print(json.dumps({"preempted_at_step": s.step, "phase": "generate", "detail": str(e),
+                                  "save_seconds": round(time.perf_counter() - t0, 2)}), flush=True)
+            break
         s.step += 1
         if cfg.eval_interval and s.step % cfg.eval_interval == 0 or s.step == cfg.steps:
             progress.phase(f"step {s.step}: evaluating")

@@ -25,9 +25,10 @@ import io
 import json
 import shutil
 import threading
+import time
 import urllib.error
 import urllib.request
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Protocol
 
@@ -140,6 +141,33 @@ def custom_process_group(backend: str, addr: str, port: int, world_size: int, ra
     return pg
 
 
+def _in_background(fn, *args) -> Future:
+    """``fn(*args)`` on a daemon thread (a request stuck on a dead peer must not keep the process alive)."""
+    fut: Future = Future()
+
+    def run():
+        try:
+            fut.set_result(fn(*args))
+        except BaseException as e:  # noqa: BLE001 (handed to the waiter)
+            fut.set_exception(e)
+
+    threading.Thread(target=run, daemon=True).start()
+    return fut
+
+
+def _wait_unless_refused(done, futs: list[Future], what: str) -> None:
+    """Poll until ``done()``; the first of ``futs`` to fail ends the wait at once, as an EngineError naming ``what``
+    and carrying the server's message."""
+    while not done():
+        for f in futs:
+            if f.done() and f.exception() is not None:
+                raise EngineError(f"{what}: {f.exception()}") from f.exception()
+        time.sleep(0.005)
+    for f in futs:
+        if f.exception() is not None:
+            raise EngineError(f"{what}: {f.exception()}") from f.exception()
+
+
 class BroadcastTransport:
     def __init__(self, urls: list[str], tp_sizes: list[int], master_addr: str, master_port: int,
                  backend: str | None = None, timeout: float = 1800.0, api_key: str | None = None):
@@ -151,41 +179,20 @@ class BroadcastTransport:
         """Our side and every server's TP ranks join one group; a server that refuses ends the wait at once
         (our rendezvous would otherwise wait for it until the timeout)."""
         import os
-        import time
 
         world = 1 + sum(self.tp_sizes)
         offsets = [1 + sum(self.tp_sizes[:i]) for i in range(len(self.urls))]
         # a name of its own per trainer process: a server keeps the groups of earlier trainers (torch refuses a
         # second group under one name), e.g. servers attached by URL across a restart
         self.name = f"{GROUP}_{os.getpid()}_{int(time.time())}"
-        errors: list[BaseException] = []
-        made: list = []
-
-        def ask(i):
-            try:
-                post(self.urls[i] + "/init_weights_update_group", init_group_payload(
-                    self.addr, self.port, offsets[i], world, self.backend, self.name), self.timeout, self.key)
-            except BaseException as e:  # noqa: BLE001 (raised below)
-                errors.append(e)
-
-        def join():
-            try:
-                made.append(custom_process_group(self.backend, self.addr, self.port, world, 0, self.name, self.timeout))
-            except BaseException as e:  # noqa: BLE001
-                errors.append(e)
-
-        threads = [threading.Thread(target=ask, args=(i,), daemon=True) for i in range(len(self.urls))]
-        ours = threading.Thread(target=join, daemon=True)
-        for t in [ours, *threads]:
-            t.start()
-        while ours.is_alive() and not errors:
-            ours.join(0.1)
-        for t in threads:
-            while t.is_alive() and not errors:
-                t.join(0.1)
-        if errors:
-            raise EngineError(f"weight-update group ({self.addr}:{self.port}, {world} ranks): {errors[0]}")
-        self.group = made[0]
+        what = f"weight-update group ({self.addr}:{self.port}, {world} ranks)"
+        asks = [_in_background(post, u + "/init_weights_update_group", init_group_payload(
+            self.addr, self.port, off, world, self.backend, self.name), self.timeout, self.key)
+            for u, off in zip(self.urls, offsets)]
+        ours = _in_background(custom_process_group, self.backend, self.addr, self.port, world, 0, self.name,
+                              self.timeout)
+        _wait_unless_refused(lambda: ours.done() and all(f.done() for f in asks), asks + [ours], what)
+        self.group = ours.result()
 
     def begin(self, version: int) -> None:
         if self.group is None:
@@ -196,14 +203,15 @@ class BroadcastTransport:
         import torch.distributed as dist
 
         body = distributed_payload(named, self.version, self.name)
-        with ThreadPoolExecutor(len(self.urls)) as ex:  # the servers join the broadcasts inside these requests
-            futs = [ex.submit(post, u + "/update_weights_from_distributed", body, self.timeout, self.key)
-                    for u in self.urls]
-            works = [dist.broadcast(t, src=0, group=self.group, async_op=True) for _, t in named]
-            for w in works:
-                w.wait()
-            for f in futs:
-                f.result()
+        futs = [_in_background(post, u + "/update_weights_from_distributed", body, self.timeout, self.key)
+                for u in self.urls]  # the servers join the broadcasts inside these requests
+        works = [dist.broadcast(t, src=0, group=self.group, async_op=True) for _, t in named]
+        # a refusal (the server never joins) ends the sync with its message instead of a broadcast hung until the
+        # group's timeout; the group is then unusable, and the trainer stops
+        _wait_unless_refused(lambda: all(w.is_completed() for w in works) and all(f.done() for f in futs), futs,
+                             f"weight update v{self.version} ({len(named)} tensors)")
+        for w in works:
+            w.wait()
 
     def end(self) -> None:
         post_all(self.urls, "/flush_cache", {}, self.timeout, self.key)
