@@ -69,7 +69,7 @@ stage "5/6 C3PO RL stage 1: sbatch slurm/rl_stage1.sh (recipe rl_stage1_tiny) ->
 RL_ARGS="--init $RUN/sft --out $RUN/rl_stage1 --prompts $RUN/data/rl_stage1/4_filtered.parquet --tokenizer $RUN/data/tokenizer --eval-sets $RUN/data/eval/math.parquet $RL_EXTRA"
 if command -v sbatch >/dev/null 2>&1 && sinfo -h >/dev/null 2>&1; then
   jid=$(RECIPE=rl_stage1_tiny RL_ARGS="$RL_ARGS" sbatch --parsable --export=ALL --nodes=1 --gpus-per-node=0 \
-        --cpus-per-task=2 --mem=16G --time=02:00:00 slurm/rl_stage1.sh)
+        --cpus-per-task=2 --mem=16G --oversubscribe --time=02:00:00 slurm/rl_stage1.sh)
   echo "submitted job $jid; following logs/rl_stage1-$jid.out"
   ( while squeue -h -j "$jid" 2>/dev/null | grep -q .; do sleep 5; done ) & waiter=$!
   # live, until the job has left the queue (tail exits 1 when the log did not exist yet at its start)

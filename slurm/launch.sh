@@ -2,19 +2,88 @@
 # Shared launcher for the stage scripts (sourced, not run). Under Slurm: one torchrun per node via srun,
 # c10d rendezvous on the first node at a port derived from the job id, and preemption handling: the
 # batch shell traps USR1 (sbatch --signal=B:USR1@N) and SIGTERM, forwards SIGTERM to torchrun (which
-# forwards it to the ranks: the trainer checkpoints at the next step boundary), then requeues the job;
-# the restarted job resumes from `latest`. Without Slurm the same command runs locally under torchrun.
+# forwards it to the ranks: the trainer checkpoints at the next step boundary, or at once when it is inside a
+# generate phase), then requeues the job; the restarted job resumes from `latest`. Without Slurm the same command
+# runs locally under torchrun. PRINT_PLAN=1: every stage prints what it would run (per node: ranks, GPUs, ports,
+# commands, environment) and runs nothing.
 set -euo pipefail
 REPO=${REPO:-$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)}
 cd "$REPO"
 PY=${PY:-$REPO/.venv/bin/python}
-# One intra-op thread per rank unless told: on CPU, 2 x threads > CPUs makes libgomp throttle every barrier once
-# gloo worker threads hold OpenMP teams (from the first checkpoint save on; see parallel/dist.py).
-export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
+# --- the allocation: everything below is derived from it (Slurm's variables and GRES binding; else this machine) ---
+hosts() { if [ -n "${SLURM_JOB_NODELIST:-}" ]; then scontrol show hostnames "$SLURM_JOB_NODELIST"; else hostname; fi; }
+num_nodes() { echo "${SLURM_JOB_NUM_NODES:-${SLURM_NNODES:-1}}"; }
 
-nproc_per_node() {
+gpus_per_node() {  # this node's GPUs as Slurm bound them (GRES), else what the machine shows, else 0
+  if [ -n "${SLURM_GPUS_ON_NODE:-}" ]; then echo "$SLURM_GPUS_ON_NODE"; return; fi
+  if [ -n "${CUDA_VISIBLE_DEVICES:-}" ]; then
+    local d; IFS=, read -r -a d <<< "$CUDA_VISIBLE_DEVICES"; echo "${#d[@]}"; return
+  fi
+  if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then nvidia-smi -L | wc -l; else echo 0; fi
+}
+
+nproc_per_node() {  # NPROC (CPU runs), else one rank per GPU, else 1
   if [ -n "${NPROC:-}" ]; then echo "$NPROC"; return; fi
-  if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then nvidia-smi -L | wc -l; else echo 1; fi
+  local g; g=$(gpus_per_node); [ "$g" -gt 0 ] && echo "$g" || echo 1
+}
+
+cpus_per_task() { echo "${SLURM_CPUS_PER_TASK:-$(env -u OMP_NUM_THREADS nproc)}"; }
+
+# The ranks' environment. On GPUs: one CUDA work queue (megatron's TP/SP communication overlap needs it, as
+# Megatron-LM's and slime's launchers set), NCCL warnings only, the task's CPUs shared by the node's ranks. On CPU
+# one intra-op thread per rank unless told: 2 x threads > CPUs makes libgomp throttle every barrier once gloo
+# worker threads hold OpenMP teams (from the first checkpoint save on; see parallel/dist.py).
+rank_env() {  # rank_env NPROC: exports, and lists them for the plan
+  local n=$1
+  if [ "$(gpus_per_node)" -gt 0 ]; then
+    export CUDA_DEVICE_MAX_CONNECTIONS=1 TORCH_NCCL_AVOID_RECORD_STREAMS=1 NCCL_DEBUG=${NCCL_DEBUG:-WARN}
+    export OMP_NUM_THREADS=${OMP_NUM_THREADS:-$(( $(cpus_per_task) / n > 0 ? $(cpus_per_task) / n : 1 ))}
+    RANK_ENV=(CUDA_DEVICE_MAX_CONNECTIONS TORCH_NCCL_AVOID_RECORD_STREAMS NCCL_DEBUG OMP_NUM_THREADS)
+  else
+    export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
+    RANK_ENV=(OMP_NUM_THREADS)
+  fi
+}
+
+# Ports, all from the job id, in disjoint ranges: rendezvous 20000-29999, rollout servers 30000-49999, the
+# weight-update group 50000-59999 (two jobs on one node collide only when their ids agree modulo 10000).
+rdzv_port() { echo $((20000 + ${SLURM_JOB_ID:-0} % 10000)); }
+server_port() { echo $((30000 + ${SLURM_JOB_ID:-0} % 20000)); }
+sync_port() { echo $((50000 + ${SLURM_JOB_ID:-0} % 10000)); }
+
+# A preemption's budget: torchrun waits SHUTDOWN_TIMEOUT for the ranks to write their checkpoint before it kills
+# them (torchrun's default, 30 s, is shorter than one save); the stage scripts' signal lead (--signal=B:USR1@N)
+# is longer than it.
+SHUTDOWN_TIMEOUT=${SHUTDOWN_TIMEOUT:-540}
+
+gpu_mem_gib() {  # one GPU's memory (the first of this node), else GPU_MEM_GIB (default 80)
+  local m; m=$(nvidia-smi --query-gpu=memory.total --format=csv,noheader,nounits 2>/dev/null | head -n 1 || true)
+  if [ -n "$m" ]; then echo $((m / 1024)); else echo "${GPU_MEM_GIB:-80}"; fi
+}
+
+# fits <recipe> <world>: on GPUs, `megatron-ring plan` for this many ranks: refused (exit 2, its reason) when the
+# recipe's TP/PP/EP layout does not divide the world or a rank's memory does not fit one GPU; prints its total
+fits() {
+  local out
+  out=$("$PY" -m megatron_ring.cli plan --recipe "$1" --gpus "$2" --gpu-mem "$(gpu_mem_gib)" 2>&1) || {
+    echo "$out" | grep -v "CPU mode" >&2
+    echo "[$(date +%T)] refused before starting: recipe $1 on $2 GPU rank(s) (nodes x ranks per node)" >&2
+    exit 2; }
+  echo "$out" | grep -E "^plan:|^  total" | sed 's/^ *//' | paste -sd';' -
+}
+
+plan() { echo "[plan] $*"; }
+plan_cmd() { local what=$1; shift; printf '[plan] %s :: ' "$what"; printf '%q ' "$@"; echo; }
+
+# A stage that needs CUDA stops here with the reason when the allocation has GPUs torch cannot use (no driver, a
+# container without them, fake GRES): not N CPU ranks of a GPU recipe that would wait on each other for 30 minutes.
+require_cuda() {
+  local g; g=$(gpus_per_node)
+  [ "$g" -gt 0 ] || return 0
+  "$PY" -c 'import sys, torch; sys.exit(0 if torch.cuda.is_available() else 3)' && return 0
+  echo "[$(date +%T)] this allocation has $g GPU(s) per node (CUDA_VISIBLE_DEVICES=${CUDA_VISIBLE_DEVICES:-unset})" \
+    "but torch sees no CUDA device (driver? container? fake GRES?): not starting" >&2
+  exit 3
 }
 
 # single_process <command...>: a one-process step in the batch shell (a conversion): without the launcher's and
@@ -25,21 +94,41 @@ single_process() {
     -u MASTER_ADDR -u MASTER_PORT CUDA_VISIBLE_DEVICES= OMP_NUM_THREADS="$(env -u OMP_NUM_THREADS -u OMP_THREAD_LIMIT nproc)" "$@"
 }
 
-# run_stage <module args...>: run `python -m megatron_ring.cli <args>` on every rank of the allocation.
+# run_stage <module args...>: `python -m megatron_ring.cli <args>` on every rank of the allocation: one torchrun per
+# node (srun), NPROC ranks each (default: one per GPU), c10d rendezvous on the first node. TRAINER_GPUS=FIRST:COUNT
+# gives the ranks that slice of each node's GPUs (slurm/with_gpus.sh). PRINT_PLAN=1 prints it all and runs nothing.
 run_stage() {
-  local nproc; nproc=$(nproc_per_node)
+  local nproc nodes head; nproc=$(nproc_per_node); nodes=$(num_nodes); head=$(hosts | head -n 1)
+  rank_env "$nproc"
+  local wrap=(); [ -n "${TRAINER_GPUS:-}" ] && wrap=("$REPO/slurm/with_gpus.sh" "${TRAINER_GPUS%%:*}" "${TRAINER_GPUS##*:}")
+  local tr=("$PY" -m torch.distributed.run --nproc-per-node="$nproc" --shutdown-timeout="$SHUTDOWN_TIMEOUT")
+  local cmd recipe="" memory="" a prev=""
+  for a in "$@"; do [ "$prev" = --recipe ] && recipe=$a; prev=$a; done
+  if [ -n "${STAGE_MEMORY:-}" ]; then memory=$STAGE_MEMORY  # (checked by the caller already)
+  elif [ "$(gpus_per_node)" -gt 0 ] && [ -n "$recipe" ]; then memory=$(fits "$recipe" $((nodes * nproc))); fi
   if [ -n "${SLURM_JOB_ID:-}" ]; then
-    local head port
-    head=$(scontrol show hostnames "${SLURM_JOB_NODELIST}" | head -n 1)
-    port=$((20000 + SLURM_JOB_ID % 10000))  # 20000-29999: disjoint from the rollout servers' 30000-49999
-    echo "[$(date +%T)] job ${SLURM_JOB_ID} (restart ${SLURM_RESTART_COUNT:-0}) on ${SLURM_JOB_NUM_NODES:-1} node(s) x ${nproc}: $*"
-    srun --kill-on-bad-exit=1 --ntasks-per-node=1 "$PY" -m torch.distributed.run \
-      --nnodes="${SLURM_JOB_NUM_NODES:-1}" --nproc-per-node="$nproc" --rdzv-backend=c10d \
-      --rdzv-endpoint="${head}:${port}" --rdzv-id="${SLURM_JOB_ID}" -m megatron_ring.cli "$@" &
+    cmd=(srun --kill-on-bad-exit=1 --ntasks-per-node=1 "${wrap[@]}" "${tr[@]}" --nnodes="$nodes" --rdzv-backend=c10d
+         --rdzv-endpoint="${head}:$(rdzv_port)" --rdzv-id="${SLURM_JOB_ID}" -m megatron_ring.cli "$@")
+  else
+    cmd=("${wrap[@]}" "${tr[@]}" --standalone -m megatron_ring.cli "$@")
+  fi
+  if [ "${PRINT_PLAN:-0}" = 1 ]; then
+    plan "stage=$1 job=${SLURM_JOB_ID:-none} nodes=$nodes hosts=$(hosts | paste -sd, -) gpus_per_node=$(gpus_per_node)" \
+      "gpu_binding=${CUDA_VISIBLE_DEVICES:-none}" \
+      "ranks_per_node=$nproc world=$((nodes * nproc)) trainer_gpus=${TRAINER_GPUS:-all} rendezvous=${head}:$(rdzv_port)" \
+      "cpus_per_task=$(cpus_per_task) shutdown_timeout=$SHUTDOWN_TIMEOUT"
+    [ -n "$memory" ] && plan "memory $memory"
+    local e; for e in "${RANK_ENV[@]}"; do plan "env $e=${!e}"; done
+    plan_cmd "every node: trainer" "${cmd[@]}"
+    return 0
+  fi
+  require_cuda
+  if [ -n "${SLURM_JOB_ID:-}" ]; then
+    echo "[$(date +%T)] job ${SLURM_JOB_ID} (restart ${SLURM_RESTART_COUNT:-0}) on $nodes node(s) x ${nproc}: $*"
   else
     echo "[$(date +%T)] no Slurm: running locally on ${nproc} process(es): $*"
-    "$PY" -m torch.distributed.run --standalone --nproc-per-node="$nproc" -m megatron_ring.cli "$@" &
   fi
+  "${cmd[@]}" &
   CHILD=$!
   trap 'on_preempt' USR1 TERM
   local rc=0
@@ -61,8 +150,10 @@ on_preempt() {
   kill -TERM "$CHILD" 2>/dev/null || true
 }
 
-# run_rl_stage <rl flags...>: the RL trainer, plus SGLang rollout servers on this allocation when the
-# recipe's engine is sglang (GPU nodes): ROLLOUT_GPUS per node serve, the rest train.
+# run_rl_stage <rl flags...>: the RL trainer, plus SGLang rollout servers on this allocation when the recipe's
+# engine is sglang (GPU nodes): on every node the last ROLLOUT_GPUS GPUs serve (one server, TP = ROLLOUT_GPUS) and
+# the first ones train. The servers start from the run's start checkpoint (a run dir resolves to its selected /
+# latest checkpoint) exported to HF in bf16, and get the policy's weights after every step.
 run_rl_stage() {
   local engine
   engine=$("$PY" -m megatron_ring.cli recipes --get "$RECIPE" stages.rl.engine 2>/dev/null || echo inprocess)
@@ -70,29 +161,39 @@ run_rl_stage() {
     run_stage rl --recipe "$RECIPE" "$@"
     return
   fi
-  local gpus rollout urls=() start hf
-  gpus=$(nproc_per_node); rollout=${ROLLOUT_GPUS:-4}
-  start=$("$PY" -m megatron_ring.cli recipes --get "$RECIPE" stages.rl.init)
-  hf="${SGLANG_MODEL:-$("$PY" -m megatron_ring.cli recipes --get "$RECIPE" stages.rl.out)/rollout_init_hf}"
-  [ -f "$hf/config.json" ] || single_process "$PY" -m megatron_ring.cli convert mcore-to-hf --ckpt "$start" --out "$hf" \
-    --tokenizer "$("$PY" -m megatron_ring.cli recipes --get "$RECIPE" stages.rl.tokenizer)" --dtype bf16
-  # the servers' context: the recipe's longest prompt + max_new_tokens, refused here (exit 2) when it exceeds the
-  # model's positions without the recipe allowing it — before any server starts
-  local ctx allow=()
-  ctx=$("$PY" -m megatron_ring.cli rl --recipe "$RECIPE" --print-context "$@")
-  [ "${ctx#* }" = beyond-positions ] && allow=(--allow-beyond-positions)
-  ctx=${ctx%% *}
-  local port=$((30000 + ${SLURM_JOB_ID:-0} % 20000))
-  for host in $(scontrol show hostnames "${SLURM_JOB_NODELIST:-localhost}" 2>/dev/null || echo localhost); do
-    local devs; devs=$(seq -s, $((gpus - rollout)) $((gpus - 1)))
-    srun --overlap --nodes=1 --ntasks=1 -w "$host" env CUDA_VISIBLE_DEVICES="$devs" \
-      "$PY" -m serving.sglang --model-path "$hf" --port "$port" --tp-size "$rollout" --context-length "$ctx" \
-      "${allow[@]}" --enable-memory-saver &
-    urls+=("http://${host}:${port}")
-  done
-  export CUDA_VISIBLE_DEVICES=$(seq -s, 0 $((gpus - rollout - 1)))
-  # the weight-update group: hosted by trainer rank 0 (first node) on a port of its own (50000-59999)
-  export MEGATRON_RING_SYNC_ADDR=$(scontrol show hostnames "${SLURM_JOB_NODELIST:-localhost}" 2>/dev/null | head -n 1 || hostname)
-  export MEGATRON_RING_SYNC_PORT=$((50000 + ${SLURM_JOB_ID:-0} % 10000))
-  NPROC=$((gpus - rollout)) run_stage rl --recipe "$RECIPE" --engine sglang --sglang-urls "${urls[@]}" "$@"
+  # what the trainer will use: its start checkpoint, run dir, tokenizer and the servers' context (refused here,
+  # exit 2, when prompt + max_new_tokens exceed the model's positions without the recipe allowing it)
+  local launch; launch=$("$PY" -m megatron_ring.cli rl --recipe "$RECIPE" --print-launch "$@") || exit $?
+  eval "$launch"
+  local gpus rollout; gpus=$(gpus_per_node); rollout=${ROLLOUT_GPUS:-4}
+  if [ "$gpus" -le "$rollout" ]; then
+    echo "run_rl_stage: $gpus GPU(s) per node, ROLLOUT_GPUS=$rollout leaves none to train" >&2; exit 2
+  fi
+  local memory; memory=$(fits "$RECIPE" $(($(num_nodes) * (gpus - rollout))))  # before any conversion or server
+  local hf="${SGLANG_MODEL:-$RL_OUT/rollout_init_hf}" allow=()
+  [ "$RL_BEYOND_POSITIONS" = 1 ] && allow=(--allow-beyond-positions)
+  local convert=(single_process "$PY" -m megatron_ring.cli export --ckpt "$RL_START" --out "$hf" --tokenizer "$RL_TOKENIZER"
+                 --dtype bf16)
+  local urls=() host port; port=$(server_port)
+  for host in $(hosts); do urls+=("http://${host}:${port}"); done
+  local serve=("$REPO/slurm/with_gpus.sh" $((gpus - rollout)) "$rollout" "${SGLANG_PYTHON:-$PY}" -m serving.sglang
+               --model-path "$hf" --port "$port" --tp-size "$rollout" --context-length "$RL_CONTEXT" "${allow[@]}"
+               --enable-memory-saver)
+  export MEGATRON_RING_SYNC_ADDR; MEGATRON_RING_SYNC_ADDR=$(hosts | head -n 1)
+  export MEGATRON_RING_SYNC_PORT; MEGATRON_RING_SYNC_PORT=$(sync_port)
+  if [ "${PRINT_PLAN:-0}" = 1 ]; then
+    plan "start=$RL_START out=$RL_OUT context=$RL_CONTEXT rollout_gpus_per_node=$rollout server_port=$port" \
+      "servers=$(IFS=,; echo "${urls[*]}") weight_sync=$MEGATRON_RING_SYNC_ADDR:$MEGATRON_RING_SYNC_PORT"
+    [ -f "$hf/config.json" ] || plan_cmd "batch node: start checkpoint -> HF" "${convert[@]}"
+    for host in $(hosts); do
+      plan_cmd "node $host: rollout server" srun --overlap --nodes=1 --ntasks=1 -w "$host" "${serve[@]}"
+    done
+  else
+    [ -f "$hf/config.json" ] || "${convert[@]}"
+    for host in $(hosts); do
+      srun --overlap --nodes=1 --ntasks=1 -w "$host" "${serve[@]}" &
+    done
+  fi
+  NPROC=$((gpus - rollout)) TRAINER_GPUS="0:$((gpus - rollout))" STAGE_MEMORY=$memory \
+    run_stage rl --recipe "$RECIPE" --engine sglang --sglang-urls "${urls[@]}" "$@"
 }

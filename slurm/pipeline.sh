@@ -12,12 +12,14 @@
 # ones after it, reusing what the earlier stages left in $RUN (e.g. FROM=rl_stage1 after changing an RL setting).
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
-RUN=${RUN:-runs/tiny}
 SIZE=${SIZE:-tiny}
-if [ "$SIZE" = tiny ]; then  # the CPU overrides of the GPU-node #SBATCH defaults
-  RES=(--nodes=1 --gpus-per-node=0 --cpus-per-task="${CPUS:-2}" --mem="${MEM:-16G}" --time=04:00:00)
-else
+RUN=${RUN:-runs/$SIZE}  # every stage writes under it: e.g. RUN=$SCRATCH/ring-lite keeps checkpoints off the checkout
+if [ "$SIZE" = tiny ]; then  # the CPU overrides of the GPU-node #SBATCH defaults (no whole node, no GPU)
+  RES=(--nodes=1 --gpus-per-node=0 --cpus-per-task="${CPUS:-2}" --mem="${MEM:-16G}" --oversubscribe --time=04:00:00)
+  NP=(NPROC="${NPROC:-1}")  # CPU ranks per node
+else  # GPU nodes: each script's #SBATCH lines (whole nodes), one rank per GPU unless NPROC says otherwise
   RES=()
+  NP=(); [ -n "${NPROC:-}" ] && NP=(NPROC="$NPROC")
 fi
 read -r -a EXTRA <<< "${SBATCH_EXTRA:-}"
 prev=""
@@ -43,17 +45,17 @@ submit() {  # submit NAME SCRIPT VAR=VALUE...: prints the job id
 }
 D=$RUN/data
 submit data slurm/data.sh RUN="$RUN"
-submit sft slurm/sft_distill.sh RECIPE="sft_distill_$SIZE" NPROC="${NPROC:-1}" \
+submit sft slurm/sft_distill.sh RECIPE="sft_distill_$SIZE" "${NP[@]}" \
   SFT_ARGS="--data $D/sft/packed.parquet --init $RUN/mcore --out $RUN/sft"
 submit select slurm/select_ckpt.sh RUN="$RUN/sft" PROMPTS="$D/rl_stage1/4_filtered.parquet" TOKENIZER="$D/tokenizer" \
   EVAL="$D/eval/math.parquet" SELECT_ARGS="--limit 100 --max-new-tokens 192"
-submit rl_stage1 slurm/rl_stage1.sh RECIPE="rl_stage1_$SIZE" NPROC="${NPROC:-1}" \
+submit rl_stage1 slurm/rl_stage1.sh RECIPE="rl_stage1_$SIZE" "${NP[@]}" \
   RL_ARGS="--init $RUN/sft --out $RUN/rl_stage1 --prompts $D/rl_stage1/4_filtered.parquet --tokenizer $D/tokenizer --eval-sets $D/eval/math.parquet"
 S2=$D/rl_stage2/4_filtered.parquet
 if [ "$DIFFICULTY" = 1 ]; then S2=$D/rl_stage2/5_difficulty.parquet; fi
 submit difficulty slurm/difficulty.sh CKPT="$RUN/rl_stage1" PROMPTS="$D/rl_stage2/4_filtered.parquet" \
   TOKENIZER="$D/tokenizer" OUT="$S2" RECIPE="rl_stage2_$SIZE" K="${DIFFICULTY_K:-4}"
-submit rl_stage2 slurm/rl_stage2.sh RECIPE="rl_stage2_$SIZE" NPROC="${NPROC:-1}" \
+submit rl_stage2 slurm/rl_stage2.sh RECIPE="rl_stage2_$SIZE" "${NP[@]}" \
   RL_ARGS="--init $RUN/rl_stage1 --out $RUN/rl_stage2 --prompts $S2 --tokenizer $D/tokenizer --eval-sets $D/eval/code.parquet $D/eval/science.parquet"
 submit export slurm/export.sh CKPT="$RUN/rl_stage2" OUT="$RUN/export" TOKENIZER="$D/tokenizer"
 if [ "$SIZE" = tiny ]; then  # the embedded held-out sets and AIME24, short replies; the RL recipe's temperature

@@ -3,6 +3,8 @@
 #SBATCH --nodes=2
 #SBATCH --ntasks-per-node=1
 #SBATCH --gpus-per-node=8
+#SBATCH --exclusive
+#SBATCH --mem=0
 #SBATCH --cpus-per-task=64
 #SBATCH --time=48:00:00
 #SBATCH --signal=B:USR1@300

@@ -50,7 +50,8 @@ def test_detect_env_slurm_srun_port_from_job_id():
     # rendezvous ports never fall in the rollout servers' range (slurm/launch.sh: 30000 + id % 20000)
     assert all(20000 <= slurm_port(j) < 30000 for j in (0, 9999, 10000, 19999, 25000, 123456789))
     launch = (ROOT / "slurm" / "launch.sh").read_text()
-    assert "port=$((20000 + SLURM_JOB_ID % 10000))" in launch and "port=$((30000 + ${SLURM_JOB_ID:-0} % 20000))" in launch
+    assert "rdzv_port() { echo $((20000 + ${SLURM_JOB_ID:-0} % 10000)); }" in launch
+    assert "server_port() { echo $((30000 + ${SLURM_JOB_ID:-0} % 20000)); }" in launch
 
 
 def test_detect_env_single_process():

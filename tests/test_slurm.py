@@ -33,7 +33,7 @@ def _submit(data, init, out: Path, log: Path) -> str:  # noqa: F811
                f"--eval-interval 0 --steps {STEPS} --prompts-per-step 8 --samples-per-prompt 8 --max-new-tokens 64 "
                f"--token-budget 1024 --reward-workers 1 --save-interval 0 --lr 1e-3 --keep-uninformative")
     env = dict(os.environ, RECIPE="rl_stage1_tiny", RL_ARGS=rl_args, NPROC="1", OMP_NUM_THREADS="1")
-    r = subprocess.run(["sbatch", "--parsable", "--nodes=1", "--gpus-per-node=0", "--cpus-per-task=1", "--mem=6G",
+    r = subprocess.run(["sbatch", "--parsable", "--nodes=1", "--gpus-per-node=0", "--cpus-per-task=1", "--mem=6G", "--oversubscribe",
                         "--time=00:30:00", f"--output={log}", "slurm/rl_stage1.sh"], cwd=ROOT, env=env,
                        capture_output=True, text=True, timeout=60)
     assert r.returncode == 0, r.stderr
@@ -115,3 +115,39 @@ def test_sbatch_rl_stage1_completes_and_a_preempted_job_resumes_bit_exact(tiny, 
     for s in range(STEPS + 1):
         assert {k: a[s].get(k) for k in KEYS} == {k: got[s].get(k) for k in KEYS}, (s, a[s], got[s])
     assert (b / "checkpoints" / "latest").read_text().strip() == f"iter_{STEPS:07d}"
+
+
+def _gres_gpus() -> int:
+    r = subprocess.run(["sinfo", "-h", "-o", "%G"], capture_output=True, text=True, timeout=20)
+    m = [int(g.split(":")[-1]) for g in r.stdout.split() if g.startswith("gpu:")]
+    return max(m, default=0)
+
+
+def test_gpu_scripts_on_fake_gpus_plan_from_slurms_binding_and_refuse_without_cuda(tmp_path):
+    """The ling_lite scripts' own #SBATCH lines (8 GPUs per node, whole nodes; CPUs, memory and time scaled down to
+    this box) are accepted and scheduled on the local cluster's fake GPUs (GRES gpu:8): the plan comes from Slurm's
+    binding; without PRINT_PLAN a stage that needs CUDA stops in seconds with the reason (exit 3), and RL on one
+    node (4 trainer GPUs cannot hold EP8) is refused (exit 2) before any conversion or server."""
+    if _gres_gpus() < 8:
+        pytest.skip("the local cluster has no fake GPUs (slurm/local/start.sh could not create device nodes)")
+    small = ["--nodes=1", "--cpus-per-task=1", "--mem=2G", "--time=00:10:00"]
+
+    def run(script, log, **env):
+        r = subprocess.run(["sbatch", "--parsable", *small, f"--output={log}", f"slurm/{script}"], cwd=ROOT,
+                           env={**{k: v for k, v in os.environ.items() if k not in ("NPROC", "OMP_NUM_THREADS")}, **env},
+                           capture_output=True, text=True, timeout=60)
+        assert r.returncode == 0, r.stderr
+        jid = r.stdout.strip().split(";")[0]
+        t0 = time.time()
+        state = _wait(lambda: _done(jid), 300, f"job {jid}", log)
+        return state, _job(jid).get("ExitCode"), time.time() - t0, log.read_text()
+
+    state, code, _, log = run("sft_distill.sh", tmp_path / "plan.log", PRINT_PLAN="1")
+    assert state == "COMPLETED", log
+    assert "gpus_per_node=8 gpu_binding=0,1,2,3,4,5,6,7 ranks_per_node=8 world=8" in log
+    assert "sft on 8 GPUs x 80 GiB" in log and "--nproc-per-node=8" in log
+    state, code, took, log = run("sft_distill.sh", tmp_path / "cuda.log")
+    assert (state, code) == ("FAILED", "3:0") and "torch sees no CUDA device" in log and took < 120, (took, log)
+    state, code, _, log = run("rl_stage1.sh", tmp_path / "rl.log", PRINT_PLAN="1")
+    assert (state, code) == ("FAILED", "2:0") and "do not divide into TP4 x PP1 x CP1 and EP8" in log, log
+    assert "rollout server" not in log

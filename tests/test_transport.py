@@ -277,7 +277,7 @@ def test_rl_with_two_cpu_servers_equals_the_in_process_engine_and_resumes_exactl
 
 
 def test_context_beyond_the_positions_is_refused_before_any_server_starts(tiny, data):
-    """`rl --print-context` (what the job script asks before it starts the servers): prompt + max_new_tokens
+    """`rl --print-launch` (what the job script asks before it starts the servers): prompt + max_new_tokens
     past the model's max_position_embeddings (2048 in the tiny config) is refused naming both, unless the recipe
     allows it; the ling_lite recipes do (the paper's 24K/32K RL on a 16,384-position config)."""
     from megatron_ring.config.recipe import load_recipe
@@ -285,11 +285,13 @@ def test_context_beyond_the_positions_is_refused_before_any_server_starts(tiny, 
 
     def ctx(*extra):
         return subprocess.run([PY, "-m", "megatron_ring.cli", "rl", "--recipe", "rl_stage1_tiny", "--init",
-                               str(tiny["mcore"]), "--print-context", *extra], cwd=ROOT, capture_output=True,
+                               str(tiny["mcore"]), "--print-launch", *extra], cwd=ROOT, capture_output=True,
                               text=True, timeout=120)
 
     ok = ctx()
-    assert ok.returncode == 0 and ok.stdout.strip() == str(1024 + 192), ok.stderr[-2000:]
+    got = dict(ln.split("=", 1) for ln in ok.stdout.splitlines())
+    assert ok.returncode == 0 and got["RL_CONTEXT"] == str(1024 + 192) and got["RL_BEYOND_POSITIONS"] == "0", ok
+    assert got["RL_START"] == str(tiny["mcore"])
     bad = ctx("--max-new-tokens", "1500")
     assert bad.returncode == 2 and "2524 tokens exceed the model's max_position_embeddings 2048" in bad.stderr
     published = json.loads((Path(__file__).parent / "data" / "published_configs" / "ring-lite.chat.config.json").read_text())

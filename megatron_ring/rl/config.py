@@ -119,3 +119,21 @@ def resolve_start(path: str | Path) -> Path:
         return p
     raise FileNotFoundError(f"{p}: not a checkpoint and no checkpoints/selected or checkpoints/latest inside "
                             "(run the SFT stage and `megatron-ring select` first)")
+
+
+def launch_facts(recipe, cfg: RLConfig) -> dict:
+    """What the job script needs before it starts the rollout servers, as shell assignments (``rl --print-launch``):
+    the resolved start checkpoint, the run dir, the tokenizer and the servers' context (``ContextTooLong`` refuses).
+    A start that does not exist yet (a plan printed before the SFT ran) is named as given, with the recipe's model."""
+    from ..checkpoint import adopt_architecture
+
+    try:
+        start, model = resolve_start(cfg.init), None
+        model = adopt_architecture(recipe, start).hf_config
+    except FileNotFoundError:  # (its positions unknown until it exists: the recipe's word on going beyond them)
+        start, model = Path(cfg.init), recipe.hf_config or {}
+    n = rollout_context(cfg, model)
+    pos = int(model.get("max_position_embeddings") or 0)
+    beyond = n > pos if pos else cfg.context_beyond_positions
+    return {"RL_START": str(start), "RL_OUT": str(cfg.out), "RL_TOKENIZER": str(cfg.tokenizer), "RL_CONTEXT": n,
+            "RL_BEYOND_POSITIONS": int(beyond)}

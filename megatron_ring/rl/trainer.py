@@ -383,9 +383,10 @@ def main(argv=None) -> int:
     ap.add_argument("--sandbox-unsafe", action="store_true", default=None)
     ap.add_argument("--keep-uninformative", dest="drop_uninformative", action="store_false", default=None,
                     help="train on groups whose rewards are all equal too (their advantage is 0)")
-    ap.add_argument("--print-context", action="store_true",
-                    help="print the rollout servers' context length ('N' or 'N beyond-positions') and exit; "
-                         "refused (exit 2) when prompt + max_new_tokens exceed the model's positions")
+    ap.add_argument("--print-launch", action="store_true",
+                    help="print, as shell assignments, the resolved start checkpoint, run dir, tokenizer and the "
+                         "rollout servers' context, and exit; refused (exit 2) when prompt + max_new_tokens exceed "
+                         "the model's positions without the recipe allowing it")
     ap.add_argument("--tp", type=int)
     ap.add_argument("--ep", type=int)
     ap.add_argument("--pp", type=int)
@@ -393,21 +394,20 @@ def main(argv=None) -> int:
     par = {k: v for k, v in {"tensor_model_parallel_size": a.tp, "expert_model_parallel_size": a.ep,
                              "pipeline_model_parallel_size": a.pp}.items() if v}
     recipe = load_recipe(a.recipe, {"parallel": par} if par else None)
-    skip = {"recipe", "tp", "ep", "pp", "print_context"}
+    skip = {"recipe", "tp", "ep", "pp", "print_launch"}
     cfg = rl_config(recipe, **{k: v for k, v in vars(a).items() if k not in skip})
-    if a.print_context:
+    if a.print_launch:
+        import shlex
         import sys
 
-        from .config import ContextTooLong
+        from .config import ContextTooLong, launch_facts
 
-        cfg_model = adopt_architecture(recipe, resolve_start(cfg.init)).hf_config
         try:
-            n = rollout_context(cfg, cfg_model)
+            facts = launch_facts(recipe, cfg)
         except ContextTooLong as e:
             print(f"megatron-ring rl: {e}", file=sys.stderr)
             return 2
-        beyond = n > int(cfg_model.get("max_position_embeddings") or n)
-        print(f"{n} beyond-positions" if beyond else n)
+        print("\n".join(f"{k}={shlex.quote(str(v))}" for k, v in facts.items()))
         return 0
     train_rl(recipe, cfg)
     return 0

@@ -5,6 +5,9 @@
 # and waits until the node is idle. Loopback only. Needs root (as CI and this dev machine run).
 #   SLURM_LOCAL_STATE  state/log folder (default /var/tmp/megatron-ring-slurm)
 #   SLURM_LOCAL_MEM_MB memory given to jobs (default: slurmd -C's RealMemory minus 2 GiB)
+#   SLURM_LOCAL_GPUS   fake GPUs of the node (default 8): GRES gpu:N backed by device nodes made for the purpose
+#             (/dev/megatron-ring-gpuI, copies of /dev/null), so GPU job scripts are accepted, scheduled and get
+#             Slurm's GPU binding (CUDA_VISIBLE_DEVICES, SLURM_GPUS_ON_NODE); CUDA itself sees none.
 set -euo pipefail
 STATE=${SLURM_LOCAL_STATE:-/var/tmp/megatron-ring-slurm}
 CONF=/etc/slurm/slurm.conf
@@ -40,7 +43,16 @@ if ! pgrep -x munged >/dev/null; then
   echo munged >> "$STATE/started"
 fi
 
+# fake GPUs: character devices with /dev/null's numbers (Slurm's gres/gpu needs device files to bind)
+GPUS=${SLURM_LOCAL_GPUS:-8}
+for ((i = 0; i < GPUS; i++)); do
+  [ -e "/dev/megatron-ring-gpu$i" ] || mknod -m 666 "/dev/megatron-ring-gpu$i" c 1 3 2>/dev/null || {
+    log "cannot create device nodes here (mknod refused): no fake GPUs"; GPUS=0; break; }
+done
+gres=""; [ "$GPUS" -gt 0 ] && gres=" Gres=gpu:$GPUS"
+
 # the config: one node as `slurmd -C` sees it, on loopback
+changed=0
 if [ ! -f "$CONF" ] || head -1 "$CONF" | grep -qF "$MARK"; then
   node=$(/usr/sbin/slurmd -C | head -1)
   name=$(sed -E 's/^NodeName=([^ ]+).*/\1/' <<<"$node")
@@ -78,18 +90,30 @@ MinJobAge=600
 InactiveLimit=0
 SlurmctldTimeout=30
 SlurmdTimeout=30
-$node NodeAddr=127.0.0.1 State=UNKNOWN
+GresTypes=gpu
+$node$gres NodeAddr=127.0.0.1 State=UNKNOWN
 PartitionName=local Nodes=$name Default=YES MaxTime=INFINITE State=UP
 CONF
 )
-  if [ ! -f "$CONF" ] || [ "$new" != "$(cat "$CONF")" ]; then
-    log "writing $CONF ($name: $cpus CPUs, $mem MB)"
+  gconf="$MARK
+AutoDetect=off"
+  [ "$GPUS" -gt 0 ] && gconf="$gconf
+NodeName=$name Name=gpu File=/dev/megatron-ring-gpu[0-$((GPUS - 1))]"
+  if [ ! -f "$CONF" ] || [ "$new" != "$(cat "$CONF")" ] || [ "$gconf" != "$(cat /etc/slurm/gres.conf 2>/dev/null)" ]; then
+    log "writing $CONF ($name: $cpus CPUs, $mem MB, $GPUS fake GPU(s))"
     printf '%s\n' "$new" > "$CONF"
+    printf '%s\n' "$gconf" > /etc/slurm/gres.conf
+    changed=1
   fi
 else
   log "$CONF exists and is not ours: using it as is"
 fi
 
+if [ "$changed" = 1 ] && pgrep -x slurmctld >/dev/null; then  # (a node's GRES changes only with a restart)
+  log "config changed: restarting the daemons"
+  pkill -x slurmd || true; pkill -x slurmctld || true
+  for i in $(seq 1 20); do pgrep -x slurmctld >/dev/null || pgrep -x slurmd >/dev/null || break; sleep 0.5; done
+fi
 if ! pgrep -x slurmctld >/dev/null; then
   log "starting slurmctld"
   /usr/sbin/slurmctld

@@ -1,0 +1,110 @@
+"""The GPU job scripts, right by construction for N nodes x G GPUs, checked without GPUs: ``PRINT_PLAN=1`` makes every
+stage print what it would run (per node: ranks, GPUs, ports, commands, environment, the memory plan) from the
+allocation's own variables, here those of a 1- and a 2-node allocation of 8 GPUs each; under the local slurmctld
+(fake GRES ``gpu:8``) the ``ling_lite`` scripts are accepted and scheduled, print their plan from Slurm's real GPU
+binding, and a stage that needs CUDA stops at once with the reason."""
+import os
+import re
+import shlex
+import shutil
+import subprocess
+
+import pytest
+
+from .conftest import ROOT
+
+pytestmark = pytest.mark.skipif(not shutil.which("scontrol"), reason="Slurm's client (scontrol) is not installed")
+
+
+def _plan(script: str, nodes: int, **env) -> subprocess.CompletedProcess:
+    e = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_") and k not in ("CUDA_VISIBLE_DEVICES",
+                                                                                          "NPROC", "OMP_NUM_THREADS")}
+    e.update(SLURM_JOB_ID="4242", SLURM_JOB_NODELIST=f"gpu[1-{nodes}]" if nodes > 1 else "gpu1",
+             SLURM_JOB_NUM_NODES=str(nodes), SLURM_GPUS_ON_NODE="8", SLURM_CPUS_PER_TASK="64", PRINT_PLAN="1", **env)
+    return subprocess.run(["bash", f"slurm/{script}"], cwd=ROOT, env=e, capture_output=True, text=True, timeout=300)
+
+
+def _fields(out: str) -> dict[str, str]:
+    got = {}
+    for line in out.splitlines():
+        if line.startswith("[plan] ") and " :: " not in line:
+            got.update(kv.split("=", 1) for kv in line[7:].split() if "=" in kv and not kv.startswith("env"))
+    return got
+
+
+def _cmds(out: str) -> dict[str, list[str]]:
+    return {ln[7:].split(" :: ", 1)[0]: shlex.split(ln.split(" :: ", 1)[1]) for ln in out.splitlines()
+            if ln.startswith("[plan] ") and " :: " in ln}
+
+
+@pytest.mark.parametrize("nodes", [1, 2])
+def test_sft_plan_one_rank_per_gpu_on_every_node(nodes):
+    r = _plan("sft_distill.sh", nodes)
+    assert r.returncode == 0, r.stderr[-3000:]
+    f, cmd = _fields(r.stdout), _cmds(r.stdout)["every node: trainer"]
+    assert (f["stage"], f["nodes"], f["ranks_per_node"], f["world"]) == ("sft", str(nodes), "8", str(8 * nodes))
+    assert f["hosts"] == ",".join(f"gpu{i + 1}" for i in range(nodes)) and f["rendezvous"] == "gpu1:24242"
+    assert "fits" in r.stdout and f"sft on {8 * nodes} GPUs" in r.stdout  # the memory plan for this world
+    assert cmd[:3] == ["srun", "--kill-on-bad-exit=1", "--ntasks-per-node=1"]  # one torchrun per node
+    assert {"--nproc-per-node=8", f"--nnodes={nodes}", "--rdzv-endpoint=gpu1:24242", "--shutdown-timeout=540",
+            "--rdzv-id=4242"} <= set(cmd) and cmd[-4:] == ["megatron_ring.cli", "sft", "--recipe", "sft_distill_ling_lite"]
+    assert "[plan] env CUDA_DEVICE_MAX_CONNECTIONS=1" in r.stdout and "[plan] env OMP_NUM_THREADS=8" in r.stdout
+    assert "NPROC" not in " ".join(cmd) and "CUDA_VISIBLE_DEVICES" not in " ".join(cmd)  # Slurm's binding stays
+
+
+def test_rl_plan_two_nodes_trainers_and_servers_split_each_nodes_gpus():
+    r = _plan("rl_stage1.sh", 2, RL_ARGS="--init runs/x/sft --out /scratch/ring/rl1")
+    assert r.returncode == 0, r.stderr[-3000:]
+    f, cmds = _fields(r.stdout), _cmds(r.stdout)
+    assert (f["ranks_per_node"], f["world"], f["trainer_gpus"]) == ("4", "8", "0:4")
+    assert (f["start"], f["out"], f["context"]) == ("runs/x/sft", "/scratch/ring/rl1", str(2048 + 24576))
+    conv = cmds["batch node: start checkpoint -> HF"]
+    assert conv[:2] == ["single_process", conv[1]] and conv[2:6] == ["-m", "megatron_ring.cli", "export", "--ckpt"]
+    assert conv[6] == "runs/x/sft" and conv[conv.index("--out") + 1] == "/scratch/ring/rl1/rollout_init_hf"
+    assert conv[-2:] == ["--dtype", "bf16"]  # a run dir resolved by `export`, the --init/--out the job was given
+    ports = {int(f["rendezvous"].split(":")[1]), int(f["server_port"]), int(f["weight_sync"].split(":")[1])}
+    assert len(ports) == 3 and 20000 <= int(f["rendezvous"].split(":")[1]) < 30000
+    assert 30000 <= int(f["server_port"]) < 50000 <= int(f["weight_sync"].split(":")[1]) < 60000
+    for host in ("gpu1", "gpu2"):
+        srv = cmds[f"node {host}: rollout server"]
+        assert srv[:6] == ["srun", "--overlap", "--nodes=1", "--ntasks=1", "-w", host]
+        assert srv[6].endswith("slurm/with_gpus.sh") and srv[7:9] == ["4", "4"]  # the node's GPUs 4-7
+        assert {"--tp-size", "4", "--context-length", str(2048 + 24576), "--allow-beyond-positions"} <= set(srv)
+    tr = cmds["every node: trainer"]
+    assert tr[3].endswith("slurm/with_gpus.sh") and tr[4:6] == ["0", "4"] and "--nproc-per-node=4" in tr
+    i = tr.index("--sglang-urls")
+    assert tr[i + 1:i + 3] == ["http://gpu1:34242", "http://gpu2:34242"] and tr[i + 3] == "--init"
+    assert tr[tr.index("--out") + 1] == "/scratch/ring/rl1"  # RL_ARGS reach the trainer too
+
+
+def test_rl_plan_one_node_is_refused_before_anything_starts():
+    """4 trainer GPUs cannot hold EP8: refused (exit 2, the reason) before the conversion or any server."""
+    r = _plan("rl_stage1.sh", 1)
+    assert r.returncode == 2 and "4 GPUs do not divide into TP4 x PP1 x CP1 and EP8" in r.stderr, r.stderr[-2000:]
+    assert "rollout server" not in r.stdout and "start checkpoint" not in r.stdout
+
+
+def test_with_gpus_slices_the_nodes_own_binding():
+    env = dict(os.environ, CUDA_VISIBLE_DEVICES="3,4,5,6,7,9,10,11")  # what Slurm bound (not 0..7)
+    r = subprocess.run(["bash", "slurm/with_gpus.sh", "4", "4", "bash", "-c", "echo $CUDA_VISIBLE_DEVICES"], cwd=ROOT,
+                       env=env, capture_output=True, text=True, timeout=30)
+    assert r.stdout.strip() == "7,9,10,11"
+    bad = subprocess.run(["bash", "slurm/with_gpus.sh", "6", "4", "true"], cwd=ROOT, env=env, capture_output=True,
+                         text=True, timeout=30)
+    assert bad.returncode == 2 and "this node has 8" in bad.stderr
+
+
+def test_pipeline_ling_lite_keeps_the_scripts_gpu_resources():
+    r = subprocess.run(["bash", "slurm/pipeline.sh"], cwd=ROOT, capture_output=True, text=True, timeout=60,
+                       env={**{k: v for k, v in os.environ.items() if k != "NPROC"}, "DRY_RUN": "1",
+                            "SIZE": "ling_lite"})
+    lines = {re.search(r"--job-name=(\w+)", ln).group(1): ln for ln in r.stderr.splitlines() if " sbatch " in ln}
+    for stage in ("sft", "rl_stage1", "rl_stage2"):
+        assert "NPROC=" not in lines[stage] and "--gpus-per-node=0" not in lines[stage], lines[stage]
+        assert "runs/ling_lite/" in lines[stage]
+    tiny = subprocess.run(["bash", "slurm/pipeline.sh"], cwd=ROOT, capture_output=True, text=True, timeout=60,
+                          env={**os.environ, "DRY_RUN": "1"})
+    assert all("--oversubscribe" in ln and "--gpus-per-node=0" in ln for ln in tiny.stderr.splitlines() if " sbatch " in ln)
+    for script in ("sft_distill.sh", "rl_stage1.sh", "rl_stage2.sh", "eval.sh", "serve.sh"):
+        head = (ROOT / "slurm" / script).read_text()
+        assert "#SBATCH --exclusive\n" in head and "#SBATCH --mem=0\n" in head, script
