@@ -17,7 +17,9 @@
 #   SHARDS: rollout processes side by side, each on every SHARDS-th chunk of CHUNK (16) prompts (default: the CPUs
 #   given, one intra-op thread each); ROLLOUTS: their files' prefix (default: OUT without .parquet)
 #   + .rollouts-I.parquet.
-# The rollouts use the in-process engine (CPU): right for the tiny recipes; Ling-lite's would want SGLang (not wired).
+# On a GPU allocation the rollouts run on an SGLang server started for the job (TP = the node's GPUs; the checkpoint
+# exported to ROLLOUTS.hf, the context = the prompts' cap + MAX_NEW_TOKENS), one client process; on CPU, the
+# in-process engine in SHARDS processes. The same seeds give the same samples either way.
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)  # under sbatch the script runs from Slurm's spool copy:
 [ -f "$HERE/launch.sh" ] || HERE="${REPO:-${SLURM_SUBMIT_DIR:-$PWD}}/slurm"  # then the repo is where it was submitted
 source "$HERE/launch.sh"
@@ -32,12 +34,24 @@ ROLLOUTS=${ROLLOUTS:-${OUT%.parquet}}
 SHARDS=${SHARDS:-${SLURM_CPUS_PER_TASK:-$(nproc)}}
 echo "[$(date +%T)] rollouts of ${PROMPTS:?set PROMPTS} by ${CKPT:?set CKPT}: K=$K, T=$TEMPERATURE," \
   "max $MAX_NEW_TOKENS new tokens, $SHARDS process(es)"
-pids=() files=()
+pids=() files=() serve=()
+if [ "$(gpus_per_node)" -gt 0 ]; then
+  SHARDS=1
+  port=$(server_port)
+  "$PY" -m megatron_ring.cli export --ckpt "$CKPT" --out "$ROLLOUTS.rollouts-0.parquet.hf" --tokenizer "$TOKENIZER"
+  "${SGLANG_PYTHON:-$PY}" -m serving.sglang --model-path "$ROLLOUTS.rollouts-0.parquet.hf" --host 127.0.0.1 \
+    --port "$port" --tp-size "$(gpus_per_node)" --context-length $((${MAX_PROMPT_TOKENS:-2048} + MAX_NEW_TOKENS)) \
+    --allow-beyond-positions &
+  server=$!
+  trap 'kill "$server" 2>/dev/null || true' EXIT
+  "$PY" -c "from serving.health import wait_healthy; wait_healthy('http://127.0.0.1:$port')"
+  serve=(--sglang-urls "http://127.0.0.1:$port")
+fi
 for ((i = 0; i < SHARDS; i++)); do
   files+=("$ROLLOUTS.rollouts-$i.parquet")
   "$PY" -m megatron_ring.cli rollouts --ckpt "$CKPT" --prompts "$PROMPTS" --tokenizer "${TOKENIZER:?set TOKENIZER}" \
     --out "${files[i]}" --k "$K" --max-new-tokens "$MAX_NEW_TOKENS" \
-    --temperature "$TEMPERATURE" --chunk "${CHUNK:-16}" --shard "$i/$SHARDS" &
+    --temperature "$TEMPERATURE" --chunk "${CHUNK:-16}" --shard "$i/$SHARDS" "${serve[@]}" &
   pids+=($!)
 done
 trap 'kill "${pids[@]}" 2>/dev/null' TERM INT

@@ -15,6 +15,8 @@ hosts() { if [ -n "${SLURM_JOB_NODELIST:-}" ]; then scontrol show hostnames "$SL
 num_nodes() { echo "${SLURM_JOB_NUM_NODES:-${SLURM_NNODES:-1}}"; }
 
 gpus_per_node() {  # this node's GPUs as Slurm bound them (GRES), else what the machine shows, else 0
+  # (a submitit job's own step holds no GPU; it passes the job's count: MEGATRON_RING_GPUS_PER_NODE)
+  if [ -n "${MEGATRON_RING_GPUS_PER_NODE:-}" ]; then echo "$MEGATRON_RING_GPUS_PER_NODE"; return; fi
   if [ -n "${SLURM_GPUS_ON_NODE:-}" ]; then echo "$SLURM_GPUS_ON_NODE"; return; fi
   if [ -n "${CUDA_VISIBLE_DEVICES:-}" ]; then
     local d; IFS=, read -r -a d <<< "$CUDA_VISIBLE_DEVICES"; echo "${#d[@]}"; return
@@ -101,13 +103,16 @@ run_stage() {
   local nproc nodes head; nproc=$(nproc_per_node); nodes=$(num_nodes); head=$(hosts | head -n 1)
   rank_env "$nproc"
   local wrap=(); [ -n "${TRAINER_GPUS:-}" ] && wrap=("$REPO/slurm/with_gpus.sh" "${TRAINER_GPUS%%:*}" "${TRAINER_GPUS##*:}")
-  local tr=("$PY" -m torch.distributed.run --nproc-per-node="$nproc" --shutdown-timeout="$SHUTDOWN_TIMEOUT")
+  # (USR1/USR2: what Slurm and submitit send ahead of the end; torchrun passes them to the ranks, which checkpoint)
+  local tr=("$PY" -m torch.distributed.run --nproc-per-node="$nproc" --shutdown-timeout="$SHUTDOWN_TIMEOUT"
+            --signals-to-handle=SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1,SIGUSR2)
+  local step=(); [ -n "${SLURM_STEP_ID:-}" ] && step=(--overlap)  # (inside a job step: submitit's)
   local cmd recipe="" memory="" a prev=""
   for a in "$@"; do [ "$prev" = --recipe ] && recipe=$a; prev=$a; done
   if [ -n "${STAGE_MEMORY:-}" ]; then memory=$STAGE_MEMORY  # (checked by the caller already)
   elif [ "$(gpus_per_node)" -gt 0 ] && [ -n "$recipe" ]; then memory=$(fits "$recipe" $((nodes * nproc))); fi
   if [ -n "${SLURM_JOB_ID:-}" ]; then
-    cmd=(srun --kill-on-bad-exit=1 --ntasks-per-node=1 "${wrap[@]}" "${tr[@]}" --nnodes="$nodes" --rdzv-backend=c10d
+    cmd=(srun "${step[@]}" --kill-on-bad-exit=1 --ntasks-per-node=1 "${wrap[@]}" "${tr[@]}" --nnodes="$nodes" --rdzv-backend=c10d
          --rdzv-endpoint="${head}:$(rdzv_port)" --rdzv-id="${SLURM_JOB_ID}" -m megatron_ring.cli "$@")
   else
     cmd=("${wrap[@]}" "${tr[@]}" --standalone -m megatron_ring.cli "$@")
@@ -130,12 +135,14 @@ run_stage() {
   fi
   "${cmd[@]}" &
   CHILD=$!
-  trap 'on_preempt' USR1 TERM
+  trap 'on_preempt' USR1 USR2 TERM
   local rc=0
   wait "$CHILD" || rc=$?
   if [ "${PREEMPTED:-0}" = 1 ]; then
     wait "$CHILD" 2>/dev/null || true   # the ranks are writing their checkpoint
-    if [ -n "${SLURM_JOB_ID:-}" ]; then
+    if [ -n "${MEGATRON_RING_SUBMITIT:-}" ]; then
+      echo "[$(date +%T)] checkpoint written; submitit requeues the job"
+    elif [ -n "${SLURM_JOB_ID:-}" ]; then
       echo "[$(date +%T)] checkpoint written; requeueing job ${SLURM_JOB_ID}"
       scontrol requeue "${SLURM_JOB_ID}" || echo "[$(date +%T)] requeue refused (already requeued by Slurm?)"
     fi
@@ -147,7 +154,9 @@ run_stage() {
 on_preempt() {
   PREEMPTED=1
   echo "[$(date +%T)] preemption signal: asking the ranks to checkpoint"
-  kill -TERM "$CHILD" 2>/dev/null || true
+  # USR1, not TERM: srun passes USR1 on to the step's tasks (torchrun, which hands it to the ranks), while a TERM
+  # makes srun abort the step (its tasks killed before they save: found under the local slurmctld)
+  kill -USR1 "$CHILD" 2>/dev/null || true
 }
 
 # run_rl_stage <rl flags...>: the RL trainer, plus SGLang rollout servers on this allocation when the recipe's

@@ -27,12 +27,16 @@ pytestmark = pytest.mark.skipif(not _cluster_up(), reason="no Slurm cluster answ
 STEPS = 12
 
 
-def _submit(data, init, out: Path, log: Path) -> str:  # noqa: F811
+def _stage_env(data, init, out: Path) -> dict[str, str]:  # noqa: F811
     rl_args = (f"--init {init} --out {out} --prompts {data / 'rl_stage1' / '4_filtered.parquet'} "
                f"--tokenizer {data / 'tokenizer'} --eval-sets {data / 'eval' / 'math.parquet'} --eval-limit 4 "
                f"--eval-interval 0 --steps {STEPS} --prompts-per-step 8 --samples-per-prompt 8 --max-new-tokens 64 "
                f"--token-budget 1024 --reward-workers 1 --save-interval 0 --lr 1e-3 --keep-uninformative")
-    env = dict(os.environ, RECIPE="rl_stage1_tiny", RL_ARGS=rl_args, NPROC="1", OMP_NUM_THREADS="1")
+    return {"RECIPE": "rl_stage1_tiny", "RL_ARGS": rl_args, "NPROC": "1", "OMP_NUM_THREADS": "1"}
+
+
+def _submit(data, init, out: Path, log: Path) -> str:  # noqa: F811
+    env = dict(os.environ, **_stage_env(data, init, out))
     r = subprocess.run(["sbatch", "--parsable", "--nodes=1", "--gpus-per-node=0", "--cpus-per-task=1", "--mem=6G", "--oversubscribe",
                         "--time=00:30:00", f"--output={log}", "slurm/rl_stage1.sh"], cwd=ROOT, env=env,
                        capture_output=True, text=True, timeout=60)
@@ -83,15 +87,23 @@ def _stop_step(log: Path, restart: int) -> int:
     return max(steps, default=-1)
 
 
-def test_sbatch_rl_stage1_completes_and_a_preempted_job_resumes_bit_exact(tiny, data, tmp_path):  # noqa: F811
-    # the headline use, uninterrupted
-    a_log = tmp_path / "a.log"
-    ja = _submit(data, tiny["mcore"], tmp_path / "a", a_log)
+@pytest.fixture(scope="module")
+def uninterrupted(tiny, data, tmp_path_factory):  # noqa: F811
+    """The headline use, uninterrupted: `sbatch slurm/rl_stage1.sh` on the tiny recipe; its per-step metrics."""
+    d = tmp_path_factory.mktemp("sbatch_a")
+    a_log = d / "a.log"
+    ja = _submit(data, tiny["mcore"], d / "a", a_log)
     assert _wait(lambda: _done(ja), 900, f"job {ja}", a_log) == "COMPLETED", a_log.read_text()[-3000:]
-    a = _metrics(tmp_path / "a")
+    a = _metrics(d / "a")
     assert sorted(a) == list(range(STEPS + 1)) and "eval/math" in a[0] and "eval/math" in a[STEPS]
-    assert (tmp_path / "a" / "checkpoints" / "latest").read_text().strip() == f"iter_{STEPS:07d}"
+    assert (d / "a" / "checkpoints" / "latest").read_text().strip() == f"iter_{STEPS:07d}"
     assert f"job {ja} (restart 0)" in a_log.read_text()
+    return a
+
+
+def test_sbatch_rl_stage1_completes_and_a_preempted_job_resumes_bit_exact(tiny, data, tmp_path,  # noqa: F811
+                                                                          uninterrupted):
+    a = uninterrupted
 
     # the same job, preempted twice
     b_log, b = tmp_path / "b.log", tmp_path / "b"
@@ -110,6 +122,8 @@ def test_sbatch_rl_stage1_completes_and_a_preempted_job_resumes_bit_exact(tiny, 
     assert "preemption signal: asking the ranks to checkpoint" in log and f"job {jb} (restart 2)" in log
     s1, s2 = _stop_step(b_log, 1), _stop_step(b_log, 2)
     assert 2 <= s1 < s2 < STEPS, (s1, s2)  # both interruptions landed mid-run
+    after = [json.loads(x)["step"] for x in log.split("(restart 1)", 1)[1].splitlines() if x.startswith('{"step"')]
+    assert after[0] == s1 + 1, after  # resumed from the checkpoint the signal made (not from the start)
     got = _metrics(b)
     assert sorted(got) == list(range(STEPS + 1))
     for s in range(STEPS + 1):
@@ -130,7 +144,7 @@ def test_gpu_scripts_on_fake_gpus_plan_from_slurms_binding_and_refuse_without_cu
     node (4 trainer GPUs cannot hold EP8) is refused (exit 2) before any conversion or server."""
     if _gres_gpus() < 8:
         pytest.skip("the local cluster has no fake GPUs (slurm/local/start.sh could not create device nodes)")
-    small = ["--nodes=1", "--cpus-per-task=1", "--mem=2G", "--time=00:10:00"]
+    small = ["--nodes=1", "--cpus-per-task=1", "--mem=2G", "--time=00:30:00"]  # (longer than the signal lead)
 
     def run(script, log, **env):
         r = subprocess.run(["sbatch", "--parsable", *small, f"--output={log}", f"slurm/{script}"], cwd=ROOT,
@@ -151,3 +165,38 @@ def test_gpu_scripts_on_fake_gpus_plan_from_slurms_binding_and_refuse_without_cu
     state, code, _, log = run("rl_stage1.sh", tmp_path / "rl.log", PRINT_PLAN="1")
     assert (state, code) == ("FAILED", "2:0") and "do not divide into TP4 x PP1 x CP1 and EP8" in log, log
     assert "rollout server" not in log
+
+
+def test_submitit_runs_the_stage_as_sbatch_does_on_slurm_and_locally_and_requeues_on_preemption(
+        tiny, data, tmp_path, uninterrupted):  # noqa: F811
+    """megatron_ring.launch (submitit): the same stage script with the same resources as a Slurm job and as a local
+    process gives the sbatch job's per-step metrics; a job preempted the way submitit is warned (USR2 to every step:
+    torchrun passes it to the rank, which checkpoints; the job requeues itself) resumes and ends with them too."""
+    from megatron_ring import launch
+
+    cpu = {"nodes": "1", "gpus-per-node": "0", "cpus-per-task": "1", "mem": "6G", "oversubscribe": True,
+           "time": "00:30:00"}
+    jobs = {}
+    for way in ("slurm", "local", "preempted"):  # (the local one runs while the first Slurm job does: 2 CPUs)
+        env = _stage_env(data, tiny["mcore"], tmp_path / way)
+        jobs[way] = launch.submit("rl_stage1", env, folder=tmp_path / f"submitit_{way}",
+                                  cluster="local" if way == "local" else "slurm", overrides=cpu)
+        if way == "local":
+            assert type(jobs[way]).__name__ == "LocalJob"
+            launch.wait(jobs[way])
+    j = jobs["preempted"]
+    log = Path(j.paths.stdout)
+    _wait(lambda: _logged(log) >= 2, 600, "step 2 of the submitit job", log)
+    subprocess.run(["scancel", "--signal=USR2", str(j.job_id)], check=True, timeout=30)  # what --signal=USR2@N sends
+    _wait(lambda: f"job {j.job_id} (restart 1)" in log.read_text(), 300, "the submitit job's restart", log)
+    for way in ("slurm", "preempted"):
+        launch.wait(jobs[way])
+    text = log.read_text()
+    assert "submitit requeues the job" in text and 2 <= _stop_step(log, 1) < STEPS, text[-3000:]
+    after = [json.loads(x)["step"] for x in text.split("(restart 1)", 1)[1].splitlines() if x.startswith('{"step"')]
+    assert after[0] == _stop_step(log, 1) + 1, after  # resumed from the checkpoint the signal made, not from scratch
+    for way in ("slurm", "local", "preempted"):
+        got = _metrics(tmp_path / way)
+        assert sorted(got) == list(range(STEPS + 1)), (way, sorted(got))
+        for s in range(STEPS + 1):
+            assert {k: uninterrupted[s].get(k) for k in KEYS} == {k: got[s].get(k) for k in KEYS}, (way, s)

@@ -323,3 +323,24 @@ def test_selection_entropy_through_the_servers_matches_the_in_process_one(tiny, 
     served = served_entropy(servers, sharp, prompts, 32, seed=0)
     assert 0.5 < exact < 4.0, exact
     assert served == pytest.approx(exact, rel=0.05), (served, exact)
+
+
+def test_difficulty_rollouts_through_the_servers_equal_the_in_process_ones(tiny, data, servers, tmp_path):  # noqa: F811
+    """`megatron-ring rollouts --sglang-urls` (the difficulty filter's rollouts on the job's servers): the checkpoint
+    exported next to the output and loaded by the servers, the same per-sample seeds — the same samples, rewards and
+    lengths as the in-process run."""
+    import pyarrow.parquet as pq
+
+    def run(out, *extra):
+        r = subprocess.run([PY, "-m", "megatron_ring.cli", "rollouts", "--ckpt", str(tiny["mcore"]), "--prompts",
+                            str(data / "rl_stage1" / "4_filtered.parquet"), "--tokenizer", str(data / "tokenizer"),
+                            "--out", str(out), "--k", "3", "--limit", "6", "--max-new-tokens", "24", "--chunk", "4",
+                            *extra], cwd=ROOT, capture_output=True, text=True, timeout=600)
+        assert r.returncode == 0, r.stderr[-3000:]
+        return pq.read_table(str(out)).to_pylist()
+
+    local = run(tmp_path / "local.parquet")
+    served = run(tmp_path / "served.parquet", "--sglang-urls", *servers)
+    assert len(local) == 18 and (tmp_path / "served.parquet.hf" / "config.json").exists()
+    assert served == local
+    assert len({r["response"] for r in local if r["id"] == local[0]["id"]}) > 1  # the K samples differ

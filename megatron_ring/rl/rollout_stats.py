@@ -32,12 +32,32 @@ def load_engine(ckpt: str | Path, tokenizer_dir: str | Path, batch_size: int = 6
     return eng, tok
 
 
+def served_engine(ckpt: str | Path, tokenizer_dir: str | Path, urls: list[str], hf_dir: str | Path):
+    """Rollout servers (SGLang on GPUs; the CPU server) switched to ``ckpt``: exported to ``hf_dir`` (a path
+    the servers can read, in its own dtype) and loaded by ``/update_weights_from_disk``."""
+    from ..convert.run import mcore_to_hf_checkpoint
+    from ..tokenizer.tiny import load_tokenizer
+    from .sglang_engine import SGLangEngine
+    from .transport import disk_payload, post
+
+    tok = load_tokenizer(tokenizer_dir)
+    hf = Path(hf_dir).resolve()
+    if not (hf / "config.json").exists():
+        mcore_to_hf_checkpoint(ckpt, hf, tokenizer_dir=tokenizer_dir)  # (its own dtype: bf16 in training)
+    eng = SGLangEngine(urls, {}, tok, "disk")
+    eng.wait_ready()
+    for u in eng.urls:
+        post(u + "/update_weights_from_disk", disk_payload(hf, 0), eng.timeout, eng.key)
+    return eng, tok
+
+
 def rollout_stats(ckpt, prompts, tokenizer_dir, out, k: int = 8, limit: int | None = None, max_new_tokens: int = 192,
                   temperature: float = 1.0, seed: int = 0, chunk: int = 16, workers: int = 2,
-                  shard: tuple[int, int] = (0, 1)) -> dict:
+                  shard: tuple[int, int] = (0, 1), sglang_urls: list[str] | None = None) -> dict:
     """``shard=(i, n)``: only chunks i, i+n, i+2n, … of ``chunk`` prompts (n processes side by side;
     ``data_tools difficulty`` takes all their outputs). Each chunk's sampling seed is ``seed`` + its first row,
-    so the union of the shards' samples is exactly one unsharded run's."""
+    so the union of the shards' samples is exactly one unsharded run's. ``sglang_urls``: sample on these servers
+    (the checkpoint exported next to ``out``) instead of in this process — the same seeds, the same samples."""
     from ..rewards import RewardPool, reward_job
     from .config import resolve_start
     from .rollout import SamplingParams, chat_prompt_ids
@@ -45,7 +65,10 @@ def rollout_stats(ckpt, prompts, tokenizer_dir, out, k: int = 8, limit: int | No
     i, n = shard
     if not 0 <= i < n:
         raise ValueError(f"shard {i}/{n}: need 0 <= i < n")
-    eng, tok = load_engine(resolve_start(ckpt), tokenizer_dir)
+    if sglang_urls:
+        eng, tok = served_engine(resolve_start(ckpt), tokenizer_dir, sglang_urls, f"{out}.hf")
+    else:
+        eng, tok = load_engine(resolve_start(ckpt), tokenizer_dir)
     rows = pq.read_table(str(prompts)).to_pylist()[:limit]
     starts = [s for s in range(0, len(rows), chunk) if (s // chunk) % n == i]
     recs = []
@@ -95,7 +118,9 @@ def main(argv=None) -> int:
     ap.add_argument("--chunk", type=int, default=16, help="prompts generated together")
     ap.add_argument("--shard", type=_shard, default=(0, 1),
                     help="I/N: this process takes every N-th chunk of prompts from chunk I")
+    ap.add_argument("--sglang-urls", nargs="*", help="sample on these rollout servers (SGLang on GPUs) instead of "
+                                                      "in this process; they load the checkpoint from OUT.hf")
     a = ap.parse_args(argv)
     print(json.dumps(rollout_stats(a.ckpt, a.prompts, a.tokenizer, a.out, a.k, a.limit, a.max_new_tokens,
-                                   a.temperature, a.seed, a.chunk, shard=a.shard)))
+                                   a.temperature, a.seed, a.chunk, shard=a.shard, sglang_urls=a.sglang_urls)))
     return 0

@@ -117,14 +117,14 @@ def load_training_state(ckpt: Path, model, optimizer, scheduler) -> tuple[dict, 
 
 
 class StopFlag:
-    """SIGTERM / SIGUSR1 (Slurm preemption, ``scancel``, torchrun forwarding) ask for a checkpoint at the
+    """SIGTERM / SIGUSR1 / SIGUSR2 (Slurm preemption, ``scancel``, torchrun forwarding) ask for a checkpoint at the
     next step boundary; the ranks agree on it with one all-reduce per step."""
 
     def __init__(self):
         import signal
 
         self.requested = False
-        for sig in (signal.SIGTERM, signal.SIGUSR1):
+        for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2):  # (USR2: submitit's preemption signal)
             signal.signal(sig, self._set)
 
     def _set(self, signum, frame):
