@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from .conftest import ROOT
+from .conftest import PY, ROOT
 from .test_rl_trainer import KEYS, data  # noqa: F401  (the module fixture: a small default data set)
 
 
@@ -32,7 +32,7 @@ def _stage_env(data, init, out: Path) -> dict[str, str]:  # noqa: F811
                f"--tokenizer {data / 'tokenizer'} --eval-sets {data / 'eval' / 'math.parquet'} --eval-limit 4 "
                f"--eval-interval 0 --steps {STEPS} --prompts-per-step 8 --samples-per-prompt 8 --max-new-tokens 64 "
                f"--token-budget 1024 --reward-workers 1 --save-interval 0 --lr 1e-3 --keep-uninformative")
-    return {"RECIPE": "rl_stage1_tiny", "RL_ARGS": rl_args, "NPROC": "1", "OMP_NUM_THREADS": "1"}
+    return {"RECIPE": "rl_stage1_tiny", "RL_ARGS": rl_args, "NPROC": "1", "OMP_NUM_THREADS": "1", "PY": PY}
 
 
 def _submit(data, init, out: Path, log: Path) -> str:  # noqa: F811
@@ -148,7 +148,8 @@ def test_gpu_scripts_on_fake_gpus_plan_from_slurms_binding_and_refuse_without_cu
 
     def run(script, log, **env):
         r = subprocess.run(["sbatch", "--parsable", *small, f"--output={log}", f"slurm/{script}"], cwd=ROOT,
-                           env={**{k: v for k, v in os.environ.items() if k not in ("NPROC", "OMP_NUM_THREADS")}, **env},
+                           env={**{k: v for k, v in os.environ.items() if k not in ("NPROC", "OMP_NUM_THREADS")},
+                                "PY": PY, **env},
                            capture_output=True, text=True, timeout=60)
         assert r.returncode == 0, r.stderr
         jid = r.stdout.strip().split(";")[0]

@@ -11,7 +11,7 @@ import subprocess
 
 import pytest
 
-from .conftest import ROOT
+from .conftest import PY, ROOT
 
 pytestmark = pytest.mark.skipif(not shutil.which("scontrol"), reason="Slurm's client (scontrol) is not installed")
 
@@ -20,7 +20,8 @@ def _plan(script: str, nodes: int, **env) -> subprocess.CompletedProcess:
     e = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_") and k not in ("CUDA_VISIBLE_DEVICES",
                                                                                           "NPROC", "OMP_NUM_THREADS")}
     e.update(SLURM_JOB_ID="4242", SLURM_JOB_NODELIST=f"gpu[1-{nodes}]" if nodes > 1 else "gpu1",
-             SLURM_JOB_NUM_NODES=str(nodes), SLURM_GPUS_ON_NODE="8", SLURM_CPUS_PER_TASK="64", PRINT_PLAN="1", **env)
+             SLURM_JOB_NUM_NODES=str(nodes), SLURM_GPUS_ON_NODE="8", SLURM_CPUS_PER_TASK="64", PRINT_PLAN="1", PY=PY,
+             **env)
     return subprocess.run(["bash", f"slurm/{script}"], cwd=ROOT, env=e, capture_output=True, text=True, timeout=300)
 
 
@@ -97,7 +98,7 @@ def test_with_gpus_slices_the_nodes_own_binding():
 def test_pipeline_ling_lite_keeps_the_scripts_gpu_resources():
     r = subprocess.run(["bash", "slurm/pipeline.sh"], cwd=ROOT, capture_output=True, text=True, timeout=60,
                        env={**{k: v for k, v in os.environ.items() if k != "NPROC"}, "DRY_RUN": "1",
-                            "SIZE": "ling_lite"})
+                            "SIZE": "ling_lite", "PY": PY})
     lines = {re.search(r"--job-name=(\w+)", ln).group(1): ln for ln in r.stderr.splitlines() if " sbatch " in ln}
     for stage in ("sft", "rl_stage1", "rl_stage2"):
         assert "NPROC=" not in lines[stage] and "--gpus-per-node=0" not in lines[stage], lines[stage]

@@ -340,6 +340,8 @@ def test_difficulty_rollouts_through_the_servers_equal_the_in_process_ones(tiny,
         return pq.read_table(str(out)).to_pylist()
 
     local = run(tmp_path / "local.parquet")
+    cfg = json.loads((Path(tiny["export"]) / "config.json").read_text())
+    _send(T.DiskTransport(servers, tmp_path / "other", cfg), _state(tiny, 5), 9)  # the servers hold other weights
     served = run(tmp_path / "served.parquet", "--sglang-urls", *servers)
     assert len(local) == 18 and (tmp_path / "served.parquet.hf" / "config.json").exists()
     assert served == local
