@@ -130,9 +130,9 @@ def executor(stage: str, folder: str | Path = "logs/submitit", cluster: str | No
         p["slurm_additional_parameters"].setdefault("requeue", True)
         # the job's own step holds no GPU: the stage's srun steps (torchrun, servers) take the node's GPUs
         p["slurm_srun_args"] = ["--gpus-per-node=0", "--overlap"] if p.get("slurm_gpus_per_node") else ["--overlap"]
-        ex.update_parameters(name=stage, **{k: v for k, v in p.items()})
+        ex.update_parameters(name=script_of(stage).stem, **p)
     else:
-        ex.update_parameters(name=stage, timeout_min=p.get("timeout_min", 60))
+        ex.update_parameters(name=script_of(stage).stem, timeout_min=p.get("timeout_min", 60))
     return ex
 
 

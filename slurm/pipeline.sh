@@ -8,6 +8,7 @@
 # Run it on the login node: `bash slurm/pipeline.sh`. Defaults: the tiny recipes on a CPU cluster (RUN=runs/tiny);
 # for Ling-lite set SIZE=ling_lite and the GPU sbatch defaults of each script apply (SBATCH_EXTRA to add flags).
 # DRY_RUN=1 prints the sbatch commands instead of submitting. Every stage script also runs without Slurm.
+# SUBMITIT=1 submits the same jobs through megatron_ring.launch (submitit; local processes where no cluster answers).
 # FROM=STAGE (data sft select rl_stage1 difficulty rl_stage2 export eval_sft eval_final) submits that stage and the
 # ones after it, reusing what the earlier stages left in $RUN (e.g. FROM=rl_stage1 after changing an RL setting).
 set -euo pipefail
@@ -35,6 +36,12 @@ submit() {  # submit NAME SCRIPT VAR=VALUE...: prints the job id
   if [ "$name" = difficulty ] && [ "$DIFFICULTY" != 1 ]; then echo "skipped $name (DIFFICULTY=$DIFFICULTY)" >&2; return; fi
   local dep=(); [ -n "$prev" ] && dep=(--dependency="afterok:$prev" --kill-on-invalid-dep=yes)
   local cmd=(env "$@" sbatch --parsable --export=ALL --job-name="$name" "${RES[@]}" "${EXTRA[@]}" "${dep[@]}" "$script")
+  if [ "${SUBMITIT:-0}" = 1 ]; then  # the same jobs through megatron_ring.launch (submitit)
+    local over=() f; for f in "${RES[@]}" "${EXTRA[@]}"; do over+=("${f#--}"); done
+    cmd=("${PY:-.venv/bin/python}" -m megatron_ring.cli submit "$script" --env "$@" --sbatch "${over[@]}")
+    [ -n "$prev" ] && cmd+=(--after "$prev")
+    if ! sinfo -h >/dev/null 2>&1; then cmd+=(--local --wait); fi  # no cluster: one local process after the other
+  fi
   if [ "${DRY_RUN:-0}" = 1 ]; then
     printf '%q ' "${cmd[@]}" >&2; echo >&2
     prev="DRY_${name}"

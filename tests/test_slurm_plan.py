@@ -106,6 +106,15 @@ def test_pipeline_ling_lite_keeps_the_scripts_gpu_resources():
     tiny = subprocess.run(["bash", "slurm/pipeline.sh"], cwd=ROOT, capture_output=True, text=True, timeout=60,
                           env={**os.environ, "DRY_RUN": "1"})
     assert all("--oversubscribe" in ln and "--gpus-per-node=0" in ln for ln in tiny.stderr.splitlines() if " sbatch " in ln)
+    via = subprocess.run(["bash", "slurm/pipeline.sh"], cwd=ROOT, capture_output=True, text=True, timeout=60,
+                         env={**os.environ, "DRY_RUN": "1", "SUBMITIT": "1", "PY": PY})
+    subs = [shlex.split(ln) for ln in via.stderr.splitlines() if " submit " in ln]
+    assert [c[4] for c in subs] == [ln.split()[-1] for ln in tiny.stderr.splitlines() if " sbatch " in ln]  # scripts
+    assert all(c[c.index("--sbatch") + 1:][:5] == ["nodes=1", "gpus-per-node=0", "cpus-per-task=2", "mem=16G",
+                                                   "oversubscribe"] for c in subs)
+    assert [c[c.index("--after") + 1] for c in subs[1:]] == [f"DRY_{n}" for n in ("data", "sft", "select", "rl_stage1",
+                                                                                  "difficulty", "rl_stage2", "export",
+                                                                                  "eval_sft")]
     for script in ("sft_distill.sh", "rl_stage1.sh", "rl_stage2.sh", "eval.sh", "serve.sh"):
         head = (ROOT / "slurm" / script).read_text()
         assert "#SBATCH --exclusive\n" in head and "#SBATCH --mem=0\n" in head, script
