@@ -143,7 +143,8 @@ class RLState:
             sp = SamplingParams(self.cfg.max_new_tokens, self.cfg.temperature, self.cfg.top_p,
                                 seed=self.recipe.seed * 1_000_003 + step)
             if self.progress is not None:
-                self.progress.note(f"step {step + 1}: generating {len(prompts)} x {self.cfg.samples_per_prompt}")
+                self.progress.note(f"generating step {step + 1}: {len(prompts)} prompts x "
+                                   f"{self.cfg.samples_per_prompt}")
             try:
                 obj = [self.engine.generate(self.encode(prompts), self.cfg.samples_per_prompt, sp,
                                             (lambda: self.flag.requested) if self.flag else None)]
