@@ -219,7 +219,8 @@ def test_concurrent_sandboxes_run_as_distinct_host_uids(sandbox):
     t = threading.Thread(target=watch)
     t.start()
     with ThreadPoolExecutor(3) as ex:
-        list(ex.map(lambda _: sandbox.run("import time\ntime.sleep(1)"), range(3)))
+        # (2 s each: on a loaded 2-core machine the watcher thread once missed a 1 s sandbox entirely)
+        list(ex.map(lambda _: sandbox.run("import time\ntime.sleep(2)"), range(3)))
     stop.set()
     t.join()
     seen.pop(os.readlink("/proc/self/ns/pid"), None)  # bubblewrap's own monitor processes, beside us
