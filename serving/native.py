@@ -140,7 +140,7 @@ class Server:
 
     # --- generation ------------------------------------------------------------------------------------------
     def generate(self, req: GenerateReq):
-        from megatron_ring.rl.rollout import Interrupted, SamplingParams, sample_batch
+        from megatron_ring.rl.rollout import SamplingParams, sample_batch
 
         single = bool(req.input_ids) and isinstance(req.input_ids[0], int)
         ids = [req.input_ids] if single else req.input_ids
@@ -165,8 +165,6 @@ class Server:
                 for b in range(0, len(js), self.max_batch):
                     chunk = js[b:b + self.max_batch]
                     jobs = [(j, ids[j], sps[j].sampling_seed if sps[j].sampling_seed is not None else j) for j in chunk]
-                    if stop():
-                        raise Interrupted("before its first token")
                     for r in sample_batch(self.engine.model, self.engine.tok, jobs, sp, self.engine.eos, self.engine.pad,
                                           stop):
                         out[r.prompt_index] = self._answer(r, req.return_logprob)

@@ -128,7 +128,7 @@ def launch_facts(recipe, cfg: RLConfig) -> dict:
     from ..checkpoint import adopt_architecture
 
     try:
-        start, model = resolve_start(cfg.init), None
+        start = resolve_start(cfg.init)
         model = adopt_architecture(recipe, start).hf_config
     except FileNotFoundError:  # (its positions unknown until it exists: the recipe's word on going beyond them)
         start, model = Path(cfg.init), recipe.hf_config or {}

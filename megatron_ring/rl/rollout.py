@@ -107,9 +107,15 @@ class InProcessEngine:
 def sample_batch(model, tok, jobs: list[tuple[int, list[int], int]], sp: SamplingParams, eos: int, pad: int,
                  should_stop: Callable[[], bool] | None = None) -> list[Rollout]:
     """Left-padded batch of (prompt index, prompt ids, seed), KV-cached decode, temperature/top-p sampling, each
-    row from its own generator (greedy at temperature 0). ``should_stop`` is asked before every token."""
+    row from its own generator (greedy at temperature 0). ``should_stop`` is asked before the prefill and before
+    every token."""
     from ..hf.modeling_bailing_moe import output_cache
 
+    def check(t: int) -> None:  # (before the prefill too: an aborted request does not start another batch)
+        if should_stop is not None and should_stop():
+            raise Interrupted(f"generation stopped at token {t} of {sp.max_new_tokens}")
+
+    check(0)
     B, L = len(jobs), max(len(p) for _, p, _ in jobs)
     gens = [torch.Generator().manual_seed(seed) for _, _, seed in jobs]
     ids = torch.full((B, L), pad, dtype=torch.long)
@@ -122,8 +128,7 @@ def sample_batch(model, tok, jobs: list[tuple[int, list[int], int]], sp: Samplin
     toks, lps = [], []
     done = torch.zeros(B, dtype=torch.bool)
     for t in range(sp.max_new_tokens):
-        if should_stop is not None and should_stop():
-            raise Interrupted(f"generation stopped at token {t} of {sp.max_new_tokens}")
+        check(t)
         if sp.temperature > 0:
             logp = torch.log_softmax(logits.float() / sp.temperature, -1)
             nxt = torch.stack([_sample(logp[b:b + 1], sp.top_p, gens[b])[0] for b in range(B)])

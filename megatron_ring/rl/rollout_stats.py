@@ -38,7 +38,6 @@ def served_engine(ckpt: str | Path, tokenizer_dir: str | Path, urls: list[str], 
     from ..convert.run import mcore_to_hf_checkpoint
     from ..tokenizer.tiny import load_tokenizer
     from .sglang_engine import SGLangEngine
-    from .transport import disk_payload, post
 
     tok = load_tokenizer(tokenizer_dir)
     hf = Path(hf_dir).resolve()
@@ -46,8 +45,7 @@ def served_engine(ckpt: str | Path, tokenizer_dir: str | Path, urls: list[str], 
         mcore_to_hf_checkpoint(ckpt, hf, tokenizer_dir=tokenizer_dir)  # (its own dtype: bf16 in training)
     eng = SGLangEngine(urls, {}, tok, "disk")
     eng.wait_ready()
-    for u in eng.urls:
-        post(u + "/update_weights_from_disk", disk_payload(hf, 0), eng.timeout, eng.key)
+    eng.load_from_disk(hf)
     return eng, tok
 
 

@@ -115,6 +115,13 @@ class SGLangEngine:
         finally:
             ex.shutdown(wait=False, cancel_futures=True)
 
+    def load_from_disk(self, hf_dir: str | Path, version: int = 0) -> None:
+        """Every server loads the HF folder ``hf_dir`` (``/update_weights_from_disk``; a path the servers can read)."""
+        from .transport import disk_payload, post_all
+
+        post_all(self.urls, "/update_weights_from_disk", disk_payload(Path(hf_dir).resolve(), version), self.timeout,
+                 self.key)
+
     def abort(self) -> None:
         """Every server drops the requests it is running or holding (SGLang's ``/abort_request``); best effort."""
         for u in self.urls:

@@ -60,14 +60,12 @@ def served_entropy(urls: list[str], hf_dir: str | Path, prompts: list[str], max_
     the in-process figure, without the full distribution (SGLang returns the sampled tokens' log-probs)."""
     from ..rl.rollout import SamplingParams, chat_prompt_ids
     from ..rl.sglang_engine import SGLangEngine
-    from ..rl.transport import disk_payload, post
     from ..tokenizer.tiny import load_tokenizer
 
     tok = load_tokenizer(hf_dir)
     eng = SGLangEngine(urls, {}, None, "disk")
     eng.wait_ready()
-    for u in eng.urls:
-        post(u + "/update_weights_from_disk", disk_payload(Path(hf_dir).resolve(), 0), eng.timeout, eng.key)
+    eng.load_from_disk(hf_dir)
     ids = chat_prompt_ids(tok, [{"prompt": p} for p in prompts])
     rs = eng.generate(ids, 1, SamplingParams(max_new_tokens, 1.0, 1.0, seed))
     lps = [lp for r in rs for lp in r.logprobs]
