@@ -13,7 +13,8 @@
 #   CKPT=runs/tiny/rl_stage1 PROMPTS=runs/tiny/data/rl_stage2/4_filtered.parquet TOKENIZER=runs/tiny/data/tokenizer \
 #   OUT=runs/tiny/data/rl_stage2/5_difficulty.parquet bash slurm/difficulty.sh
 #   RECIPE: the RL recipe the prompts are for (default rl_stage2_tiny): its samples_per_prompt, max_new_tokens and
-#   temperature are the defaults of K, MAX_NEW_TOKENS and TEMPERATURE.
+#   temperature are the defaults of K, MAX_NEW_TOKENS and TEMPERATURE. LIMIT: rate only the first LIMIT prompts
+#   (the others are kept unrated; the pipeline's QUICK=1).
 #   SHARDS: rollout processes side by side, each on every SHARDS-th chunk of CHUNK (16) prompts (default: the CPUs
 #   given, one intra-op thread each); ROLLOUTS: their files' prefix (default: OUT without .parquet)
 #   + .rollouts-I.parquet.
@@ -51,7 +52,7 @@ for ((i = 0; i < SHARDS; i++)); do
   files+=("$ROLLOUTS.rollouts-$i.parquet")
   "$PY" -m megatron_ring.cli rollouts --ckpt "$CKPT" --prompts "$PROMPTS" --tokenizer "${TOKENIZER:?set TOKENIZER}" \
     --out "${files[i]}" --k "$K" --max-new-tokens "$MAX_NEW_TOKENS" \
-    --temperature "$TEMPERATURE" --chunk "${CHUNK:-16}" --shard "$i/$SHARDS" "${serve[@]}" &
+    --temperature "$TEMPERATURE" --chunk "${CHUNK:-16}" --shard "$i/$SHARDS" ${LIMIT:+--limit "$LIMIT"} "${serve[@]}" &
   pids+=($!)
 done
 trap 'kill "${pids[@]}" 2>/dev/null' TERM INT

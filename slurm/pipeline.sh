@@ -8,9 +8,12 @@
 # Run it on the login node: `bash slurm/pipeline.sh`. Defaults: the tiny recipes on a CPU cluster (RUN=runs/tiny);
 # for Ling-lite set SIZE=ling_lite and the GPU sbatch defaults of each script apply (SBATCH_EXTRA to add flags).
 # DRY_RUN=1 prints the sbatch commands instead of submitting. Every stage script also runs without Slurm.
-# SUBMITIT=1 submits the same jobs through megatron_ring.launch (submitit; local processes where no cluster answers).
+# SUBMITIT=1 submits the same jobs through megatron_ring.launch (submitit; local processes where no cluster answers,
+# or with SUBMITIT_LOCAL=1).
 # FROM=STAGE (data sft select rl_stage1 difficulty rl_stage2 export eval_sft eval_final) submits that stage and the
 # ones after it, reusing what the earlier stages left in $RUN (e.g. FROM=rl_stage1 after changing an RL setting).
+# QUICK=1 (tiny only): every stage with fewer steps and samples, as `scripts/main.sh --quick` (a first look, or the
+# launcher parity check scripts/pipeline_parity.sh).
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 SIZE=${SIZE:-tiny}
@@ -27,6 +30,14 @@ prev=""
 STAGES=(data sft select rl_stage1 difficulty rl_stage2 export eval_sft eval_final)
 if [ "$SIZE" = tiny ]; then DIFFICULTY=${DIFFICULTY:-1}; else DIFFICULTY=${DIFFICULTY:-0}; fi
 FROM=${FROM:-data}
+Q_SFT="" Q_SEL="--limit 100 --max-new-tokens 192" Q_RL="" Q_DIFF=() Q_EVAL=()
+if [ "${QUICK:-0}" = 1 ]; then
+  [ "$SIZE" = tiny ] || { echo "QUICK=1 is for the tiny recipes (SIZE=$SIZE)" >&2; exit 2; }
+  Q_SFT=" --max-steps 160 --save-interval 40 --log-interval 20" Q_SEL="--limit 16 --max-new-tokens 64"
+  Q_RL=" --steps 4 --prompts-per-step 8 --eval-limit 24 --eval-interval 0 --save-interval 0"
+  Q_DIFF=(MAX_NEW_TOKENS=64 LIMIT=96) Q_EVAL=(MAX_TOKENS=64)
+  EVAL_LIMIT=${EVAL_LIMIT:-16} DIFFICULTY_K=${DIFFICULTY_K:-2} K=${K:-2}
+fi
 [[ " ${STAGES[*]} " == *" $FROM "* ]] || { echo "FROM=$FROM: not a stage (${STAGES[*]})" >&2; exit 2; }
 started=0
 submit() {  # submit NAME SCRIPT VAR=VALUE...: prints the job id
@@ -40,7 +51,8 @@ submit() {  # submit NAME SCRIPT VAR=VALUE...: prints the job id
     local over=() f; for f in "${RES[@]}" "${EXTRA[@]}"; do over+=("${f#--}"); done
     cmd=("${PY:-.venv/bin/python}" -m megatron_ring.cli submit "$script" --env "$@" --sbatch "${over[@]}")
     [ -n "$prev" ] && cmd+=(--after "$prev")
-    if ! sinfo -h >/dev/null 2>&1; then cmd+=(--local --wait); fi  # no cluster: one local process after the other
+    # no cluster (or SUBMITIT_LOCAL=1): submitit's local executor, one process after the other
+    if [ "${SUBMITIT_LOCAL:-0}" = 1 ] || ! sinfo -h >/dev/null 2>&1; then cmd+=(--local --wait); fi
   fi
   if [ "${DRY_RUN:-0}" = 1 ]; then
     printf '%q ' "${cmd[@]}" >&2; echo >&2
@@ -53,20 +65,20 @@ submit() {  # submit NAME SCRIPT VAR=VALUE...: prints the job id
 D=$RUN/data
 submit data slurm/data.sh RUN="$RUN"
 submit sft slurm/sft_distill.sh RECIPE="sft_distill_$SIZE" "${NP[@]}" \
-  SFT_ARGS="--data $D/sft/packed.parquet --init $RUN/mcore --out $RUN/sft"
+  SFT_ARGS="--data $D/sft/packed.parquet --init $RUN/mcore --out $RUN/sft$Q_SFT"
 submit select slurm/select_ckpt.sh RUN="$RUN/sft" PROMPTS="$D/rl_stage1/4_filtered.parquet" TOKENIZER="$D/tokenizer" \
-  EVAL="$D/eval/math.parquet" SELECT_ARGS="--limit 100 --max-new-tokens 192"
+  EVAL="$D/eval/math.parquet" SELECT_ARGS="$Q_SEL"
 submit rl_stage1 slurm/rl_stage1.sh RECIPE="rl_stage1_$SIZE" "${NP[@]}" \
-  RL_ARGS="--init $RUN/sft --out $RUN/rl_stage1 --prompts $D/rl_stage1/4_filtered.parquet --tokenizer $D/tokenizer --eval-sets $D/eval/math.parquet"
+  RL_ARGS="--init $RUN/sft --out $RUN/rl_stage1 --prompts $D/rl_stage1/4_filtered.parquet --tokenizer $D/tokenizer --eval-sets $D/eval/math.parquet$Q_RL"
 S2=$D/rl_stage2/4_filtered.parquet
 if [ "$DIFFICULTY" = 1 ]; then S2=$D/rl_stage2/5_difficulty.parquet; fi
 submit difficulty slurm/difficulty.sh CKPT="$RUN/rl_stage1" PROMPTS="$D/rl_stage2/4_filtered.parquet" \
-  TOKENIZER="$D/tokenizer" OUT="$S2" RECIPE="rl_stage2_$SIZE" K="${DIFFICULTY_K:-4}"
+  TOKENIZER="$D/tokenizer" OUT="$S2" RECIPE="rl_stage2_$SIZE" K="${DIFFICULTY_K:-4}" "${Q_DIFF[@]}"
 submit rl_stage2 slurm/rl_stage2.sh RECIPE="rl_stage2_$SIZE" "${NP[@]}" \
-  RL_ARGS="--init $RUN/rl_stage1 --out $RUN/rl_stage2 --prompts $S2 --tokenizer $D/tokenizer --eval-sets $D/eval/code.parquet $D/eval/science.parquet"
+  RL_ARGS="--init $RUN/rl_stage1 --out $RUN/rl_stage2 --prompts $S2 --tokenizer $D/tokenizer --eval-sets $D/eval/code.parquet $D/eval/science.parquet$Q_RL"
 submit export slurm/export.sh CKPT="$RUN/rl_stage2" OUT="$RUN/export" TOKENIZER="$D/tokenizer"
 if [ "$SIZE" = tiny ]; then  # the embedded held-out sets and AIME24, short replies; the RL recipe's temperature
-  EV=(BENCHMARKS="${BENCHMARKS:-heldout_math heldout_code heldout_science aime24}" K="${K:-4}" MAX_TOKENS=192
+  EV=(BENCHMARKS="${BENCHMARKS:-heldout_math heldout_code heldout_science aime24}" K="${K:-4}" MAX_TOKENS=192 "${Q_EVAL[@]}"
       EVAL_ARGS="--data-dir $D/eval --limit ${EVAL_LIMIT:-64} --temperature ${EVAL_T:-0.8}")
 else
   EV=(BENCHMARKS="${BENCHMARKS:-aime24 aime25 humaneval}")

@@ -255,25 +255,36 @@ def test_inprocess_transport_refuses_a_partial_or_unknown_update(tiny):
 from .test_rl_trainer import KEYS, _rl, data  # noqa: E402,F401 (the RL prompt data fixture)
 
 
-def test_rl_with_two_cpu_servers_equals_the_in_process_engine_and_resumes_exactly(tiny, data, tmp_path, servers):
-    """`megatron-ring rl` with engine sglang against the two CPU servers (broadcast transport over gloo, trainer at
-    EP2 on 2 ranks: rank 1's experts travel too): every per-step figure equals the in-process engine's for the
-    same seeds; only the rollout log-probs differ in their last bits (the servers batch one prompt's samples, the
-    in-process engine 16 rows at once), bounded here. A run stopped after step 2 and resumed matches exactly."""
+def test_rl_with_two_cpu_servers_equals_the_in_process_engine_by_every_transport_and_resumes_exactly(
+        tiny, data, tmp_path, servers):
+    """`megatron-ring rl` with engine sglang against the two CPU servers (trainer at EP2 on 2 ranks: rank 1's
+    experts travel too), by each weight transport — broadcast over gloo; disk, each trainer rank writing the shards
+    it assembles; ipc, the colocated layout (2 ranks = 2 servers × TP1: each rank serializes its own copy and posts
+    it to the server on "its GPU") — every per-step figure equals the in-process engine's for the same seeds; only
+    the rollout log-probs differ in their last bits (the servers batch one prompt's samples, the in-process engine
+    16 rows at once), bounded here. A run stopped after step 2 and resumed matches exactly."""
     srv = ["--ep", "2", "--engine", "sglang", "--sglang-urls", *servers]
     a = _rl(2, data, tiny["mcore"], tmp_path / "inprocess", 4, "--ep", "2")
-    s = _rl(2, data, tiny["mcore"], tmp_path / "servers", 4, *srv)
-    assert [r["step"] for r in s] == [0, 1, 2, 3, 4]
-    for ra, rs in zip(a, s):
-        assert {k: ra.get(k) for k in KEYS} == {k: rs.get(k) for k in KEYS}, (ra, rs)
-        assert ra.get("eval/math") == rs.get("eval/math")
-        if rs["step"]:
-            assert rs["logp_mismatch"] < 1e-5 and rs["time/sync"] > 0
+    runs = {way: _rl(2, data, tiny["mcore"], tmp_path / way, 4, *srv, "--weight-transport", way,
+                     "--weight-bucket-mb", "1")  # (the tiny model, 5 MB, in several buckets: both ranks assemble)
+            for way in ("broadcast", "disk", "ipc")}
+    for way, s in runs.items():
+        assert [r["step"] for r in s] == [0, 1, 2, 3, 4], way
+        for ra, rs in zip(a, s):
+            assert {k: ra.get(k) for k in KEYS} == {k: rs.get(k) for k in KEYS}, (way, ra, rs)
+            assert ra.get("eval/math") == rs.get("eval/math"), way
+            if rs["step"]:
+                assert rs["logp_mismatch"] < 1e-5 and rs["time/sync"] > 0, way
+    assert not (tmp_path / "broadcast" / "weight_sync").exists()  # no file on the way (the disk transport's folder)
+    assert not (tmp_path / "ipc" / "weight_sync").exists()
+    left = sorted(p.name for p in (tmp_path / "disk" / "weight_sync").iterdir())
+    assert left == ["v000004"], left  # the last version only; its shards written by both trainer ranks
+    assert {f.name.split("-")[1] for f in (tmp_path / "disk" / "weight_sync" / left[0]).glob("*.safetensors")} \
+        == {"r000", "r001"}
     _rl(2, data, tiny["mcore"], tmp_path / "resumed", 2, *srv)
     b = _rl(2, data, tiny["mcore"], tmp_path / "resumed", 4, *srv)
-    for rs, rb in zip(s, b):
+    for rs, rb in zip(runs["broadcast"], b):
         assert {k: rs.get(k) for k in KEYS} == {k: rb.get(k) for k in KEYS}, (rs, rb)
-    assert not (tmp_path / "servers" / "weight_sync").exists()  # no file on the way (the disk transport's folder)
 
 
 def test_context_beyond_the_positions_is_refused_before_any_server_starts(tiny, data):

@@ -1,25 +1,31 @@
 """Weight sync trainer -> rollout engine without disk: the bucketed in-memory gather (rl/weights.py) at every
-model-parallel layout the recipes use, against `megatron-ring convert mcore-to-hf`'s export, bit for bit."""
+model-parallel layout the recipes use, against `megatron-ring convert mcore-to-hf`'s export, bit for bit; and the
+disk transport's fallback, written in parallel by the ranks that own the shards."""
 import pytest
 import torch
 
 from .conftest import read_json, torchrun
 
+ARGS = {"tp2": ["--tp", 2], "ep2": ["--ep", 2], "pp2": ["--pp", 2], "tp2ep2": ["--tp", 2, "--ep", 2]}
 
-@pytest.mark.parametrize("layout,nproc", [("tp2", 2), ("ep2", 2), ("pp2", 2), ("tp2ep2", 4)])
-def test_bucketed_sync_equals_the_export(tiny, tmp_path, layout, nproc):
-    args = {"tp2": ["--tp", 2], "ep2": ["--ep", 2], "pp2": ["--pp", 2], "tp2ep2": ["--tp", 2, "--ep", 2]}[layout]
+
+def _sync(tiny, tmp_path, layout, nproc, *more):
     out = tmp_path / "sync.json"
     bucket = 64 << 10  # small enough that the tiny model (5 MB fp32) goes in ~90 buckets
-    run = ("case_weight_sync.py", nproc, "--ckpt", tiny["mcore"], "--export", tiny["export"], *args,
-           "--bucket-bytes", bucket, "--out", out)
+    run = ("case_weight_sync.py", nproc, "--ckpt", tiny["mcore"], "--export", tiny["export"], *ARGS[layout],
+           "--bucket-bytes", bucket, "--out", out, *more)
     try:
         torchrun(*run)
     except AssertionError as e:  # torch's profiler (the memory measurement) aborted once at its stop in CI
         if "terminate called without an active exception" not in str(e):  # (SIGABRT in kineto, after the sync)
             raise
         torchrun(*run)
-    ranks = read_json(out)
+    return read_json(out), bucket
+
+
+@pytest.mark.parametrize("layout,nproc", [("tp2", 2), ("ep2", 2), ("pp2", 2), ("tp2ep2", 4)])
+def test_bucketed_sync_equals_the_export(tiny, tmp_path, layout, nproc):
+    ranks, bucket = _sync(tiny, tmp_path, layout, nproc)
     r0 = ranks[0]
     assert sorted(r0["names"]) == r0["expected"] and len(r0["names"]) == len(set(r0["names"]))  # each tensor once
     assert r0["diffs"] == []  # every tensor equal to the export: dtype, shape and bits
@@ -31,6 +37,36 @@ def test_bucketed_sync_equals_the_export(tiny, tmp_path, layout, nproc):
         assert r["peak_extra_bytes"] <= r["bucket_bytes"] + r["largest_tensor_bytes"], r
         assert r["files_written"] == []
     assert r0["peak_extra_bytes"] < 0.1 * r0["bytes_total"]  # never the full model on rank 0
+
+
+@pytest.mark.parametrize("layout", ["pp2", "ep2", "tp2"])
+def test_disk_transport_is_written_by_the_shards_owners_in_parallel(tiny, tmp_path, layout):
+    """The disk fallback (DiskTransport on every rank, stream_hf_weights(spread=True)): every tensor assembled and
+    written by a rank holding it — at PP2 each stage writes its own layers and at EP2 each rank its own experts
+    (rank 0 the DP-replicated rest), nothing travels; at TP2 a split tensor goes to one of its two holders, both
+    write — the folder equals the export bit for bit, and only the newest version is left."""
+    from megatron_ring.convert.hf_io import read_hf_state
+
+    ranks, bucket = _sync(tiny, tmp_path, layout, 2, "--disk", tmp_path / "sync")
+    names = [n for r in ranks for n in r["names"]]
+    assert sorted(names) == ranks[0]["expected"] and len(names) == len(set(names))  # each tensor by one rank
+    assert all(r["diffs"] == [] for r in ranks)
+    assembled = [r["buckets_assembled"] for r in ranks]
+    assert sum(assembled) == ranks[0]["buckets"] and min(assembled) >= 0.25 * ranks[0]["buckets"], assembled
+    received = sum(r["bytes_received"] for r in ranks)
+    assert received == sum(r["bytes_sent"] for r in ranks)
+    if layout in ("pp2", "ep2"):  # whole layers / whole experts: written where they live
+        assert received == 0, received
+    else:  # TP2: about half of the split tensors' bytes cross (the other holder's half)
+        assert 0 < received < 0.5 * ranks[0]["bytes_total"], received
+    for r in ranks:
+        assert r["peak_extra_bytes"] <= r["bucket_bytes"] + r["largest_tensor_bytes"], r
+    assert sorted(p.name for p in (tmp_path / "sync").iterdir()) == ["v000002"]  # v1 removed
+    files = sorted(p.name for p in (tmp_path / "sync" / "v000002").glob("*.safetensors"))
+    assert {f.split("-")[1] for f in files} == {"r000", "r001"}
+    back, want = read_hf_state(tmp_path / "sync" / "v000002"), read_hf_state(tiny["export"])
+    assert sorted(back) == sorted(want) and all(torch.equal(back[k], want[k]) and back[k].dtype == want[k].dtype
+                                                for k in want)
 
 
 def test_rename_per_tensor_equals_the_export_mapping():

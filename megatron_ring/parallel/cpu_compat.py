@@ -244,3 +244,30 @@ def _patch_distopt_torch_adam_step() -> None:
 
     DistributedOptimizer._set_main_param_and_optimizer_states = set_states
     _record("distributed optimizer: loading state skips torch Adam's per-parameter step (restored separately)")
+
+
+_SHM_STARTED = False
+
+
+def share_cpu_tensors_by_file() -> None:
+    """CPU tensors for a CPU server on this machine (the IPC weight transport without CUDA): torch's ``file_system``
+    sharing strategy. Its ``torch_shm_manager`` daemon, started at the first share, lives as long as a server holds
+    the memory and inherits our stderr: a caller reading our output through a pipe (``rl ... | tee log``,
+    ``subprocess.run(capture_output=True)``) would never see it end. Started here with stderr on /dev/null."""
+    import os
+    import sys
+
+    global _SHM_STARTED
+    if _SHM_STARTED:
+        return
+    torch.multiprocessing.set_sharing_strategy("file_system")
+    sys.stderr.flush()
+    saved, null = os.dup(2), os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(null, 2)
+        torch.zeros(1).share_memory_()  # (starts the manager; its stdout is a pipe of its own)
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(null)
+    _SHM_STARTED = True

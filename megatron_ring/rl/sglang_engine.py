@@ -52,7 +52,7 @@ def parse_generate(out: list[dict], prompts: list[list[int]], n: int, tokenizer=
 class SGLangEngine:
     def __init__(self, urls: list[str], hf_config: dict, tokenizer=None, transport: str = "broadcast",
                  sync_dir: str | Path | None = None, master_addr: str | None = None, master_port: int | None = None,
-                 inflight: int = 8, timeout: float = 3600.0, api_key: str | None = None):
+                 inflight: int = 8, timeout: float = 3600.0, api_key: str | None = None, group=None):
         if not urls:
             raise ValueError("engine sglang: no server URLs (--sglang-urls, or the job script starts them)")
         if transport not in TRANSPORTS:
@@ -62,7 +62,7 @@ class SGLangEngine:
         self.inflight, self.timeout, self.key = inflight, timeout, api_key
         self.busy = {u: 0 for u in self.urls}
         self.lock = threading.Lock()
-        self._transport = None
+        self._transport, self.group = None, group  # group: the trainer ranks' gloo group (ipc, disk)
 
     def wait_ready(self, timeout: float = 1800.0) -> None:
         from serving.health import wait_healthy
@@ -146,16 +146,29 @@ class SGLangEngine:
                 self._transport = BroadcastTransport(self.urls, self.server_tp_sizes(), self.addr or "127.0.0.1",
                                                      self.port or _free_port(), timeout=self.timeout, api_key=self.key)
             elif self.kind == "ipc":
-                self._transport = IPCTransport(self.urls, max(self.server_tp_sizes()), self.timeout, self.key)
+                self._transport = IPCTransport(self.urls, max(self.server_tp_sizes()), self.timeout, self.key,
+                                               self.group)
             else:
                 self._transport = DiskTransport(self.urls, self.sync_dir or "weight_sync", self.cfg, self.timeout,
-                                                self.key)
+                                                self.key, self.group)
         return self._transport
 
     def before_training(self) -> None:
         """Colocated servers give their GPU memory back while the trainer trains."""
         if self.kind == "ipc":
             self.transport().release_memory()
+
+
+def peer_transport(kind: str, sync_dir: str | Path, hf_config: dict, group):
+    """The part of the weight transport ``kind`` that the trainer ranks other than 0 run (rank 0's is the engine's
+    ``transport()``): the disk transport's shard writer, the IPC transport's per-GPU serializer; else None."""
+    from .transport import DiskTransport, IPCTransport
+
+    if kind == "disk":
+        return DiskTransport([], sync_dir, hf_config, group=group)
+    if kind == "ipc":
+        return IPCTransport(None, None, group=group)
+    return None
 
 
 def _get(url: str, timeout: float, api_key: str | None) -> dict:

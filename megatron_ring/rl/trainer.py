@@ -112,7 +112,8 @@ class RLState:
             port = int(os.environ.get("MEGATRON_RING_SYNC_PORT", 0)) or None  # (the job scripts derive one)
             eng = SGLangEngine(c.sglang_urls, self.recipe.hf_config, self.tok, transport_kind(c),
                                self.run / "weight_sync", os.environ.get("MEGATRON_RING_SYNC_ADDR") or
-                               (socket.gethostname() if port else "127.0.0.1"), port, c.server_inflight)
+                               (socket.gethostname() if port else "127.0.0.1"), port, c.server_inflight,
+                               group=self.ctrl)
             eng.wait_ready()
             return eng
         from .rollout import InProcessEngine
@@ -254,17 +255,22 @@ class RLState:
         """The policy's weights to the rollout engine, gathered in memory bucket by bucket (rl/weights.py) and
         sent by the engine's transport (rl/transport.py) as they are assembled; no file unless the transport is
         ``disk``."""
+        from .sglang_engine import peer_transport
         from .weights import stream_hf_weights
 
-        tr = self.engine.transport() if self.rank0 else None
+        if not hasattr(self, "_tr"):  # (made once: the IPC transport makes process groups; collective)
+            self._tr = self.engine.transport() if self.rank0 else peer_transport(
+                transport_kind(self.cfg), self.run / "weight_sync", self.recipe.hf_config, self.ctrl)
+        tr = self._tr
         if tr is not None:
             tr.begin(version)
         stream_hf_weights(self.policy, self.recipe.hf_config, tr.bucket if tr else None,
-                          bucket_bytes=self.cfg.weight_bucket_mb << 20)
+                          bucket_bytes=self.cfg.weight_bucket_mb << 20, spread=getattr(tr, "spread", False),
+                          replicate=getattr(tr, "replicate", False))
         if tr is not None:
             tr.end()
-            if not self.engine.health():
-                raise RuntimeError("rollout engine unhealthy after the weight sync")
+        if self.rank0 and not self.engine.health():
+            raise RuntimeError("rollout engine unhealthy after the weight sync")
 
     def rollout_metrics(self, prompts: list[dict], rollouts, rewards: torch.Tensor, lengths: list[int],
                         kept: list[int]) -> dict:

@@ -1,7 +1,9 @@
 """Weight transports: how a bucket of HF-named tensors (``weights.stream_hf_weights``) reaches the rollout engine.
 
-One interface, one class per way (as slime keeps them), all driven by trainer rank 0 for one weight version:
-``begin(version)`` → ``bucket(named)`` per bucket → ``end()``.
+One interface, one class per way (as slime keeps them), for one weight version: ``begin(version)`` →
+``bucket(named)`` per bucket → ``end()``. Driven by trainer rank 0, which assembles every bucket — except a transport
+with ``spread = True`` (runs on every trainer rank, gets the buckets that rank assembles) or ``replicate = True``
+(runs on every trainer rank, gets every bucket).
 
 - ``InProcessTransport``: the CPU engine in this process (``InProcessEngine``) — parameters copied by name.
 - ``BroadcastTransport``: rollout servers on other GPUs (or CPU servers): SGLang's ``/init_weights_update_group``
@@ -9,11 +11,12 @@ One interface, one class per way (as slime keeps them), all driven by trainer ra
   tensor in that order on the group (nccl on GPU, gloo on CPU). The group is made exactly as SGLang makes its side
   (``custom_process_group``), so the two agree on the rendezvous.
 - ``IPCTransport``: servers colocated on the trainer's GPUs: ``/update_weights_from_tensor`` with CUDA IPC handles,
-  one serialized entry per server TP rank (SGLang reads ``serialized_named_tensors[tp_rank]``), the servers' memory
-  resumed before the update and released again before training (``release_memory``). (On a CPU: shared memory,
-  to a CPU server on the same machine.)
+  one serialized entry per server TP rank, each made by the trainer rank on that TP rank's GPU (SGLang reads
+  ``serialized_named_tensors[tp_rank]``), the servers' memory resumed before the update and released again before
+  training (``release_memory``). (On a CPU: shared memory, to a CPU server on the same machine.)
 - ``DiskTransport``: the explicit fallback: each bucket a safetensors shard in the weights' own dtype (bf16 in
-  training), then ``/update_weights_from_disk``; the previous version's folder is removed.
+  training), written by the rank that assembled it (the shards' owners, in parallel), then
+  ``/update_weights_from_disk``; the previous version's folder is removed.
 
 Request bodies use the field names of SGLang's request classes (``sglang.srt.managers.io_struct``, checked in
 tests/test_transport.py against the pinned release's source)."""
@@ -239,9 +242,33 @@ def serialize_for_ipc(named: list[tuple[str, torch.Tensor]]) -> str:
 
 
 class IPCTransport:
-    def __init__(self, urls: list[str], tp_size: int, timeout: float = 1800.0, api_key: str | None = None):
-        self.urls, self.tp, self.timeout, self.key = urls, tp_size, timeout, api_key
-        self.released = False
+    """On every trainer rank (``replicate``: each gets every bucket, on its own GPU). Colocated servers: server ``e``
+    (TP ``tp``) runs on the GPUs of trainer ranks ``e·tp … e·tp+tp-1``; each of those ranks serializes its own copy
+    (CUDA IPC handles of its GPU), the group's first rank gathers them in TP order — SGLang's TP rank ``i`` opens
+    ``serialized_named_tensors[i]``, a tensor on its own GPU — and posts them to its server; the group waits until
+    the server has copied. Rank 0 (the rollout controller) releases and resumes every server's memory. Without a
+    process group (one process), that process serves every server (each TP rank opening the same handles).
+    ``urls``/``tp_size`` are rank 0's; the others receive them over ``group`` (gloo, all trainer ranks)."""
+    replicate = True
+
+    def __init__(self, urls: list[str] | None, tp_size: int | None, timeout: float = 1800.0,
+                 api_key: str | None = None, group=None):
+        import torch.distributed as dist
+
+        self.timeout, self.key, self.released, self.group, self.sub = timeout, api_key, False, group, None
+        self.rank = 0
+        if dist.is_available() and dist.is_initialized():
+            shared = [(urls, tp_size)]
+            dist.broadcast_object_list(shared, src=dist.get_global_rank(group, 0) if group else 0, group=group)
+            urls, tp_size = shared[0]
+            world, self.rank = dist.get_world_size(group), dist.get_rank(group)
+            if world != len(urls) * tp_size:
+                raise ValueError(f"ipc (colocated) weight transport: {world} trainer ranks, {len(urls)} server(s) × "
+                                 f"TP {tp_size}: each trainer GPU must hold one server TP rank (or use broadcast)")
+            ranks = dist.get_process_group_ranks(group) if group else list(range(world))
+            subs = [dist.new_group(ranks[e * tp_size:(e + 1) * tp_size], backend="gloo") for e in range(len(urls))]
+            self.sub = subs[self.rank // tp_size]
+        self.urls, self.tp = urls, tp_size
 
     def _all(self, path: str, body: dict) -> None:
         post_all(self.urls, path, body, self.timeout, self.key)
@@ -258,49 +285,96 @@ class IPCTransport:
             self._all("/resume_memory_occupation", {"tags": ["weights"]})
 
     def bucket(self, named: list[tuple[str, torch.Tensor]]) -> None:
+        import torch.distributed as dist
+
         if torch.cuda.is_available():
             named = [(n, t.cuda()) for n, t in named]
         else:  # a CPU server on this machine (serving/native.py): shared memory by file name, not fd passing
-            torch.multiprocessing.set_sharing_strategy("file_system")
-        blob = serialize_for_ipc(named)  # each TP rank of a server opens the handles onto its own GPU
-        self._all("/update_weights_from_tensor", tensor_payload([blob] * self.tp, self.version))
-        del named  # the servers copied the tensors during the request
+            from ..parallel.cpu_compat import share_cpu_tensors_by_file
+
+            share_cpu_tensors_by_file()
+        blob = serialize_for_ipc(named)
+        if self.sub is None:
+            self._all("/update_weights_from_tensor", tensor_payload([blob] * self.tp, self.version))
+            return
+        first = self.rank % self.tp == 0
+        blobs = [None] * self.tp if first else None
+        dist.gather_object(blob, blobs, dst=dist.get_global_rank(self.sub, 0), group=self.sub)
+        if first:
+            post(self.urls[self.rank // self.tp] + "/update_weights_from_tensor",
+                 tensor_payload(blobs, self.version), self.timeout, self.key)
+        dist.barrier(group=self.sub)  # the server copied the tensors: now they may go
+        del named
 
     def end(self) -> None:
-        if self.released:
-            self._all("/resume_memory_occupation", {"tags": ["kv_cache"]})
-            self.released = False
-        self._all("/flush_cache", {})
+        import torch.distributed as dist
+
+        if self.sub is not None:
+            dist.barrier(group=self.group)  # every server updated
+        if self.rank == 0:
+            if self.released:
+                self._all("/resume_memory_occupation", {"tags": ["kv_cache"]})
+                self.released = False
+            self._all("/flush_cache", {})
 
 
 class DiskTransport:
+    """On every trainer rank (``spread``: each writes the buckets it assembles — the owners of the shards write in
+    parallel — as ``model-r<rank>-<n>.safetensors`` in the weights' own dtype); rank 0 then writes the index and
+    config, has the servers load the folder and removes the older versions. ``group``: a gloo group of all trainer
+    ranks (the trainer's control group); the folder must be one the servers read (a shared filesystem across nodes)."""
+    spread = True
+
     def __init__(self, urls: list[str], sync_dir: str | Path, hf_config: dict, timeout: float = 3600.0,
-                 api_key: str | None = None):
+                 api_key: str | None = None, group=None):
         self.urls, self.dir, self.cfg, self.timeout, self.key = urls, Path(sync_dir), hf_config, timeout, api_key
+        self.group = group
+
+    def _dist(self) -> bool:
+        import torch.distributed as dist
+
+        return dist.is_available() and dist.is_initialized() and dist.get_world_size(self.group) > 1
 
     def begin(self, version: int) -> None:
+        import torch.distributed as dist
+
         self.version, self.path = version, self.dir / f"v{version:06d}"
-        shutil.rmtree(self.path, ignore_errors=True)
-        self.path.mkdir(parents=True)
-        self.files, self.total, self.dtype = [], 0, None
+        self.rank = dist.get_rank(self.group) if self._dist() else 0
+        if self.rank == 0:  # (a half-written folder of this version, from an interrupted sync, goes first)
+            shutil.rmtree(self.path, ignore_errors=True)
+            self.path.mkdir(parents=True)
+        if self._dist():
+            dist.barrier(self.group)
+        self.files, self.dtype = [], None
 
     def bucket(self, named: list[tuple[str, torch.Tensor]]) -> None:
         from safetensors.torch import save_file
 
-        f = f"model-{len(self.files) + 1:05d}.safetensors"
+        f = f"model-r{self.rank:03d}-{len(self.files) + 1:05d}.safetensors"
         save_file({n: t.detach().contiguous().cpu() for n, t in named}, str(self.path / f), metadata={"format": "pt"})
-        self.files.append((f, [n for n, _ in named]))
-        self.total += sum(t.nbytes for _, t in named)
+        self.files.append((f, [n for n, _ in named], sum(t.nbytes for _, t in named)))
         self.dtype = self.dtype or named[0][1].dtype
 
     def end(self) -> None:
+        import torch.distributed as dist
+
         from ..convert.hf_io import hf_export_config
 
-        weight_map = {n: f for f, names in self.files for n in names}
-        (self.path / "model.safetensors.index.json").write_text(
-            json.dumps({"metadata": {"total_size": self.total}, "weight_map": weight_map}))
-        (self.path / "config.json").write_text(json.dumps(hf_export_config(self.cfg, self.dtype), indent=2))
-        post_all(self.urls, "/update_weights_from_disk", disk_payload(self.path, self.version), self.timeout, self.key)
+        every = [(self.files, self.dtype)]
+        if self._dist():
+            every = [None] * dist.get_world_size(self.group)
+            dist.all_gather_object(every, (self.files, self.dtype), group=self.group)  # (all written by now)
+        if self.rank != 0:
+            return
+        files = [f for fs, _ in every for f in fs]
+        dtype = next(d for _, d in every if d is not None)
+        weight_map = {n: f for f, names, _ in files for n in names}
+        (self.path / "model.safetensors.index.json").write_text(json.dumps(
+            {"metadata": {"total_size": sum(b for _, _, b in files)}, "weight_map": weight_map}))
+        (self.path / "config.json").write_text(json.dumps(hf_export_config(self.cfg, dtype), indent=2))
+        if self.urls:
+            post_all(self.urls, "/update_weights_from_disk", disk_payload(self.path, self.version), self.timeout,
+                     self.key)
         for old in self.dir.glob("v*"):  # the servers now read this version: older ones are garbage
             if old != self.path and old.is_dir():
                 shutil.rmtree(old, ignore_errors=True)

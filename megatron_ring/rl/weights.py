@@ -8,9 +8,11 @@ layers (and experts) as leading axes of one checkpoint key; a unit is one layer'
 
 ``stream_hf_weights`` (collective) plans once from metadata only — every unit tiled exactly by its pieces, the HF
 names and shapes the config implies — before any data moves; then, bucket by bucket (units in HF file order, at most
-``bucket_bytes`` or one unit), the ranks that own pieces send them to rank 0, which assembles the units, renames
-them to HF (QKV regrouped, SwiGLU split) and hands the bucket to ``sink`` (a weight transport), then drops it.
-The full model never sits on one rank: rank 0's extra memory is one bucket plus one tensor (measured)."""
+``bucket_bytes`` or one unit), the ranks that own pieces send them to the bucket's assembler — rank 0 (one receiver:
+the broadcast and in-process transports), or with ``spread`` a rank holding the units (``spread_buckets``: the disk
+transport, whose ranks write in parallel what they own) — which assembles the units, renames them to HF (QKV
+regrouped, SwiGLU split) and hands the bucket to ``sink`` (a weight transport), then drops it. The full model never
+sits on one rank: an assembler's extra memory is one bucket plus one tensor (measured)."""
 from __future__ import annotations
 
 import math
@@ -128,33 +130,59 @@ def buckets(units: list[Unit], bucket_bytes: int) -> list[list[Unit]]:
     return out + [cur] if cur else out
 
 
+def spread_buckets(units: list[Unit], bucket_bytes: int, world: int) -> list[tuple[list[Unit], int]]:
+    """(bucket, assembler) for writers on every rank: each unit to a rank holding a piece of it (a whole expert or
+    a PP stage's layer: its owner, nothing travels; a TP-split one: the least loaded of its holders), then each
+    rank's units in buckets as ``buckets`` makes them, the ranks' buckets interleaved (no rank waits on another's
+    run of buckets)."""
+    load, mine = [0] * world, [[] for _ in range(world)]
+    for u in units:
+        r = min({r for r, _, _ in u.pieces}, key=lambda r: (load[r], r))
+        load[r] += u.nbytes
+        mine[r].append(u)
+    per = [buckets(m, bucket_bytes) for m in mine]
+    return [(b[i], r) for i in range(max(map(len, per))) for r, b in enumerate(per) if i < len(b)]
+
+
 def stream_hf_weights(model: torch.nn.Module, cfg: dict, sink: Callable[[list[tuple[str, torch.Tensor]]], None] | None,
-                      bucket_bytes: int = 1 << 30, group=None, device: torch.device | str | None = None) -> dict:
-    """Collective. Every bucket of HF-named full tensors goes to ``sink`` on rank 0 (``sink`` is ignored elsewhere).
-    ``device``: where rank 0 assembles (default: where the weights live). Returns figures (rank 0's)."""
+                      bucket_bytes: int = 1 << 30, group=None, device: torch.device | str | None = None,
+                      spread: bool = False, replicate: bool = False) -> dict:
+    """Collective. Every bucket of HF-named full tensors goes to ``sink`` on its assembler (rank 0 unless ``spread``;
+    ``sink`` is ignored elsewhere), or with ``replicate`` on every rank (the assembler broadcasts it). ``device``:
+    where buckets are assembled (default: where the weights live). Returns this rank's figures."""
     t0 = time.perf_counter()
     units, mine = plan(model, cfg, group)
     me = dist.get_rank(group)
     g = (lambda r: dist.get_global_rank(group, r)) if group is not None else (lambda r: r)
     dev = device or (next(iter(mine.values())).device if mine else "cpu")
-    moved = sent = 0
+    moved = sent = assembled = 0
     plan_s, sink_s = time.perf_counter() - t0, 0.0
-    parts = buckets(units, bucket_bytes)
-    for bucket in parts:
-        if me != 0:
+    parts = spread_buckets(units, bucket_bytes, dist.get_world_size(group)) if spread else \
+        [(b, 0) for b in buckets(units, bucket_bytes)]
+    for bucket, dest in parts:
+        if me == dest:
+            full = _assemble(bucket, mine, dev, g, group, me)
+            assembled += 1
+            moved += sum(math.prod(shp) * getattr(torch, u.dtype).itemsize
+                         for u in bucket for r, _, shp in u.pieces if r != me)
+        else:
             works, keep = [], []  # (keep: a copy made by .contiguous() must outlive its send)
             for u in bucket:
                 for rank, off, _ in u.pieces:
                     if rank == me:
                         t = mine[(u.name, off)].contiguous()
-                        works.append(dist.isend(t, dst=g(0), group=group))
+                        works.append(dist.isend(t, dst=g(dest), group=group))
                         keep.append(t)
                         sent += t.nbytes
             for w in works:
                 w.wait()
-            continue
-        full = _assemble(bucket, mine, dev, g, group)
-        moved += sum(math.prod(shp) * getattr(torch, u.dtype).itemsize for u in bucket for r, _, shp in u.pieces if r)
+            del keep
+            if not replicate:
+                continue
+            full = [(u.name, torch.empty(u.shape, dtype=getattr(torch, u.dtype), device=dev)) for u in bucket]
+        if replicate:  # every rank its own copy of the bucket (the IPC transport: one per server TP rank's GPU)
+            for _, t in full:
+                dist.broadcast(t, src=g(dest), group=group)
         named = []
         while full:
             name, t = full.pop(0)
@@ -166,19 +194,20 @@ def stream_hf_weights(model: torch.nn.Module, cfg: dict, sink: Callable[[list[tu
             sink_s += time.perf_counter() - t1
         del named
     return {"seconds": time.perf_counter() - t0, "plan_seconds": plan_s, "sink_seconds": sink_s, "bytes_received": moved,
-            "bytes_sent": sent, "buckets": len(parts),
+            "bytes_sent": sent, "buckets": len(parts), "buckets_assembled": assembled,
             "bytes_total": sum(u.nbytes for u in units)}
 
 
-def _assemble(bucket: list[Unit], mine: dict, dev, g, group) -> list[tuple[str, torch.Tensor]]:
-    """Rank 0: the bucket's full tensors from its own pieces and the ones the other ranks send. Contiguous pieces
-    (row shards, whole experts/layers) land in place; a column shard goes through one piece-sized buffer."""
+def _assemble(bucket: list[Unit], mine: dict, dev, g, group, me: int) -> list[tuple[str, torch.Tensor]]:
+    """The assembler ``me``: the bucket's full tensors from its own pieces and the ones the other ranks send.
+    Contiguous pieces (row shards, whole experts/layers) land in place; a column shard goes through one piece-sized
+    buffer."""
     full, works = [], []
     for u in bucket:
         out = torch.empty(u.shape, dtype=getattr(torch, u.dtype), device=dev)
         for rank, off, shp in u.pieces:
             view = out[tuple(slice(o, o + s) for o, s in zip(off, shp))]
-            if rank == 0:
+            if rank == me:
                 view.copy_(mine[(u.name, off)])
             elif view.is_contiguous():
                 works.append(dist.irecv(view, src=g(rank), group=group))

@@ -1,7 +1,8 @@
 """Run under torchrun: the in-memory bucketed weight sync at a TP/EP/PP layout, against the exported HF folder.
 
-Rank 0 compares every HF tensor it receives with the export (bit for bit) as buckets arrive; every rank measures
-the peak of the memory it allocates while syncing (torch's CPU allocator, through the profiler's memory events)."""
+Rank 0 (with ``--disk``: every rank, each writing what it assembles) compares every HF tensor it receives with the
+export (bit for bit) as buckets arrive; every rank measures the peak of the memory it allocates while syncing
+(torch's CPU allocator, through the profiler's memory events)."""
 import argparse
 import json
 import os
@@ -25,6 +26,7 @@ def main():
     ap.add_argument("--pp", type=int, default=1)
     ap.add_argument("--bucket-bytes", type=int, default=64 << 10)
     ap.add_argument("--out", required=True)
+    ap.add_argument("--disk", help="through the disk transport into this folder (every rank writes what it assembles)")
     a = ap.parse_args()
 
     import torch
@@ -45,7 +47,7 @@ def main():
     init_distributed(recipe.parallel, seed=1)
     model = build_model(recipe)
     load_checkpoint(model, a.ckpt, cfg)
-    want = read_hf_state(a.export) if dist.get_rank() == 0 else {}
+    want = read_hf_state(a.export) if dist.get_rank() == 0 or a.disk else {}
     units, _ = plan(model, cfg)
     largest = max(u.nbytes for u in units)
     got, diffs, sizes = [], [], []
@@ -59,13 +61,28 @@ def main():
                 diffs.append(name)
 
     before = set(os.listdir("."))
+    tr = None
+    if a.disk:
+        from megatron_ring.rl.transport import DiskTransport
+
+        tr = DiskTransport([], a.disk, cfg)
+        tr.begin(1)  # a first version, removed by the second
+        stream_hf_weights(model, cfg, tr.bucket, bucket_bytes=a.bucket_bytes, spread=True)
+        tr.end()
+        tr.begin(2)
+
+        def sink(named, check=sink):
+            check(named)
+            tr.bucket(named)
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        figures = stream_hf_weights(model, cfg, sink, bucket_bytes=a.bucket_bytes)
+        figures = stream_hf_weights(model, cfg, sink, bucket_bytes=a.bucket_bytes, spread=bool(a.disk))
+    if tr is not None:
+        tr.end()
     res = {"rank": dist.get_rank(), "peak_extra_bytes": peak_bytes(prof), "largest_tensor_bytes": largest,
-           "bucket_bytes": a.bucket_bytes, "files_written": sorted(set(os.listdir(".")) - before), **figures}
+           "bucket_bytes": a.bucket_bytes, "files_written": sorted(set(os.listdir(".")) - before), **figures,
+           "names": got, "diffs": diffs, "bucket_sizes": sizes}
     if dist.get_rank() == 0:
-        res.update(names=got, expected=sorted(want), diffs=diffs, bucket_sizes=sizes,
-                   dtypes=sorted({str(t.dtype) for t in want.values()}))
+        res.update(expected=sorted(want), dtypes=sorted({str(t.dtype) for t in want.values()}))
     every = [None] * dist.get_world_size()
     dist.all_gather_object(every, res)
     if dist.get_rank() == 0:
