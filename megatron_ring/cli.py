@@ -214,7 +214,7 @@ def main(argv: list[str] | None = None) -> int:
 
         return select_main(argv[1:])
     if argv[:1] == ["rl"]:  # under torchrun for several ranks
-        from .rl.trainer import main as rl_main
+        from .rl.cli import main as rl_main
 
         return rl_main(argv[1:])
     if argv[:1] == ["rollouts"]:

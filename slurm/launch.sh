@@ -45,6 +45,10 @@ rank_env() {  # rank_env NPROC: exports, and lists them for the plan
     export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
     RANK_ENV=(OMP_NUM_THREADS)
   fi
+  # the signal lead (s) the trainer holds its measured step-to-boundary and save times against: SIGNAL_LEAD, else
+  # the stage script's own `#SBATCH --signal=…@N` (under sbatch $0 is Slurm's copy of it)
+  local lead; lead=${SIGNAL_LEAD:-$(sed -n 's/^#SBATCH --signal=[^@]*@\([0-9][0-9]*\).*/\1/p' "$0" 2>/dev/null | head -1)}
+  if [ -n "$lead" ]; then export MEGATRON_RING_SIGNAL_LEAD=$lead; RANK_ENV+=(MEGATRON_RING_SIGNAL_LEAD); fi
 }
 
 # Ports, all from the job id, in disjoint ranges: rendezvous 20000-29999, rollout servers 30000-49999, the

@@ -31,12 +31,15 @@ def _args(data, init, out, steps, *extra) -> list[str]:
             "--lr", "1e-3", "--keep-uninformative", *map(str, extra)]  # a random model scores 0: keep its groups
 
 
-def _rl(nproc, data, init, out, steps, *extra):
+def _rl(nproc, data, init, out, steps, *extra, env=None, ran=None):
+    """The run's per-step records; ``ran`` (a list) gets the finished process (its stdout)."""
     cmd = [PY, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}", "--standalone",
            "-m", "megatron_ring.cli", "rl", *_args(data, init, out, steps, *extra)]
     r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900,
-                       env=dict(os.environ, OMP_NUM_THREADS="1"))
+                       env=dict(os.environ, OMP_NUM_THREADS="1", **(env or {})))
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-4000:]
+    if ran is not None:
+        ran.append(r)
     return [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
 
 
@@ -266,7 +269,8 @@ def test_wandb_offline_holds_the_tensorboard_scalars_and_progress_is_live(tiny, 
 
 def test_retention_keeps_the_newest_milestones_and_pointed_checkpoints(tiny, data, tmp_path):
     """keep_last / keep_every (the ling_lite RL recipes: 2 and 100): the rule on empty folders, then an RL run with
-    a save every step and keep-last 2 ends with exactly its last two checkpoints."""
+    a save every step (the time cadence, save_every_minutes, at 6 ms) and keep-last 2 ends with exactly its last two
+    checkpoints."""
     from megatron_ring.training.state import prune_checkpoints
 
     c = tmp_path / "c"
@@ -278,10 +282,25 @@ def test_retention_keeps_the_newest_milestones_and_pointed_checkpoints(tiny, dat
     assert prune_checkpoints(c, 2, 3) == ["iter_0000002", "iter_0000004", "iter_0000005"]
     assert sorted(p.name for p in c.iterdir() if p.is_dir()) == \
         ["iter_0000001", "iter_0000003", "iter_0000006", "iter_0000007", "iter_0000008.tmp"]
-    _rl(1, data, tiny["mcore"], tmp_path / "r", 4, "--save-interval", "1", "--keep-last", "2")
+    ran = []
+    _rl(1, data, tiny["mcore"], tmp_path / "r", 4, "--save-every-minutes", "0.0001", "--keep-last", "2",
+        env={"MEGATRON_RING_SIGNAL_LEAD": "0.05"}, ran=ran)  # (a save at every step, by the time cadence)
     ck = tmp_path / "r" / "checkpoints"
     assert sorted(p.name for p in ck.iterdir() if p.is_dir()) == ["iter_0000003", "iter_0000004"]
     assert (ck / "latest").read_text().strip() == "iter_0000004"
+    # the preemption budget (same run): each step logs the measured wait for the boundary plus the slowest save;
+    # a lead shorter than that (50 ms here) is warned about once, with the figures
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    ea = EventAccumulator(str(tmp_path / "r" / "tb"))
+    ea.Reload()
+    need = {e.step: e.value for e in ea.Scalars("preempt/needed_s")}
+    unsaved = {e.step: e.value for e in ea.Scalars("preempt/unsaved_s")}
+    assert sorted(need) == [1, 2, 3, 4] and all(need[i + 1] >= need[i] > 0 for i in (1, 2, 3)), need
+    assert need[2] > need[1]  # step 2's figure includes step 1's save
+    assert all(0 < unsaved[i] < 60 for i in unsaved)  # a save every step: never more than one step unsaved
+    warn = [ln for ln in ran[0].stdout.splitlines() if "signal lead" in ln]
+    assert len(warn) == 1 and "[rl] WARNING: the signal lead (0 s) is too short" in warn[0], warn
 
 
 def test_a_preemption_inside_the_generate_phase_saves_at_once_and_resumes_exactly(tiny, data, tmp_path):

@@ -50,6 +50,7 @@ def test_sft_plan_one_rank_per_gpu_on_every_node(nodes):
     assert {"--nproc-per-node=8", f"--nnodes={nodes}", "--rdzv-endpoint=gpu1:24242", "--shutdown-timeout=540",
             "--rdzv-id=4242"} <= set(cmd) and cmd[-4:] == ["megatron_ring.cli", "sft", "--recipe", "sft_distill_ling_lite"]
     assert "[plan] env CUDA_DEVICE_MAX_CONNECTIONS=1" in r.stdout and "[plan] env OMP_NUM_THREADS=8" in r.stdout
+    assert "[plan] env MEGATRON_RING_SIGNAL_LEAD=300" in r.stdout  # the script's --signal=B:USR1@300, for the check
     assert "NPROC" not in " ".join(cmd) and "CUDA_VISIBLE_DEVICES" not in " ".join(cmd)  # Slurm's binding stays
 
 

@@ -58,6 +58,7 @@ class RLConfig:
     eval_k: int = 1  # 1: greedy accuracy; k > 1: avg@k at the rollout temperature (the paper's AIME@32 protocol)
     eval_interval: int = 10  # steps; 0: only at the start and the end
     save_interval: int = 10
+    save_every_minutes: float = 0.0  # also save when this long has passed since the last save (0: off)
     keep_last: int = 0  # keep the newest N checkpoints (+ milestones, + what latest/selected name); 0: keep all
     keep_every: int = 0  # milestones: iterations that are multiples of this are always kept
     wandb_project: Optional[str] = None  # Weights & Biases beside TensorBoard (same scalars); None: off

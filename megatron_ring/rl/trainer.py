@@ -17,9 +17,10 @@ from megatron.core import parallel_state as ps
 
 from ..checkpoint import adopt_architecture, load_checkpoint
 from ..parallel.dist import all_reduce_floats
-from ..config.recipe import Recipe, load_recipe
-from ..training.state import StopFlag, latest_checkpoint, load_training_state, save_training_state
-from .config import RLConfig, resolve_start, rl_config, rollout_context, transport_kind
+from ..config.recipe import Recipe
+from ..training.state import (PreemptionBudget, StopFlag, latest_checkpoint, load_training_state,
+                              save_training_state)
+from .config import RLConfig, resolve_start, rollout_context, transport_kind
 from .policy import empty_like, make_microbatches, rl_forward_step, score_logprobs
 from ..rewards import reward_job
 from ..scalars import Progress, Scalars
@@ -319,8 +320,10 @@ def train_rl(recipe: Recipe, cfg: RLConfig) -> list[dict]:
         progress.phase("evaluating the start checkpoint")
         s.history.append({"step": 0, **s.evaluate()})
         _log(s, s.history[-1])
+    budget = PreemptionBudget("rl", s.rank0)  # (the signal lead vs measured step-to-boundary + save times)
     while s.step < stop:
         progress.phase(f"step {s.step + 1}: generate, reward, train, sync")
+        t_step = time.perf_counter()
         try:
             rec = {"step": s.step + 1, **rl_step(s, s.step)}
         except Preempted as e:  # inside the generate phase: the state is still step s.step's
@@ -335,13 +338,16 @@ def train_rl(recipe: Recipe, cfg: RLConfig) -> list[dict]:
         if cfg.eval_interval and s.step % cfg.eval_interval == 0 or s.step == cfg.steps:
             progress.phase(f"step {s.step}: evaluating")
             rec.update(s.evaluate())
-        s.history.append(rec)
-        _log(s, rec)
+        s.history.append(rec)  # (the preemption figures are wall times: logged, not part of the results)
+        _log(s, {**rec, **budget.step(time.perf_counter() - t_step - rec.get("time/generate", 0.0))})
         preempted = flag.agreed()
-        if preempted or s.step == stop or (cfg.save_interval and s.step % cfg.save_interval == 0):
+        if preempted or s.step == stop or (cfg.save_interval and s.step % cfg.save_interval == 0) \
+                or budget.save_due(cfg.save_every_minutes):
             progress.phase(f"step {s.step}: saving the checkpoint")
+            t_save = time.perf_counter()
             save_training_state(s.run, s.policy, s.opt, s.sched, recipe, s.step, {"pos": s.step}, s.history,
                                 cfg.keep_last, cfg.keep_every)
+            budget.saved(time.perf_counter() - t_save)
         if preempted:
             if s.rank0:
                 print(json.dumps({"preempted_at_step": s.step}), flush=True)
@@ -366,55 +372,3 @@ def _log(s: RLState, rec: dict) -> None:
     figs.update({k: rec[k] for k in rec if k.startswith("eval/")})
     if rec["step"] > 0:
         s.progress.step(rec["step"], figs)
-
-
-def main(argv=None) -> int:
-    import argparse
-
-    ap = argparse.ArgumentParser(prog="megatron-ring rl")
-    ap.add_argument("--recipe", default="rl_stage1_tiny")
-    for f in ("prompts", "init", "out", "tokenizer", "mode", "loss_agg", "engine", "weight_transport"):
-        ap.add_argument(f"--{f.replace('_', '-')}", dest=f)
-    for f in ("steps", "max_steps", "prompts_per_step", "samples_per_prompt", "max_new_tokens", "token_budget",
-              "mini_batches", "eval_interval", "eval_limit", "eval_k", "save_interval", "reward_workers",
-              "keep_last", "keep_every", "weight_bucket_mb", "server_inflight", "max_prompt_tokens",
-              "lr_warmup_steps"):
-        ap.add_argument(f"--{f.replace('_', '-')}", dest=f, type=int)
-    for f in ("lr", "kl_coef", "entropy_coef", "temperature", "top_p", "tis_cap", "adam_beta1", "adam_beta2",
-              "adam_eps"):
-        ap.add_argument(f"--{f.replace('_', '-')}", dest=f, type=float)
-    ap.add_argument("--eval-sets", nargs="*")
-    ap.add_argument("--wandb-project", help="log the same scalars to Weights & Biases too (default: off)")
-    ap.add_argument("--wandb-mode", choices=["online", "offline"], help="default: $WANDB_MODE, else online")
-    ap.add_argument("--sglang-urls", nargs="*")
-    ap.add_argument("--sandbox-unsafe", action="store_true", default=None)
-    ap.add_argument("--keep-uninformative", dest="drop_uninformative", action="store_false", default=None,
-                    help="train on groups whose rewards are all equal too (their advantage is 0)")
-    ap.add_argument("--print-launch", action="store_true",
-                    help="print, as shell assignments, the resolved start checkpoint, run dir, tokenizer and the "
-                         "rollout servers' context, and exit; refused (exit 2) when prompt + max_new_tokens exceed "
-                         "the model's positions without the recipe allowing it")
-    ap.add_argument("--tp", type=int)
-    ap.add_argument("--ep", type=int)
-    ap.add_argument("--pp", type=int)
-    a = ap.parse_args(argv)
-    par = {k: v for k, v in {"tensor_model_parallel_size": a.tp, "expert_model_parallel_size": a.ep,
-                             "pipeline_model_parallel_size": a.pp}.items() if v}
-    recipe = load_recipe(a.recipe, {"parallel": par} if par else None)
-    skip = {"recipe", "tp", "ep", "pp", "print_launch"}
-    cfg = rl_config(recipe, **{k: v for k, v in vars(a).items() if k not in skip})
-    if a.print_launch:
-        import shlex
-        import sys
-
-        from .config import ContextTooLong, launch_facts
-
-        try:
-            facts = launch_facts(recipe, cfg)
-        except ContextTooLong as e:
-            print(f"megatron-ring rl: {e}", file=sys.stderr)
-            return 2
-        print("\n".join(f"{k}={shlex.quote(str(v))}" for k, v in facts.items()))
-        return 0
-    train_rl(recipe, cfg)
-    return 0

@@ -17,7 +17,8 @@ import torch.distributed as dist
 from ..checkpoint import adopt_architecture, load_checkpoint
 from ..config.recipe import Recipe, _from_dict, load_recipe
 from ..scalars import Progress, Scalars
-from ..training.state import StopFlag, latest_checkpoint, load_training_state, save_training_state
+from ..training.state import (PreemptionBudget, StopFlag, latest_checkpoint, load_training_state,
+                              save_training_state)
 from .data import collate, packed_row_to_sample
 
 
@@ -36,6 +37,7 @@ class SFTConfig:
     weight_decay: float = 0.1
     clip_grad: float = 1.0
     save_interval: int = 0  # steps; 0: only at epoch ends
+    save_every_minutes: float = 0.0  # also save when this long has passed since the last save (0: off)
     max_steps: Optional[int] = None  # stop (with a checkpoint) after this many steps in total
     log_interval: int = 1
     keep_last: int = 0  # keep the newest N checkpoints (+ milestones, + latest/selected); 0: keep all (selection
@@ -131,6 +133,7 @@ def train_sft(recipe: Recipe, cfg: SFTConfig) -> list[dict]:
     per_rank = cfg.global_batch_size // dp
     stop = min(total, cfg.max_steps) if cfg.max_steps else total
     flag = StopFlag()
+    budget = PreemptionBudget("sft", tb is not None)  # (the signal lead vs measured step + save times)
     progress = Progress("sft", stop, start=step, enabled=tb is not None)
     while step < stop:
         order = data.order(epoch, recipe.seed)
@@ -147,9 +150,12 @@ def train_sft(recipe: Recipe, cfg: SFTConfig) -> list[dict]:
                    "tokens_per_s": out["tokens"] / (time.perf_counter() - t0)}
             report_moe_metrics([ddp], len(mbs), step, tb if step % cfg.log_interval == 0 else None)
             history.append(rec)
+            wait = budget.step(time.perf_counter() - t0)
             if tb is not None and step % cfg.log_interval == 0:
                 for k in ("loss", "grad_norm", "lr", "tokens_per_s"):
                     tb.add_scalar(f"sft/{k}", rec[k], step)
+                for k, v in wait.items():
+                    tb.add_scalar(k, v, step)
                 tb.flush()
                 print(json.dumps(rec), flush=True)
             progress.step(step, {"epoch": epoch, "loss": rec["loss"], "tokens/s": rec["tokens_per_s"]})
@@ -158,11 +164,14 @@ def train_sft(recipe: Recipe, cfg: SFTConfig) -> list[dict]:
                 if tb is not None:
                     print(json.dumps({"preempted_at_step": step}), flush=True)
                 break
-            if cfg.save_interval and step % cfg.save_interval == 0 and step < stop:
+            due = cfg.save_interval and step % cfg.save_interval == 0 or budget.save_due(cfg.save_every_minutes)
+            if due and step < stop:
                 progress.phase(f"saving the step-{step} checkpoint")
+                t_save = time.perf_counter()
                 save_training_state(run, model, opt, sched, recipe, step, {"epoch": epoch, "pos": pos}, history,
                                     cfg.keep_last, cfg.keep_every)
                 saved_at = step
+                budget.saved(time.perf_counter() - t_save)
         if pos >= steps_per_epoch:
             epoch, pos = epoch + 1, 0
             save_training_state(run, model, opt, sched, recipe, step, {"epoch": epoch, "pos": pos}, history,
@@ -188,6 +197,7 @@ def main(argv=None) -> int:
               "keep_last", "keep_every"):
         ap.add_argument(f"--{f.replace('_', '-')}", dest=f, type=int)
     ap.add_argument("--lr", type=float)
+    ap.add_argument("--save-every-minutes", type=float)
     ap.add_argument("--wandb-project", help="log the same scalars to Weights & Biases too (default: off)")
     ap.add_argument("--wandb-mode", choices=["online", "offline"], help="default: $WANDB_MODE, else online")
     ap.add_argument("--tp", type=int, default=None)
@@ -200,6 +210,6 @@ def main(argv=None) -> int:
     cfg = sft_config(recipe, **{k: getattr(a, k) for k in ("data", "init", "out", "epochs", "global_batch_size",
                                                           "micro_batch_size", "save_interval", "max_steps", "lr",
                                                           "log_interval", "wandb_project", "wandb_mode",
-                                                          "keep_last", "keep_every")})
+                                                          "keep_last", "keep_every", "save_every_minutes")})
     train_sft(recipe, cfg)
     return 0

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import time
 from pathlib import Path
 from typing import Optional
 
@@ -134,3 +135,46 @@ class StopFlag:
         from ..parallel.dist import all_reduce_floats
 
         return bool(all_reduce_floats([float(self.requested)], op="max")[0])
+
+
+class PreemptionBudget:
+    """Whether the job's signal lead leaves time to checkpoint, measured as the run goes: a stop request waits for
+    the step boundary (from the last point the flag is looked at: for RL the end of generation, for SFT the start
+    of the step) and then for a save. The lead comes from the job script (``MEGATRON_RING_SIGNAL_LEAD``, seconds:
+    its ``#SBATCH --signal=…@N``). Every step's record gets ``preempt/needed_s`` (the longest wait so far plus the
+    slowest save), ``preempt/unsaved_s`` (the work a crash without a signal would lose now) and ``preempt/lead_s``;
+    the first step whose need exceeds the lead prints one warning with the figures."""
+
+    def __init__(self, name: str, rank0: bool):
+        lead = os.environ.get("MEGATRON_RING_SIGNAL_LEAD")
+        self.lead = float(lead) if lead else None
+        self.name, self.rank0, self.warned = name, rank0, False
+        self.wait = self.save = 0.0
+        self.saved_at = time.perf_counter()
+
+    def saved(self, seconds: float) -> None:
+        self.save, self.saved_at = max(self.save, seconds), time.perf_counter()
+
+    def save_due(self, minutes: float) -> bool:
+        """Collective: the time cadence (``save_every_minutes``; 0: off) asks for a save — ``minutes`` have passed
+        since the last save (or the start) on some rank. Bounds the work a crash without a signal loses, whatever
+        the cluster's step time."""
+        if not minutes:
+            return False
+        from ..parallel.dist import all_reduce_floats
+
+        late = time.perf_counter() - self.saved_at >= 60.0 * minutes
+        return bool(all_reduce_floats([float(late)], op="max")[0])
+
+    def step(self, wait_s: float) -> dict:
+        self.wait = max(self.wait, wait_s)
+        need = self.wait + self.save
+        out = {"preempt/needed_s": need, "preempt/unsaved_s": time.perf_counter() - self.saved_at}
+        if self.lead is not None:
+            out["preempt/lead_s"] = self.lead
+            if need > self.lead and not self.warned and self.rank0:
+                self.warned = True
+                print(f"[{self.name}] WARNING: the signal lead ({self.lead:.0f} s) is too short to checkpoint: a stop "
+                      f"request waits up to {self.wait:.0f} s for the step boundary and a save took {self.save:.0f} s "
+                      f"({need:.0f} s in all): raise the job script's --signal=B:USR1@N (or SIGNAL_LEAD)", flush=True)
+        return out
