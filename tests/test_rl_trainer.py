@@ -340,3 +340,33 @@ def test_a_preemption_inside_the_generate_phase_saves_at_once_and_resumes_exactl
     assert [r["step"] for r in b] == [0, 1, 2, 3]
     for ra, rb in zip(a, b):
         assert {k: ra.get(k) for k in KEYS} == {k: rb.get(k) for k in KEYS}, (ra, rb)
+
+
+def test_a_preemption_inside_an_evaluation_drops_it_and_saves_the_step(tiny, data, tmp_path):
+    """SIGTERM while the held-out evaluation after step 1 generates (the ling_lite recipes evaluate 500 problems
+    at 24K tokens every 50 steps: far longer than a signal lead): the evaluation stops at the next token and is
+    dropped, step 1 (already done) is saved, the job exits in seconds."""
+    import signal
+    import time
+
+    cmd = [PY, "-m", "torch.distributed.run", "--nproc-per-node=1", "--standalone", "-m", "megatron_ring.cli", "rl",
+           *_args(data, tiny["mcore"], tmp_path / "e", 3, "--max-new-tokens", "256", "--token-budget", "512",
+                  "--eval-interval", "1", "--eval-limit", "8")]
+    p = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                         env=dict(os.environ, OMP_NUM_THREADS="1"))
+    out, t0 = [], None
+    for line in p.stdout:
+        out.append(line)
+        if "evaluating after step 1" in line:
+            time.sleep(0.3)
+            t0 = time.monotonic()
+            p.send_signal(signal.SIGTERM)
+            break
+    rest, _ = p.communicate(timeout=300)
+    log = "".join(out) + rest
+    assert t0 is not None, log[-3000:]  # (torchrun itself exits non-zero on the signal it forwarded)
+    took = time.monotonic() - t0
+    assert '"evaluation_dropped"' in log and "stopped at token" in log, log[-3000:]
+    assert '{"preempted_at_step": 1}' in log, log[-3000:]
+    assert (tmp_path / "e" / "checkpoints" / "latest").read_text().strip() == "iter_0000001"
+    assert took < 30, took

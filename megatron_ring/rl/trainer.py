@@ -291,7 +291,8 @@ class RLState:
 
     # --- evaluation, checkpoints, the loop ----------------------------------------------------------------
     def evaluate(self) -> dict:
-        """Greedy held-out accuracy of the current weights (the rollout engine's copy) per eval set."""
+        """Greedy held-out accuracy of the current weights (the rollout engine's copy) per eval set. A preemption
+        signal ends it at the next token: the evaluation is dropped (the step's own record and checkpoint are not)."""
         out = {}
         if self.rank0:
             for path in self.cfg.eval_sets:
@@ -299,7 +300,13 @@ class RLState:
                 k = self.cfg.eval_k
                 sp = SamplingParams(self.cfg.max_new_tokens, 0.0 if k == 1 else self.cfg.temperature, self.cfg.top_p,
                                     seed=12345)
-                rs = self.engine.generate(self.encode(rows), k, sp)
+                try:
+                    rs = self.engine.generate(self.encode(rows), k, sp,
+                                              (lambda: self.flag.requested) if self.flag else None)
+                except Interrupted as e:
+                    print(json.dumps({"evaluation_dropped": str(e)}), flush=True)
+                    out = {}
+                    break
                 jobs = [reward_job(rows[r.prompt_index], r.text, r.finish_reason == "length") for r in rs]
                 out[f"eval/{Path(path).stem}"] = sum(x.value for x in self.pool.map(jobs)) / max(len(rs), 1)
         obj = [out]
@@ -337,6 +344,7 @@ def train_rl(recipe: Recipe, cfg: RLConfig) -> list[dict]:
         s.step += 1
         if cfg.eval_interval and s.step % cfg.eval_interval == 0 or s.step == cfg.steps:
             progress.phase(f"step {s.step}: evaluating")
+            progress.note(f"evaluating after step {s.step}")
             rec.update(s.evaluate())
         s.history.append(rec)  # (the preemption figures are wall times: logged, not part of the results)
         _log(s, {**rec, **budget.step(time.perf_counter() - t_step - rec.get("time/generate", 0.0))})
