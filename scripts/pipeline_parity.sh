@@ -4,6 +4,7 @@
 # executor (no Slurm: one process after the other). The launchers must not change a result: every figure is
 # compared exactly (selection, both RL stages' per-step metrics, the difficulty filter's rows, the eval table).
 #   bash scripts/pipeline_parity.sh [OUT]     # OUT default runs/parity; ≈35 min on 2 CPU cores
+#   COMPARE_ONLY=1 bash scripts/pipeline_parity.sh   # the table of the runs already there
 # Needs the local cluster (bash slurm/local/start.sh, root). Exit 1 when any figure differs.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -16,6 +17,7 @@ follow() {  # follow JOBID: until it has left the queue
   while squeue -h -j "$1" 2>/dev/null | grep -q .; do sleep 10; done
 }
 for way in sbatch submitit_slurm submitit_local; do
+  [ "${COMPARE_ONLY:-0}" = 1 ] && break  # (the runs are there: the table only)
   run=$OUT/$way
   rm -rf "$run"
   T0=$SECONDS
@@ -39,7 +41,12 @@ ways = ["sbatch", "submitit_slurm", "submitit_local"]
 def figures(run: Path) -> dict:
     f = {}
     sel = run / "sft/selection/selection.json"
-    f["selected checkpoint"] = json.loads(sel.read_text())["selected"] if sel.exists() else None
+    if sel.exists():  # the pick and every checkpoint's measured entropy (the pick is None outside the window)
+        d = json.loads(sel.read_text())
+        f["selection: pick; entropy per checkpoint"] = f"{d['selected']}; " + ", ".join(
+            f"{e['checkpoint'][-4:]}: {e['entropy']:.6f}" for e in d["entries"])
+    else:
+        f["selection: pick; entropy per checkpoint"] = None
     for stage in ("rl_stage1", "rl_stage2"):
         p = run / stage / "metrics.jsonl"
         rows = [json.loads(l) for l in p.read_text().splitlines()] if p.exists() else []
