@@ -1,6 +1,8 @@
 """Weight sync trainer -> rollout server, side by side: the disk path the trainer used before (90bedf4: dist
 checkpoint -> one-process conversion to an HF folder -> read back on rank 0 -> written again -> the server reads
-it) and the in-memory bucketed gather + broadcast transport (rl/weights.py + rl/transport.py).
+it), the disk transport as it is now (every rank writes the tensors it holds, in the weights' dtype, in parallel;
+the server reads the folder) and the in-memory bucketed gather + broadcast transport (rl/weights.py +
+rl/transport.py).
 
     .venv/bin/python benchmarks/weight_sync.py [--models tiny,ling2] [--bucket-mb 1024]
 
@@ -102,18 +104,25 @@ def worker(a) -> None:
     url = f"http://127.0.0.1:{a.receiver_port}"
     runs = []
     tr = T.BroadcastTransport([url], [1], "127.0.0.1", a.group_port) if rank0 and a.way == "memory" else None
+    if a.way == "disk-now":  # the disk fallback as it is now: every rank writes what it holds (bf16), in parallel
+        tr = T.DiskTransport([url] if rank0 else [], Path(a.scratch) / "sync_now", cfg)
     old = _before_module() if a.way == "disk" else None
     scratch = Path(a.scratch)
     for version in (1, 2):
         dist.barrier()
         t0 = time.perf_counter()
-        if a.way == "memory":
+        if a.way in ("memory", "disk-now"):
             if tr:
                 tr.begin(version)
-            fig = stream_hf_weights(model, cfg, tr.bucket if tr else None, bucket_bytes=a.bucket_mb << 20)
+            fig = stream_hf_weights(model, cfg, tr.bucket if tr else None, bucket_bytes=a.bucket_mb << 20,
+                                    spread=a.way == "disk-now")
             if tr:
                 tr.end()
-            moved = fig["bytes_received"] + fig["bytes_total"]  # pieces to rank 0 + the broadcast to the server
+            import torch
+
+            got = torch.tensor([float(fig["bytes_received"])])
+            dist.all_reduce(got)  # pieces to the assemblers, then the broadcast (or a write + the server's read)
+            moved = int(got.item()) + fig["bytes_total"] * (1 if a.way == "memory" else 2)
         else:
             state = old.gather_hf_state(model, cfg, scratch)
             moved = 0
@@ -167,7 +176,7 @@ def main() -> int:
     for model in a.models.split(","):
         cfg = dict(load_recipe("tiny").hf_config, **(LING2 if model == "ling2" else {}))
         res = {}
-        for way in ("disk", "memory"):
+        for way in ("disk", "disk-now", "memory"):
             with tempfile.TemporaryDirectory(dir=ROOT / "runs" if (ROOT / "runs").exists() else None) as td:
                 pf = Path(td) / "port"
                 rec = subprocess.Popen([sys.executable, __file__, "--receiver", str(pf)], cwd=ROOT, env=env,
@@ -187,7 +196,8 @@ def main() -> int:
                 rec.terminate()
                 rec.wait(timeout=30)
         n = _params(cfg)
-        for way, label in (("disk", f"disk (before, {BEFORE})"), ("memory", "in-memory broadcast (now)")):
+        for way, label in (("disk", f"disk (before, {BEFORE})"), ("disk-now", "disk transport, parallel writers (now)"),
+                           ("memory", "in-memory broadcast (now)")):
             first, steady = res[way]
             rows.append((model, n, label, first["seconds"], steady["seconds"], steady.get("transport_seconds"), steady["bytes"],
                          res["disk"][1]["seconds"] / steady["seconds"], res["disk"][1]["bytes"] / max(steady["bytes"], 1)))

@@ -334,6 +334,22 @@ def test_selection_entropy_through_the_servers_matches_the_in_process_one(tiny, 
     served = served_entropy(servers, sharp, prompts, 32, seed=0)
     assert 0.5 < exact < 4.0, exact
     assert served == pytest.approx(exact, rel=0.05), (served, exact)
+    # the selection's accuracy column through the same servers (now holding `sharp`): greedy answers graded alike
+    from megatron_ring.sft.heldout import answer_accuracy, served_accuracy
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    ev = tmp_path / "eval.parquet"
+    pq.write_table(pa.table({"id": [f"q{i}" for i in range(24)], "prompt": [f"Compute {i} + {i}." for i in range(24)],
+                             "answer": [str(2 * i) for i in range(24)]}), ev)
+    here = answer_accuracy(sharp, ev, limit=24, max_new_tokens=24)
+    there = served_accuracy(servers, sharp, ev, limit=24, max_new_tokens=24)
+    assert there["n"] == here["n"] == 24 and there["accuracy"] == here["accuracy"]
+    assert there["preds"] == here["preds"], (there["preds"], here["preds"])
+    same = sum(a == b for a, b in zip(there["texts"], here["texts"]))
+    print(f"served greedy answers equal to the in-process ones: {same}/24")
+    assert same >= 22, list(zip(there["texts"], here["texts"]))
 
 
 def test_difficulty_rollouts_through_the_servers_equal_the_in_process_ones(tiny, data, servers, tmp_path):  # noqa: F811

@@ -98,7 +98,7 @@ def select_checkpoints(run: str | Path, prompts_parquet: str | Path, tokenizer_d
                        sglang_urls: list[str] | None = None) -> dict:
     """``sglang_urls``: measure through these rollout servers (``served_entropy``) instead of in this process."""
     from ..convert.run import mcore_to_hf_checkpoint
-    from ..sft.heldout import answer_accuracy
+    from ..sft.heldout import answer_accuracy, served_accuracy
 
     run = Path(run)
     out = Path(out) if out else run / "selection"
@@ -117,8 +117,12 @@ def select_checkpoints(run: str | Path, prompts_parquet: str | Path, tokenizer_d
             ent = (served_entropy(sglang_urls, hf, prompts, max_new_tokens, seed) if sglang_urls
                    else token_entropy(hf, prompts, max_new_tokens, seed))
             e = {"checkpoint": ck.name, "iteration": meta.get("iteration"), "epoch": meta.get("epoch"), "entropy": ent}
-            e["accuracy"] = (answer_accuracy(hf, eval_parquet, limit=limit, max_new_tokens=max_new_tokens)["accuracy"]
-                             if eval_parquet else None)
+            if not eval_parquet:
+                e["accuracy"] = None
+            elif sglang_urls:  # (the servers hold this checkpoint since its entropy)
+                e["accuracy"] = served_accuracy(sglang_urls, hf, eval_parquet, limit, max_new_tokens)["accuracy"]
+            else:
+                e["accuracy"] = answer_accuracy(hf, eval_parquet, limit=limit, max_new_tokens=max_new_tokens)["accuracy"]
         entries.append(e)
         print(json.dumps(e), flush=True)
         progress.step(k + 1, {"checkpoint": ck.name, "entropy": e["entropy"]})

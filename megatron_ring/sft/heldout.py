@@ -41,7 +41,7 @@ def answer_accuracy(hf_dir: str | Path, eval_parquet: str | Path, limit: int = 2
                     batch_size: int = 50) -> dict:
     tok, model = load_chat_model(hf_dir)
     rows = pq.read_table(str(eval_parquet)).to_pylist()[:limit]
-    correct, samples = 0, []
+    correct, samples, texts = 0, [], []
     for s in range(0, len(rows), batch_size):
         chunk = rows[s:s + batch_size]
         enc = encode_chat(tok, [r["prompt"] for r in chunk])
@@ -53,7 +53,26 @@ def answer_accuracy(hf_dir: str | Path, eval_parquet: str | Path, limit: int = 2
             ok = pred is not None and pred == str(r["answer"]).replace(" ", "")
             correct += ok
             samples.append({"id": r["id"], "pred": pred, "answer": r["answer"], "ok": bool(ok)})
-    return {"accuracy": correct / max(1, len(rows)), "n": len(rows), "samples": samples[:5]}
+            texts.append(text)
+    return {"accuracy": correct / max(1, len(rows)), "n": len(rows), "samples": samples[:5],
+            "preds": [x["pred"] for x in samples], "texts": texts}
+
+
+def served_accuracy(urls: list[str], tokenizer_dir: str | Path, eval_parquet: str | Path, limit: int = 200,
+                    max_new_tokens: int = 192) -> dict:
+    """``answer_accuracy`` through rollout servers that already hold the checkpoint's weights (SGLang on GPUs, the
+    CPU server here): greedy, the same chat prompts, the same grading."""
+    from ..rl.rollout import SamplingParams, chat_prompt_ids
+    from ..rl.sglang_engine import SGLangEngine
+    from ..tokenizer.tiny import load_tokenizer
+
+    tok = load_tokenizer(tokenizer_dir)
+    rows = pq.read_table(str(eval_parquet)).to_pylist()[:limit]
+    rs = SGLangEngine(urls, {}, tok, "disk").generate(chat_prompt_ids(tok, rows), 1, SamplingParams(max_new_tokens, 0.0))
+    preds = [last_boxed(r.text) for r in rs]
+    ok = [p is not None and p == str(r["answer"]).replace(" ", "") for p, r in zip(preds, rows)]
+    return {"accuracy": sum(ok) / max(1, len(rows)), "n": len(rows), "preds": preds,
+            "texts": [tok.decode(r.response_ids, skip_special_tokens=True) for r in rs]}
 
 
 def checkpoint_accuracy(ckpt: str | Path, tokenizer_dir: str | Path, eval_parquet: str | Path, **kw) -> dict:
