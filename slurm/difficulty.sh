@@ -38,15 +38,9 @@ echo "[$(date +%T)] rollouts of ${PROMPTS:?set PROMPTS} by ${CKPT:?set CKPT}: K=
 pids=() files=() serve=()
 if [ "$(gpus_per_node)" -gt 0 ]; then
   SHARDS=1
-  port=$(server_port)
   "$PY" -m megatron_ring.cli export --ckpt "$CKPT" --out "$ROLLOUTS.rollouts-0.parquet.hf" --tokenizer "$TOKENIZER"
-  "${SGLANG_PYTHON:-$PY}" -m serving.sglang --model-path "$ROLLOUTS.rollouts-0.parquet.hf" --host 127.0.0.1 \
-    --port "$port" --tp-size "$(gpus_per_node)" --context-length $((${MAX_PROMPT_TOKENS:-2048} + MAX_NEW_TOKENS)) \
-    --allow-beyond-positions &
-  server=$!
-  trap 'kill "$server" 2>/dev/null || true' EXIT
-  "$PY" -c "from serving.health import wait_healthy; wait_healthy('http://127.0.0.1:$port')"
-  serve=(--sglang-urls "http://127.0.0.1:$port")
+  job_server "$ROLLOUTS.rollouts-0.parquet.hf" $((${MAX_PROMPT_TOKENS:-2048} + MAX_NEW_TOKENS))
+  serve=(--sglang-urls "$SERVER_URL")
 fi
 for ((i = 0; i < SHARDS; i++)); do
   files+=("$ROLLOUTS.rollouts-$i.parquet")

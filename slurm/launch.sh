@@ -57,6 +57,17 @@ rdzv_port() { echo $((20000 + ${SLURM_JOB_ID:-0} % 10000)); }
 server_port() { echo $((30000 + ${SLURM_JOB_ID:-0} % 20000)); }
 sync_port() { echo $((50000 + ${SLURM_JOB_ID:-0} % 10000)); }
 
+job_server() {  # job_server HF_DIR CONTEXT: one SGLang server of the job on this node's GPUs (TP = all of them),
+  # started on HF_DIR and waited for; sets SERVER_URL; stopped when the script exits
+  local port; port=$(server_port)
+  "${SGLANG_PYTHON:-$PY}" -m serving.sglang --model-path "$1" --host 127.0.0.1 --port "$port" \
+    --tp-size "$(gpus_per_node)" --context-length "$2" --allow-beyond-positions &
+  SERVER_PID=$!
+  trap 'kill "$SERVER_PID" 2>/dev/null || true' EXIT
+  "$PY" -c "from serving.health import wait_healthy; wait_healthy('http://127.0.0.1:$port')"
+  SERVER_URL=http://127.0.0.1:$port
+}
+
 # A preemption's budget: torchrun waits SHUTDOWN_TIMEOUT for the ranks to write their checkpoint before it kills
 # them (torchrun's default, 30 s, is shorter than one save); the stage scripts' signal lead (--signal=B:USR1@N)
 # is longer than it.

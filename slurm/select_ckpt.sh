@@ -20,17 +20,11 @@ args=(select --run "${RUN:?set RUN}" --prompts "${PROMPTS:?set PROMPTS}" --token
       --window "${WINDOW_LO:-0.3}" "${WINDOW_HI:-0.5}")
 [ -n "${EVAL:-}" ] && args+=(--eval "$EVAL")
 if [ "$(gpus_per_node)" -gt 0 ]; then  # on GPUs: the samples (entropy, accuracy) from an SGLang server of the job,
-  port=$(server_port)                 # started on the run's latest checkpoint, each checkpoint loaded in turn
-  rm -rf "$RUN/selection/server_init.hf"
+  rm -rf "$RUN/selection/server_init.hf"  # started on the run's latest checkpoint, each checkpoint loaded in turn
   "$PY" -m megatron_ring.cli export --ckpt "$RUN" --out "$RUN/selection/server_init.hf" --tokenizer "$TOKENIZER" \
     --dtype bf16
-  "${SGLANG_PYTHON:-$PY}" -m serving.sglang --model-path "$RUN/selection/server_init.hf" --host 127.0.0.1 \
-    --port "$port" --tp-size "$(gpus_per_node)" --context-length $((${MAX_PROMPT_TOKENS:-2048} + ${MAX_NEW_TOKENS:-32768})) \
-    --allow-beyond-positions &
-  server=$!
-  trap 'kill "$server" 2>/dev/null || true' EXIT
-  "$PY" -c "from serving.health import wait_healthy; wait_healthy('http://127.0.0.1:$port')"
+  job_server "$RUN/selection/server_init.hf" $((${MAX_PROMPT_TOKENS:-2048} + ${MAX_NEW_TOKENS:-32768}))
   rm -rf "$RUN/selection/server_init.hf"  # (loaded: every checkpoint's own export follows)
-  args+=(--sglang-urls "http://127.0.0.1:$port")
+  args+=(--sglang-urls "$SERVER_URL")
 fi
 "$PY" -m megatron_ring.cli "${args[@]}" ${SELECT_ARGS:-}

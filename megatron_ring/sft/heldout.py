@@ -19,6 +19,11 @@ def last_boxed(text: str) -> str | None:
     return m[-1].strip().replace(" ", "") if m else None
 
 
+def graded(pred: str | None, answer) -> bool:
+    """The held-out grading: the last boxed answer equals the reference, spaces ignored."""
+    return pred is not None and pred == str(answer).replace(" ", "")
+
+
 def load_chat_model(hf_dir: str | Path):
     """(tokenizer padding on the left, fp32 model in eval mode) of an exported HF folder."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -50,7 +55,7 @@ def answer_accuracy(hf_dir: str | Path, eval_parquet: str | Path, limit: int = 2
         for r, o in zip(chunk, out[:, enc["input_ids"].shape[1]:]):
             text = tok.decode(o, skip_special_tokens=True)
             pred = last_boxed(text)
-            ok = pred is not None and pred == str(r["answer"]).replace(" ", "")
+            ok = graded(pred, r["answer"])
             correct += ok
             samples.append({"id": r["id"], "pred": pred, "answer": r["answer"], "ok": bool(ok)})
             texts.append(text)
@@ -70,7 +75,7 @@ def served_accuracy(urls: list[str], tokenizer_dir: str | Path, eval_parquet: st
     rows = pq.read_table(str(eval_parquet)).to_pylist()[:limit]
     rs = SGLangEngine(urls, {}, tok, "disk").generate(chat_prompt_ids(tok, rows), 1, SamplingParams(max_new_tokens, 0.0))
     preds = [last_boxed(r.text) for r in rs]
-    ok = [p is not None and p == str(r["answer"]).replace(" ", "") for p, r in zip(preds, rows)]
+    ok = [graded(p, r["answer"]) for p, r in zip(preds, rows)]
     return {"accuracy": sum(ok) / max(1, len(rows)), "n": len(rows), "preds": preds,
             "texts": [tok.decode(r.response_ids, skip_special_tokens=True) for r in rs]}
 
