@@ -1,16 +1,19 @@
 """Weight sync trainer -> rollout server, side by side: the disk path the trainer used before (90bedf4: dist
 checkpoint -> one-process conversion to an HF folder -> read back on rank 0 -> written again -> the server reads
 it), the disk transport as it is now (every rank writes the tensors it holds, in the weights' dtype, in parallel;
-the server reads the folder) and the in-memory bucketed gather + broadcast transport (rl/weights.py +
-rl/transport.py).
+the server reads the folder) and the in-memory bucketed broadcast transport (rl/weights.py + rl/transport.py) two
+ways: rank 0 gathers every bucket and sends it, or (now) every rank holding weights sends its own on a group of its
+own with the server — the experts from where they live.
 
-    .venv/bin/python benchmarks/weight_sync.py [--models tiny,ling2] [--bucket-mb 1024]
+    .venv/bin/python benchmarks/weight_sync.py [--models tiny,ling2] [--bucket-mb 1024] [--repeat 3]
 
 Both at EP2 on 2 trainer ranks (gloo) — the layout class the ling_lite recipes always use (EP8), where the old
 path went through disk — into one receiving server (serving/native.py's SGLang API with a weight sink in place of
-the model: both ways stop once the server holds the bytes, before any model load). Models: the tiny recipe, and
+the model: every way stops once the server holds the bytes, before any model load; its receive buffers are reused
+as the GPU caching allocator reuses SGLang's). Models: the tiny recipe, and
 ``ling2``: Ling-lite at full width with 2 layers (hidden 2048, 64 experts x 1408, 2 shared, vocab 126,464;
-1.68B parameters, bf16). Figures are the second sync of a run (the first also sets the group up, reported apart)."""
+1.68B parameters, bf16). Each way syncs 1 + ``--repeat`` times in one run: the first (it also sets the group up) is
+reported apart, the sync figures are the median of the others."""
 from __future__ import annotations
 
 import argparse
@@ -34,6 +37,7 @@ LING2 = {"hidden_size": 2048, "num_hidden_layers": 2, "num_attention_heads": 16,
 def receiver(port_file: str) -> None:
     import socket
 
+    import torch
     import uvicorn
 
     from serving import native
@@ -43,11 +47,17 @@ def receiver(port_file: str) -> None:
             import threading
 
             self.model_path, self.version, self.context, self.groups = "", "default", 1 << 20, {}
-            self.lock, self.bytes = threading.Lock(), 0
+            self.lock, self.weight_ops, self.bytes, self.free = threading.Lock(), threading.Lock(), 0, {}
+
+        def _empty(self, shape, dtype):  # receive buffers reused, as the GPU caching allocator gives SGLang's
+            free = self.free.get((tuple(shape), dtype))  # torch.empty (fresh pages cost ~half the receive on a CPU)
+            return free.pop() if free else torch.empty(shape, dtype=dtype)
 
         def _load(self, named, version):
             self.bytes += sum(t.nbytes for _, t in named)
             self.version = version or self.version
+            for _, t in named:
+                self.free.setdefault((tuple(t.shape), t.dtype), []).append(t)
 
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
@@ -102,27 +112,31 @@ def worker(a) -> None:
     model, cfg = _model(a.model)
     rank0 = dist.get_rank() == 0
     url = f"http://127.0.0.1:{a.receiver_port}"
-    runs = []
-    tr = T.BroadcastTransport([url], [1], "127.0.0.1", a.group_port) if rank0 and a.way == "memory" else None
-    if a.way == "disk-now":  # the disk fallback as it is now: every rank writes what it holds (bf16), in parallel
+    runs, tr = [], None
+    if a.way == "memory":  # every rank sends the weights it holds, each on its own group with the server
+        tr = T.BroadcastTransport([url] if rank0 else None, [1] if rank0 else None, "127.0.0.1",
+                                  a.group_port + dist.get_rank(), group=dist.group.WORLD)
+    elif a.way == "memory-rank0":  # rank 0 gathers and sends everything (the broadcast transport before)
+        tr = T.BroadcastTransport([url], [1], "127.0.0.1", a.group_port) if rank0 else None
+    elif a.way == "disk-now":  # the disk fallback as it is now: every rank writes what it holds (bf16), in parallel
         tr = T.DiskTransport([url] if rank0 else [], Path(a.scratch) / "sync_now", cfg)
     old = _before_module() if a.way == "disk" else None
     scratch = Path(a.scratch)
-    for version in (1, 2):
+    for version in range(1, 2 + a.repeat):
         dist.barrier()
         t0 = time.perf_counter()
-        if a.way in ("memory", "disk-now"):
+        if a.way in ("memory", "memory-rank0", "disk-now"):
             if tr:
                 tr.begin(version)
             fig = stream_hf_weights(model, cfg, tr.bucket if tr else None, bucket_bytes=a.bucket_mb << 20,
-                                    spread=a.way == "disk-now")
+                                    spread=getattr(tr, "spread", False), turns=getattr(tr, "turns", None))
             if tr:
                 tr.end()
             import torch
 
             got = torch.tensor([float(fig["bytes_received"])])
             dist.all_reduce(got)  # pieces to the assemblers, then the broadcast (or a write + the server's read)
-            moved = int(got.item()) + fig["bytes_total"] * (1 if a.way == "memory" else 2)
+            moved = int(got.item()) + fig["bytes_total"] * (2 if a.way == "disk-now" else 1)
         else:
             state = old.gather_hf_state(model, cfg, scratch)
             moved = 0
@@ -136,7 +150,7 @@ def worker(a) -> None:
                 moved = 2 * ckpt + 2 * hf + 2 * _du(path)  # each folder written once and read once
         dist.barrier()
         runs.append({"seconds": time.perf_counter() - t0, "bytes": moved,
-                     **({"transport_seconds": fig["sink_seconds"]} if a.way == "memory" else {})})
+                     **({"transport_seconds": fig["sink_seconds"]} if a.way.startswith("memory") else {})})
     if rank0:
         n = sum(p.numel() for p in model.parameters())  # (rank 0's share; the total comes from the config)
         Path(a.out).write_text(json.dumps({"runs": runs, "rank0_params": n}))
@@ -154,6 +168,7 @@ def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--models", default="tiny,ling2")
     ap.add_argument("--bucket-mb", type=int, default=1024)
+    ap.add_argument("--repeat", type=int, default=3, help="syncs measured after the first (the median is shown)")
     ap.add_argument("--receiver", help=argparse.SUPPRESS)
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     for f in ("model", "way", "out", "scratch"):
@@ -176,7 +191,7 @@ def main() -> int:
     for model in a.models.split(","):
         cfg = dict(load_recipe("tiny").hf_config, **(LING2 if model == "ling2" else {}))
         res = {}
-        for way in ("disk", "disk-now", "memory"):
+        for way in ("disk", "disk-now", "memory-rank0", "memory"):
             with tempfile.TemporaryDirectory(dir=ROOT / "runs" if (ROOT / "runs").exists() else None) as td:
                 pf = Path(td) / "port"
                 rec = subprocess.Popen([sys.executable, __file__, "--receiver", str(pf)], cwd=ROOT, env=env,
@@ -190,18 +205,21 @@ def main() -> int:
                 subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2", "--standalone",
                                 __file__, "--worker", "--model", model, "--way", way, "--out", str(out),
                                 "--scratch", td, "--receiver-port", str(port), "--group-port", str(_free_port()),
-                                "--bucket-mb", str(a.bucket_mb)], cwd=ROOT, env=env, check=True,
+                                "--bucket-mb", str(a.bucket_mb), "--repeat", str(a.repeat)], cwd=ROOT, env=env, check=True,
                                stdout=subprocess.DEVNULL, stderr=open(Path(td) / "log", "w"))
                 res[way] = json.loads(out.read_text())["runs"]
                 rec.terminate()
                 rec.wait(timeout=30)
         n = _params(cfg)
+        base = sorted(res["disk"][1:], key=lambda r: r["seconds"])[len(res["disk"][1:]) // 2]
         for way, label in (("disk", f"disk (before, {BEFORE})"), ("disk-now", "disk transport, parallel writers (now)"),
-                           ("memory", "in-memory broadcast (now)")):
-            first, steady = res[way]
+                           ("memory-rank0", "in-memory broadcast, rank 0 sends all"),
+                           ("memory", "in-memory broadcast, every holder sends its own (now)")):
+            first, rest = res[way][0], sorted(res[way][1:], key=lambda r: r["seconds"])
+            steady = rest[len(rest) // 2]
             rows.append((model, n, label, first["seconds"], steady["seconds"], steady.get("transport_seconds"), steady["bytes"],
-                         res["disk"][1]["seconds"] / steady["seconds"], res["disk"][1]["bytes"] / max(steady["bytes"], 1)))
-    print(f"\nweight sync, trainer EP2 (2 ranks, gloo) -> 1 server; bucket {a.bucket_mb} MB; second sync of a run\n")
+                         base["seconds"] / steady["seconds"], base["bytes"] / max(steady["bytes"], 1)))
+    print(f"\nweight sync, trainer EP2 (2 ranks, gloo) -> 1 server; bucket {a.bucket_mb} MB; median of {a.repeat} syncs after the first\n")
     print("| model | parameters | way | first sync s | sync s | of which broadcast s | bytes moved | speed-up | bytes ratio |")
     print("|---|---|---|---|---|---|---|---|---|")
     for m, n, label, s1, s, tr, b, r, rb in rows:

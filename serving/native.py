@@ -117,6 +117,18 @@ def _aborted_as_400():
         raise ValueError(f"Abort request: aborted by /abort_request ({e})") from None
 
 
+def _in_turn(method):
+    """A weight request waits for the one before it: SGLang's scheduler runs them one at a time (an init blocks it
+    until the rendezvous), so several senders' requests are served in turn, never side by side."""
+    import functools
+
+    @functools.wraps(method)
+    def run(self, req):
+        with self.weight_ops:
+            return method(self, req)
+    return run
+
+
 class Server:
     def __init__(self, model_path: str, context_length: int | None = None, max_batch: int = 64):
         from megatron_ring.convert.hf_io import read_hf_state
@@ -135,6 +147,7 @@ class Server:
         self.engine.update_weights(read_hf_state(model_path), 0)
         self.model_path, self.version, self.max_batch = model_path, "default", max_batch
         self.lock = threading.Lock()  # one generation or weight update at a time
+        self.weight_ops = threading.Lock()  # one weight request at a time (as SGLang's scheduler runs them)
         self.aborts = 0
         self.groups: dict[str, object] = {}
 
@@ -180,6 +193,7 @@ class Server:
         return {"text": r.text, "output_ids": r.response_ids, "meta_info": meta}
 
     # --- weights -----------------------------------------------------------------------------------------------
+    @_in_turn
     def init_group(self, req: InitGroupReq) -> dict:
         from megatron_ring.rl.transport import custom_process_group
 
@@ -189,13 +203,14 @@ class Server:
                                                           req.world_size, req.rank_offset, req.group_name)
         return {"success": True, "message": "Succeeded to initialize custom process group."}
 
+    @_in_turn
     def update_distributed(self, req: DistributedReq) -> dict:
         import torch.distributed as dist
 
         if req.group_name not in self.groups:
             raise ValueError(f"Group {req.group_name} not in {list(self.groups)}. Please call "
                              "`init_weights_update_group` first.")
-        ts = [torch.empty(s, dtype=getattr(torch, d)) for d, s in zip(req.dtypes, req.shapes)]
+        ts = [self._empty(s, getattr(torch, d)) for d, s in zip(req.dtypes, req.shapes)]
         works = [dist.broadcast(t, src=0, group=self.groups[req.group_name], async_op=True) for t in ts]
         for w in works:  # (received before the lock: a broadcast must not wait for a running generation)
             w.wait()
@@ -203,6 +218,7 @@ class Server:
             self._load(list(zip(req.names, ts)), req.weight_version)
         return {"success": True, "message": "Succeeded to update parameter online."}
 
+    @_in_turn
     def update_tensor(self, req: TensorReq) -> dict:
         """Tensors shared by a colocated trainer (entry 0: this server's one TP rank)."""
         import base64
@@ -218,6 +234,7 @@ class Server:
             self._load([(n, t) for n, t in named], req.weight_version)
         return {"success": True, "message": "Succeeded to update model weights."}
 
+    @_in_turn
     def update_disk(self, req: DiskReq) -> dict:
         from megatron_ring.convert.hf_io import read_hf_state
 
@@ -226,6 +243,9 @@ class Server:
             self._load(list(state.items()), req.weight_version)
             self.model_path = req.model_path
         return {"success": True, "message": "Succeeded to update model weights.", "num_paused_requests": 0}
+
+    def _empty(self, shape, dtype) -> torch.Tensor:  # (a receive buffer; the benchmark's sink reuses them)
+        return torch.empty(shape, dtype=dtype)
 
     def _load(self, named, version) -> None:
         params = dict(self.engine.model.named_parameters())

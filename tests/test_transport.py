@@ -258,11 +258,12 @@ from .test_rl_trainer import KEYS, _rl, data  # noqa: E402,F401 (the RL prompt d
 def test_rl_with_two_cpu_servers_equals_the_in_process_engine_by_every_transport_and_resumes_exactly(
         tiny, data, tmp_path, servers):
     """`megatron-ring rl` with engine sglang against the two CPU servers (trainer at EP2 on 2 ranks: rank 1's
-    experts travel too), by each weight transport — broadcast over gloo; disk, each trainer rank writing the shards
-    it assembles; ipc, the colocated layout (2 ranks = 2 servers × TP1: each rank serializes its own copy and posts
-    it to the server on "its GPU") — every per-step figure equals the in-process engine's for the same seeds; only
-    the rollout log-probs differ in their last bits (the servers batch one prompt's samples, the in-process engine
-    16 rows at once), bounded here. A run stopped after step 2 and resumed matches exactly."""
+    experts travel too), by each weight transport — broadcast over gloo, each rank on its own group; disk, each
+    trainer rank writing the shards it assembles; ipc, the colocated layout (2 ranks = 2 servers × TP1: each rank
+    serializes its own copy and posts it to the server on "its GPU") — every per-step figure equals the in-process
+    engine's for the same seeds (broadcast and disk with nothing gathered between the trainer ranks: each sends
+    what it holds); only the rollout log-probs differ in their last bits (the servers batch one prompt's samples,
+    the in-process engine 16 rows at once), bounded here. A run stopped after step 2 and resumed matches exactly."""
     srv = ["--ep", "2", "--engine", "sglang", "--sglang-urls", *servers]
     a = _rl(2, data, tiny["mcore"], tmp_path / "inprocess", 4, "--ep", "2")
     runs = {way: _rl(2, data, tiny["mcore"], tmp_path / way, 4, *srv, "--weight-transport", way,
@@ -275,6 +276,8 @@ def test_rl_with_two_cpu_servers_equals_the_in_process_engine_by_every_transport
             assert ra.get("eval/math") == rs.get("eval/math"), way
             if rs["step"]:
                 assert rs["logp_mismatch"] < 1e-5 and rs["time/sync"] > 0, way
+                if way != "ipc":  # every rank sends the weights it holds: rank 1's experts cross to no rank
+                    assert rs["sync/gathered_mb"] == 0 < ra["sync/gathered_mb"], (way, rs, ra)
     assert not (tmp_path / "broadcast" / "weight_sync").exists()  # no file on the way (the disk transport's folder)
     assert not (tmp_path / "ipc" / "weight_sync").exists()
     left = sorted(p.name for p in (tmp_path / "disk" / "weight_sync").iterdir())

@@ -45,6 +45,7 @@ class RLConfig:
     sglang_colocated: bool = False  # the servers share the trainer's GPUs (weights by CUDA IPC, memory released)
     weight_transport: str = "auto"  # auto (inprocess | ipc when colocated | broadcast) | broadcast | ipc | disk
     weight_bucket_mb: int = 1024  # the weight sync moves at most this much (or one tensor) at a time
+    weight_senders: str = "owners"  # broadcast: every rank holding weights sends them (a group each) | rank0
     server_inflight: int = 8  # concurrent /generate requests per server (one prompt's K samples each)
     rollout_timeout_minutes: int = 240  # how long the other ranks wait for rank 0's rollout (gloo, not NCCL)
     max_prompt_tokens: int = 1024  # longer prompts are refused at start (naming the row)
@@ -72,6 +73,8 @@ class RLConfig:
         if self.weight_transport not in ("auto", "inprocess", "broadcast", "ipc", "disk"):
             raise ValueError(f"weight_transport {self.weight_transport!r}: expected auto, inprocess, broadcast, ipc "
                              "or disk")
+        if self.weight_senders not in ("owners", "rank0"):
+            raise ValueError(f"weight_senders {self.weight_senders!r}: expected owners or rank0")
         if self.loss_agg == "c3po" and self.mode != "c3po":
             raise ValueError("loss_agg 'c3po' (1/Φ) needs mode 'c3po' (the token budget)")
 

@@ -52,7 +52,8 @@ def parse_generate(out: list[dict], prompts: list[list[int]], n: int, tokenizer=
 class SGLangEngine:
     def __init__(self, urls: list[str], hf_config: dict, tokenizer=None, transport: str = "broadcast",
                  sync_dir: str | Path | None = None, master_addr: str | None = None, master_port: int | None = None,
-                 inflight: int = 8, timeout: float = 3600.0, api_key: str | None = None, group=None):
+                 inflight: int = 8, timeout: float = 3600.0, api_key: str | None = None, group=None,
+                 senders: str = "owners"):
         if not urls:
             raise ValueError("engine sglang: no server URLs (--sglang-urls, or the job script starts them)")
         if transport not in TRANSPORTS:
@@ -62,7 +63,8 @@ class SGLangEngine:
         self.inflight, self.timeout, self.key = inflight, timeout, api_key
         self.busy = {u: 0 for u in self.urls}
         self.lock = threading.Lock()
-        self._transport, self.group = None, group  # group: the trainer ranks' gloo group (ipc, disk)
+        self._transport, self.group = None, group  # group: the trainer ranks' gloo group (ipc, disk, broadcast)
+        self.senders = senders  # broadcast: every rank holding weights sends its own ("owners") or rank 0 all
 
     def wait_ready(self, timeout: float = 1800.0) -> None:
         from serving.health import wait_healthy
@@ -144,7 +146,8 @@ class SGLangEngine:
         if self._transport is None:
             if self.kind == "broadcast":
                 self._transport = BroadcastTransport(self.urls, self.server_tp_sizes(), self.addr or "127.0.0.1",
-                                                     self.port or _free_port(), timeout=self.timeout, api_key=self.key)
+                                                     self.port or _free_port(), timeout=self.timeout, api_key=self.key,
+                                                     group=self.group if self.senders == "owners" else None)
             elif self.kind == "ipc":
                 self._transport = IPCTransport(self.urls, max(self.server_tp_sizes()), self.timeout, self.key,
                                                self.group)
@@ -159,15 +162,26 @@ class SGLangEngine:
             self.transport().release_memory()
 
 
-def peer_transport(kind: str, sync_dir: str | Path, hf_config: dict, group):
+def peer_transport(kind: str, sync_dir: str | Path, hf_config: dict, group, senders: str = "owners",
+                   sync_port: int | None = None):
     """The part of the weight transport ``kind`` that the trainer ranks other than 0 run (rank 0's is the engine's
-    ``transport()``): the disk transport's shard writer, the IPC transport's per-GPU serializer; else None."""
-    from .transport import DiskTransport, IPCTransport
+    ``transport()``; collective with it): the disk transport's shard writer, the IPC transport's per-GPU serializer,
+    the broadcast transport's sender of this rank's own weights (``senders`` "owners"; its rendezvous on this host,
+    port ``sync_port`` + the rank when the job script set one); else None."""
+    import socket
+
+    import torch.distributed as dist
+
+    from .transport import BroadcastTransport, DiskTransport, IPCTransport
 
     if kind == "disk":
         return DiskTransport([], sync_dir, hf_config, group=group)
     if kind == "ipc":
         return IPCTransport(None, None, group=group)
+    if kind == "broadcast" and senders == "owners":
+        rank = dist.get_rank()
+        return BroadcastTransport(None, None, socket.gethostname() if sync_port else "127.0.0.1",
+                                  sync_port + rank if sync_port else _free_port(), group=group)
     return None
 
 

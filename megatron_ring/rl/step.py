@@ -28,8 +28,8 @@ def rl_step(s, step: int) -> dict:
         s.add_reference_logprobs(seqs)                                      # π_ref (and π_old for >1 mini-batch)
         out = s.update(seqs)                                                # -(1/Φ)Σ(min(rA, clip(r)A) - βKL) - α_ent·H
     with t("sync"):                                                         #   (+ α_bal·balance + α_z·z-loss in the router)
-        s.sync_weights(step + 1)                                            # push the new weights to the engine
-    return {**out, **s.rollout_metrics(prompts, rollouts, rewards, lengths, kept), **t.times,
+        sync = s.sync_weights(step + 1)                                     # push the new weights to the engine
+    return {**out, **s.rollout_metrics(prompts, rollouts, rewards, lengths, kept), **t.times, **sync,
             "tokens_per_s": sum(kept) / max(t.times["time/train"], 1e-9)}
 
 

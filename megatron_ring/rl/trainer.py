@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import time
 from collections import defaultdict
 from pathlib import Path
@@ -104,7 +105,6 @@ class RLState:
     # --- rollout side (rank 0) -------------------------------------------------------------------------
     def _engine(self):
         if self.cfg.engine == "sglang":
-            import os
             import socket
 
             from .sglang_engine import SGLangEngine
@@ -114,7 +114,7 @@ class RLState:
             eng = SGLangEngine(c.sglang_urls, self.recipe.hf_config, self.tok, transport_kind(c),
                                self.run / "weight_sync", os.environ.get("MEGATRON_RING_SYNC_ADDR") or
                                (socket.gethostname() if port else "127.0.0.1"), port, c.server_inflight,
-                               group=self.ctrl)
+                               group=self.ctrl, senders=c.weight_senders)
             eng.wait_ready()
             return eng
         from .rollout import InProcessEngine
@@ -252,26 +252,31 @@ class RLState:
         res["lr"] = self.opt.param_groups[0]["lr"]
         return res
 
-    def sync_weights(self, version: int) -> None:
+    def sync_weights(self, version: int) -> dict:
         """The policy's weights to the rollout engine, gathered in memory bucket by bucket (rl/weights.py) and
         sent by the engine's transport (rl/transport.py) as they are assembled; no file unless the transport is
-        ``disk``."""
+        ``disk``. Returns ``sync/gathered_mb``: what crossed between trainer ranks on the way (0 when every rank
+        sends what it holds whole: experts, PP layers)."""
         from .sglang_engine import peer_transport
         from .weights import stream_hf_weights
 
         if not hasattr(self, "_tr"):  # (made once: the IPC transport makes process groups; collective)
             self._tr = self.engine.transport() if self.rank0 else peer_transport(
-                transport_kind(self.cfg), self.run / "weight_sync", self.recipe.hf_config, self.ctrl)
+                transport_kind(self.cfg), self.run / "weight_sync", self.recipe.hf_config, self.ctrl,
+                self.cfg.weight_senders, int(os.environ.get("MEGATRON_RING_SYNC_PORT", 0)) or None)
         tr = self._tr
         if tr is not None:
             tr.begin(version)
-        stream_hf_weights(self.policy, self.recipe.hf_config, tr.bucket if tr else None,
-                          bucket_bytes=self.cfg.weight_bucket_mb << 20, spread=getattr(tr, "spread", False),
-                          replicate=getattr(tr, "replicate", False))
+        fig = stream_hf_weights(self.policy, self.recipe.hf_config, tr.bucket if tr else None,
+                                bucket_bytes=self.cfg.weight_bucket_mb << 20, spread=getattr(tr, "spread", False),
+                                replicate=getattr(tr, "replicate", False), turns=getattr(tr, "turns", None))
         if tr is not None:
             tr.end()
         if self.rank0 and not self.engine.health():
             raise RuntimeError("rollout engine unhealthy after the weight sync")
+        gathered = torch.tensor([float(fig["bytes_received"])], dtype=torch.float64)
+        dist.all_reduce(gathered, group=self.ctrl)
+        return {"sync/gathered_mb": gathered.item() / 2**20}
 
     def rollout_metrics(self, prompts: list[dict], rollouts, rewards: torch.Tensor, lengths: list[int],
                         kept: list[int]) -> dict:

@@ -7,9 +7,8 @@ with ``spread = True`` (runs on every trainer rank, gets the buckets that rank a
 
 - ``InProcessTransport``: the CPU engine in this process (``InProcessEngine``) — parameters copied by name.
 - ``BroadcastTransport``: rollout servers on other GPUs (or CPU servers): SGLang's ``/init_weights_update_group``
-  once, then per bucket ``/update_weights_from_distributed`` (names, dtypes, shapes) while this rank broadcasts each
-  tensor in that order on the group (nccl on GPU, gloo on CPU). The group is made exactly as SGLang makes its side
-  (``custom_process_group``), so the two agree on the rendezvous.
+  once per sender, then per bucket ``/update_weights_from_distributed`` (names, dtypes, shapes) while the sender
+  broadcasts each tensor in that order (nccl on GPU, gloo on CPU), on a group made as SGLang makes its side.
 - ``IPCTransport``: servers colocated on the trainer's GPUs: ``/update_weights_from_tensor`` with CUDA IPC handles,
   one serialized entry per server TP rank, each made by the trainer rank on that TP rank's GPU (SGLang reads
   ``serialized_named_tensors[tp_rank]``), the servers' memory resumed before the update and released again before
@@ -172,8 +171,24 @@ def _wait_unless_refused(done, futs: list[Future], what: str) -> None:
 
 
 class BroadcastTransport:
-    def __init__(self, urls: list[str], tp_sizes: list[int], master_addr: str, master_port: int,
-                 backend: str | None = None, timeout: float = 1800.0, api_key: str | None = None):
+    """SGLang's broadcast path. Without ``group``: trainer rank 0 sends every bucket (it assembles them all). With
+    ``group`` (a gloo group of all trainer ranks; ``spread``): every rank that holds weights sends the buckets it
+    assembles — whole experts and PP layers from where they live, nothing gathered on rank 0 — each on a group of
+    its own with the servers (made at its first bucket; slime makes one per PP stage the same way), one bucket at
+    a time in one order (``turns``: each server serves requests in arrival order, so parallel senders could each
+    hold a different server first and wait for each other forever). ``urls``/``tp_sizes``/``api_key``: rank 0's
+    (sent to the others over ``group``); ``master_addr``/``master_port``: this rank's own rendezvous."""
+
+    def __init__(self, urls: list[str] | None, tp_sizes: list[int] | None, master_addr: str, master_port: int,
+                 backend: str | None = None, timeout: float = 1800.0, api_key: str | None = None, group=None):
+        import torch.distributed as dist
+
+        self.ctrl, self.rank, self.spread, self.turns = group, 0, False, None
+        if group is not None and dist.get_world_size(group) > 1:
+            shared = [(urls, tp_sizes, api_key, timeout)]
+            dist.broadcast_object_list(shared, src=dist.get_global_rank(group, 0), group=group)
+            urls, tp_sizes, api_key, timeout = shared[0]
+            self.rank, self.spread, self.turns = dist.get_rank(group), True, group
         self.urls, self.tp_sizes, self.addr, self.port = urls, tp_sizes, master_addr, master_port
         self.backend = backend or ("nccl" if torch.cuda.is_available() else "gloo")
         self.timeout, self.key, self.group = timeout, api_key, None
@@ -187,7 +202,7 @@ class BroadcastTransport:
         offsets = [1 + sum(self.tp_sizes[:i]) for i in range(len(self.urls))]
         # a name of its own per trainer process: a server keeps the groups of earlier trainers (torch refuses a
         # second group under one name), e.g. servers attached by URL across a restart
-        self.name = f"{GROUP}_{os.getpid()}_{int(time.time())}"
+        self.name = f"{GROUP}_{os.getpid()}_{int(time.time())}_r{self.rank}"
         what = f"weight-update group ({self.addr}:{self.port}, {world} ranks)"
         asks = [_in_background(post, u + "/init_weights_update_group", init_group_payload(
             self.addr, self.port, off, world, self.backend, self.name), self.timeout, self.key)
@@ -198,13 +213,15 @@ class BroadcastTransport:
         self.group = ours.result()
 
     def begin(self, version: int) -> None:
-        if self.group is None:
+        if self.group is None and not self.spread:
             self._init_group()
         self.version = version
 
     def bucket(self, named: list[tuple[str, torch.Tensor]]) -> None:
         import torch.distributed as dist
 
+        if self.group is None:
+            self._init_group()
         body = distributed_payload(named, self.version, self.name)
         futs = [_in_background(post, u + "/update_weights_from_distributed", body, self.timeout, self.key)
                 for u in self.urls]  # the servers join the broadcasts inside these requests
@@ -217,7 +234,12 @@ class BroadcastTransport:
             w.wait()
 
     def end(self) -> None:
-        post_all(self.urls, "/flush_cache", {}, self.timeout, self.key)
+        import torch.distributed as dist
+
+        if self.spread:
+            dist.barrier(group=self.ctrl)  # every sender's buckets are in
+        if self.rank == 0:
+            post_all(self.urls, "/flush_cache", {}, self.timeout, self.key)
 
 
 def serialize_for_ipc(named: list[tuple[str, torch.Tensor]]) -> str:

@@ -8,11 +8,12 @@ layers (and experts) as leading axes of one checkpoint key; a unit is one layer'
 
 ``stream_hf_weights`` (collective) plans once from metadata only — every unit tiled exactly by its pieces, the HF
 names and shapes the config implies — before any data moves; then, bucket by bucket (units in HF file order, at most
-``bucket_bytes`` or one unit), the ranks that own pieces send them to the bucket's assembler — rank 0 (one receiver:
-the broadcast and in-process transports), or with ``spread`` a rank holding the units (``spread_buckets``: the disk
-transport, whose ranks write in parallel what they own) — which assembles the units, renames them to HF (QKV
-regrouped, SwiGLU split) and hands the bucket to ``sink`` (a weight transport), then drops it. The full model never
-sits on one rank: an assembler's extra memory is one bucket plus one tensor (measured)."""
+``bucket_bytes`` or one unit), the ranks that own pieces send them to the bucket's assembler — rank 0 (the
+in-process transport, a broadcast from rank 0 alone), or with ``spread`` a rank holding the units
+(``spread_buckets``: the disk and broadcast transports, whose ranks write / send in parallel what they own) — which
+assembles the units (one it holds whole is lent as it is), renames them to HF (QKV regrouped, SwiGLU split) and hands
+the bucket to ``sink`` (a weight transport), then drops it. The full model never sits on one rank: an assembler's
+extra memory is one bucket plus one tensor (measured)."""
 from __future__ import annotations
 
 import math
@@ -146,10 +147,13 @@ def spread_buckets(units: list[Unit], bucket_bytes: int, world: int) -> list[tup
 
 def stream_hf_weights(model: torch.nn.Module, cfg: dict, sink: Callable[[list[tuple[str, torch.Tensor]]], None] | None,
                       bucket_bytes: int = 1 << 30, group=None, device: torch.device | str | None = None,
-                      spread: bool = False, replicate: bool = False) -> dict:
+                      spread: bool = False, replicate: bool = False, turns=None) -> dict:
     """Collective. Every bucket of HF-named full tensors goes to ``sink`` on its assembler (rank 0 unless ``spread``;
     ``sink`` is ignored elsewhere), or with ``replicate`` on every rank (the assembler broadcasts it). ``device``:
-    where buckets are assembled (default: where the weights live). Returns this rank's figures."""
+    where buckets are assembled (default: where the weights live). ``turns`` (a group of all ranks): a barrier after
+    every bucket, so the sinks take their turns in one order — senders to several servers need it (each server
+    serves requests in arrival order and a broadcast waits for every server: two senders first at different servers
+    would wait for each other forever). Returns this rank's figures."""
     t0 = time.perf_counter()
     units, mine = plan(model, cfg, group)
     me = dist.get_rank(group)
@@ -159,9 +163,11 @@ def stream_hf_weights(model: torch.nn.Module, cfg: dict, sink: Callable[[list[tu
     plan_s, sink_s = time.perf_counter() - t0, 0.0
     parts = spread_buckets(units, bucket_bytes, dist.get_world_size(group)) if spread else \
         [(b, 0) for b in buckets(units, bucket_bytes)]
-    for bucket, dest in parts:
+    for i, (bucket, dest) in enumerate(parts):
+        if turns is not None and i:
+            dist.barrier(group=turns)  # the bucket before is in, on every rank
         if me == dest:
-            full = _assemble(bucket, mine, dev, g, group, me)
+            full = _assemble(bucket, mine, dev, g, group, me, copy=replicate)
             assembled += 1
             moved += sum(math.prod(shp) * getattr(torch, u.dtype).itemsize
                          for u in bucket for r, _, shp in u.pieces if r != me)
@@ -198,12 +204,18 @@ def stream_hf_weights(model: torch.nn.Module, cfg: dict, sink: Callable[[list[tu
             "bytes_total": sum(u.nbytes for u in units)}
 
 
-def _assemble(bucket: list[Unit], mine: dict, dev, g, group, me: int) -> list[tuple[str, torch.Tensor]]:
+def _assemble(bucket: list[Unit], mine: dict, dev, g, group, me: int, copy: bool = False) -> list[tuple[str, torch.Tensor]]:
     """The assembler ``me``: the bucket's full tensors from its own pieces and the ones the other ranks send.
-    Contiguous pieces (row shards, whole experts/layers) land in place; a column shard goes through one piece-sized
+    A unit this rank holds whole is its own tensor, not a copy (unless ``copy``: a sink that keeps or shares it);
+    contiguous pieces (row shards, whole experts/layers) land in place; a column shard goes through one piece-sized
     buffer."""
     full, works = [], []
     for u in bucket:
+        if len(u.pieces) == 1 and u.pieces[0][0] == me and not copy:  # wholly ours (an expert, a PP layer, a
+            t = mine[(u.name, u.pieces[0][1])]  # replicated norm): lent as it is, no copy (the sinks only read)
+            if t.device == torch.device(dev):
+                full.append((u.name, t))
+                continue
         out = torch.empty(u.shape, dtype=getattr(torch, u.dtype), device=dev)
         for rank, off, shp in u.pieces:
             view = out[tuple(slice(o, o + s) for o, s in zip(off, shp))]
