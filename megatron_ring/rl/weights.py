@@ -163,9 +163,8 @@ def stream_hf_weights(model: torch.nn.Module, cfg: dict, sink: Callable[[list[tu
     plan_s, sink_s = time.perf_counter() - t0, 0.0
     parts = spread_buckets(units, bucket_bytes, dist.get_world_size(group)) if spread else \
         [(b, 0) for b in buckets(units, bucket_bytes)]
-    for i, (bucket, dest) in enumerate(parts):
-        if turns is not None and i:
-            dist.barrier(group=turns)  # the bucket before is in, on every rank
+    for bucket, dest in parts:
+        full = None
         if me == dest:
             full = _assemble(bucket, mine, dev, g, group, me, copy=replicate)
             assembled += 1
@@ -183,9 +182,8 @@ def stream_hf_weights(model: torch.nn.Module, cfg: dict, sink: Callable[[list[tu
             for w in works:
                 w.wait()
             del keep
-            if not replicate:
-                continue
-            full = [(u.name, torch.empty(u.shape, dtype=getattr(torch, u.dtype), device=dev)) for u in bucket]
+            if replicate:
+                full = [(u.name, torch.empty(u.shape, dtype=getattr(torch, u.dtype), device=dev)) for u in bucket]
         if replicate:  # every rank its own copy of the bucket (the IPC transport: one per server TP rank's GPU)
             for _, t in full:
                 dist.broadcast(t, src=g(dest), group=group)
@@ -194,7 +192,9 @@ def stream_hf_weights(model: torch.nn.Module, cfg: dict, sink: Callable[[list[tu
             name, t = full.pop(0)
             named += mcore_tensor_to_hf(name, t, cfg)
             del t
-        if sink is not None:
+        if turns is not None:  # (assembled while the bucket before travels; sent once it is in, on every rank)
+            dist.barrier(group=turns)
+        if sink is not None and (named or me == dest):
             t1 = time.perf_counter()
             sink(named)
             sink_s += time.perf_counter() - t1
@@ -211,11 +211,10 @@ def _assemble(bucket: list[Unit], mine: dict, dev, g, group, me: int, copy: bool
     buffer."""
     full, works = [], []
     for u in bucket:
-        if len(u.pieces) == 1 and u.pieces[0][0] == me and not copy:  # wholly ours (an expert, a PP layer, a
-            t = mine[(u.name, u.pieces[0][1])]  # replicated norm): lent as it is, no copy (the sinks only read)
-            if t.device == torch.device(dev):
-                full.append((u.name, t))
-                continue
+        whole = None if copy else _held_whole(u, mine, me, dev)
+        if whole is not None:  # an expert, a PP layer, a replicated norm: lent as it is (the sinks only read)
+            full.append((u.name, whole))
+            continue
         out = torch.empty(u.shape, dtype=getattr(torch, u.dtype), device=dev)
         for rank, off, shp in u.pieces:
             view = out[tuple(slice(o, o + s) for o, s in zip(off, shp))]
@@ -234,3 +233,24 @@ def _assemble(bucket: list[Unit], mine: dict, dev, g, group, me: int, copy: bool
     for w in works:
         w.wait()
     return full
+
+
+def _held_whole(u: Unit, mine: dict, me: int, dev) -> torch.Tensor | None:
+    """The unit as one view of this rank's memory, when its pieces are all here and lie end to end in one storage
+    in row order (one piece, or SwiGLU's fc1 that megatron describes as its gate and up halves); else None."""
+    if any(r != me for r, _, _ in u.pieces):
+        return None
+    ts = [mine[(u.name, off)] for _, off, _ in sorted(u.pieces, key=lambda p: p[1])]
+    a = ts[0]
+    if a.device != torch.device(dev) or not all(t.is_contiguous() for t in ts):
+        return None
+    if len(ts) == 1:
+        return a
+    at = a.storage_offset()
+    for t in ts:
+        if t.untyped_storage().data_ptr() != a.untyped_storage().data_ptr() or t.storage_offset() != at:
+            return None
+        at += t.numel()
+    if sum(t.numel() for t in ts) != math.prod(u.shape) or any(t.shape[1:] != tuple(u.shape[1:]) for t in ts):
+        return None
+    return a.new_empty(0).set_(a.untyped_storage(), a.storage_offset(), u.shape)
