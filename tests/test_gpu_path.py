@@ -82,6 +82,7 @@ REVIEWED = {
     ("rl/weights.py", "stream_hf_weights"): "a piece of a parameter (the parameter's device)",
     ("rl/weights.py", "_assemble"): "made on the device of rank 0's own pieces (its parameters')",
     ("rl/transport.py", "bucket"): "the assembled bucket (the parameters' device: cuda with nccl, cpu with gloo)",
+    ("rl/trainer.py", "sync_weights"): "a CPU tensor on the trainer's gloo control group (self.ctrl)",
 }
 COLLECTIVES = {"all_reduce", "broadcast", "all_gather", "all_gather_into_tensor", "reduce_scatter_tensor", "reduce",
                "all_to_all_single", "send", "recv", "isend", "irecv"}
