@@ -150,10 +150,10 @@ def stream_hf_weights(model: torch.nn.Module, cfg: dict, sink: Callable[[list[tu
                       spread: bool = False, replicate: bool = False, turns=None) -> dict:
     """Collective. Every bucket of HF-named full tensors goes to ``sink`` on its assembler (rank 0 unless ``spread``;
     ``sink`` is ignored elsewhere), or with ``replicate`` on every rank (the assembler broadcasts it). ``device``:
-    where buckets are assembled (default: where the weights live). ``turns`` (a group of all ranks): a barrier after
-    every bucket, so the sinks take their turns in one order — senders to several servers need it (each server
-    serves requests in arrival order and a broadcast waits for every server: two senders first at different servers
-    would wait for each other forever). Returns this rank's figures."""
+    where buckets are assembled (default: where the weights live). ``turns`` (a group of all ranks): a barrier before
+    every bucket's sink, so the sinks take their turns in one order (the next bucket is assembled meanwhile) —
+    senders to several servers need it (each server serves requests in arrival order and a broadcast waits for every
+    server: two senders first at different servers would wait for each other forever). Returns this rank's figures."""
     t0 = time.perf_counter()
     units, mine = plan(model, cfg, group)
     me = dist.get_rank(group)
@@ -194,7 +194,7 @@ def stream_hf_weights(model: torch.nn.Module, cfg: dict, sink: Callable[[list[tu
             del t
         if turns is not None:  # (assembled while the bucket before travels; sent once it is in, on every rank)
             dist.barrier(group=turns)
-        if sink is not None and (named or me == dest):
+        if sink is not None and (me == dest or replicate):
             t1 = time.perf_counter()
             sink(named)
             sink_s += time.perf_counter() - t1
