@@ -169,6 +169,8 @@ def main() -> int:
     ap.add_argument("--models", default="tiny,ling2")
     ap.add_argument("--bucket-mb", type=int, default=1024)
     ap.add_argument("--repeat", type=int, default=3, help="syncs measured after the first (the median is shown)")
+    ap.add_argument("--ways", default="disk,disk-now,memory-rank0,memory", help="which ways to run (the speed-up "
+                    "column needs disk)")
     ap.add_argument("--receiver", help=argparse.SUPPRESS)
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     for f in ("model", "way", "out", "scratch"):
@@ -191,7 +193,7 @@ def main() -> int:
     for model in a.models.split(","):
         cfg = dict(load_recipe("tiny").hf_config, **(LING2 if model == "ling2" else {}))
         res = {}
-        for way in ("disk", "disk-now", "memory-rank0", "memory"):
+        for way in a.ways.split(","):
             with tempfile.TemporaryDirectory(dir=ROOT / "runs" if (ROOT / "runs").exists() else None) as td:
                 pf = Path(td) / "port"
                 rec = subprocess.Popen([sys.executable, __file__, "--receiver", str(pf)], cwd=ROOT, env=env,
@@ -211,20 +213,23 @@ def main() -> int:
                 rec.terminate()
                 rec.wait(timeout=30)
         n = _params(cfg)
-        base = sorted(res["disk"][1:], key=lambda r: r["seconds"])[len(res["disk"][1:]) // 2]
+        base = sorted(res["disk"][1:], key=lambda r: r["seconds"])[len(res["disk"][1:]) // 2] if "disk" in res else None
         for way, label in (("disk", f"disk (before, {BEFORE})"), ("disk-now", "disk transport, parallel writers (now)"),
                            ("memory-rank0", "in-memory broadcast, rank 0 sends all"),
                            ("memory", "in-memory broadcast, every holder sends its own (now)")):
+            if way not in res:
+                continue
             first, rest = res[way][0], sorted(res[way][1:], key=lambda r: r["seconds"])
             steady = rest[len(rest) // 2]
             rows.append((model, n, label, first["seconds"], steady["seconds"], steady.get("transport_seconds"), steady["bytes"],
-                         base["seconds"] / steady["seconds"], base["bytes"] / max(steady["bytes"], 1)))
+                         base and base["seconds"] / steady["seconds"], base and base["bytes"] / max(steady["bytes"], 1)))
     print(f"\nweight sync, trainer EP2 (2 ranks, gloo) -> 1 server; bucket {a.bucket_mb} MB; median of {a.repeat} syncs after the first\n")
     print("| model | parameters | way | first sync s | sync s | of which broadcast s | bytes moved | speed-up | bytes ratio |")
     print("|---|---|---|---|---|---|---|---|---|")
     for m, n, label, s1, s, tr, b, r, rb in rows:
         tr = "" if tr is None else f"{tr:.2f}"
-        print(f"| {m} | {n / 1e9:.2f}B | {label} | {s1:.2f} | {s:.2f} | {tr} | {b / 1e9:.2f} GB | {r:.1f}x | {rb:.1f}x |")
+        r, rb = ("", "") if r is None else (f"{r:.1f}x", f"{rb:.1f}x")
+        print(f"| {m} | {n / 1e9:.2f}B | {label} | {s1:.2f} | {s:.2f} | {tr} | {b / 1e9:.2f} GB | {r} | {rb} |")
     return 0
 
 

@@ -56,6 +56,20 @@ class GenerateReq(_Strict):  # GenerateReqInput (the token-id subset)
     sampling_params: Union[list[Sampling], Sampling, None] = None
     return_logprob: bool = False
     rid: Optional[Union[str, list[str]]] = None
+    # what SGLang's router (sglang-router 0.3.2) writes into every request it forwards, at these values; a CPU
+    # server honours no other (``model`` is the router's own: SGLang ignores fields it lacks, ROUTER_ONLY)
+    model: Optional[str] = None
+    stream: Literal[False] = False
+    log_metrics: bool = True
+    no_logs: bool = False
+    return_text_in_logprobs: Literal[False] = False
+    return_hidden_states: Literal[False] = False
+    return_entropy: Literal[False] = False
+    return_bytes: Literal[False] = False
+    background: Literal[False] = False
+
+
+ROUTER_ONLY = {"model"}  # GenerateReq fields that SGLang's GenerateReqInput lacks (the router adds them)
 
 
 class InitGroupReq(_Strict):  # InitWeightsUpdateGroupReqInput
@@ -148,7 +162,7 @@ class Server:
         self.model_path, self.version, self.max_batch = model_path, "default", max_batch
         self.lock = threading.Lock()  # one generation or weight update at a time
         self.weight_ops = threading.Lock()  # one weight request at a time (as SGLang's scheduler runs them)
-        self.aborts = 0
+        self.aborts, self.served = 0, 0  # served: /generate requests answered (in /get_server_info)
         self.groups: dict[str, object] = {}
 
     # --- generation ------------------------------------------------------------------------------------------
@@ -181,6 +195,7 @@ class Server:
                     for r in sample_batch(self.engine.model, self.engine.tok, jobs, sp, self.engine.eos, self.engine.pad,
                                           stop):
                         out[r.prompt_index] = self._answer(r, req.return_logprob)
+            self.served += 1
         return out[0] if single else out
 
     def _answer(self, r, logprob: bool) -> dict:
@@ -285,7 +300,7 @@ def create_app(server: Server) -> FastAPI:
     @app.get("/get_server_info")
     async def server_info():
         return JSONResponse({"tp_size": 1, "context_length": server.context, "model_path": server.model_path,
-                             "weight_version": server.version})
+                             "weight_version": server.version, "generate_requests": getattr(server, "served", 0)})
 
     @app.post("/generate")
     async def generate(req: GenerateReq):

@@ -48,7 +48,7 @@ def test_request_bodies_use_sglang_fields():
               native.MemoryReq: "ReleaseMemoryOccupationReqInput", native.TensorReq: "UpdateWeightsFromTensorReqInput",
               native.AbortReq: "AbortReq"}
     for model, cls in models.items():
-        extra = set(model.model_fields) - set(API[cls]) - set(API["BaseReq"])
+        extra = set(model.model_fields) - set(API[cls]) - set(API["BaseReq"]) - native.ROUTER_ONLY
         assert not extra, f"serving/native.py {model.__name__} accepts fields SGLang's {cls} lacks: {extra}"
 
 
@@ -237,6 +237,51 @@ def test_server_errors_carry_the_servers_message(servers):
         eng.generate([[5, 6], [7] * 250], 1, SamplingParams(max_new_tokens=16))
 
 
+@pytest.fixture(scope="module")
+def router(servers, tmp_path_factory):
+    """SGLang's router (the pinned sglang-router: its Rust gateway, started as the job scripts start it) in front
+    of the two CPU servers."""
+    import os
+    import signal
+
+    from serving.router import SGLangRouter, launch
+
+    r = SGLangRouter(servers, port=_free_port(), prometheus_port=_free_port())
+    proc = launch(r, str(tmp_path_factory.mktemp("router") / "log"), timeout=120)
+    yield r.url
+    os.killpg(proc.pid, signal.SIGTERM)
+    proc.wait(timeout=30)
+
+
+def _served(url: str) -> int:
+    import urllib.request
+
+    return json.loads(urllib.request.urlopen(url + "/get_server_info", timeout=30).read())["generate_requests"]
+
+
+def test_rollouts_through_sglang_router_equal_the_direct_ones(tiny, servers, router):
+    """Through SGLang's real router (one request per sample, each with its own seed) the client gets the samples
+    it gets from the servers directly (one request per prompt), the router spreads them over both servers, and a
+    server's refusal reaches the client with the server's message, naming the prompt and the sample."""
+    from megatron_ring.tokenizer.tiny import load_tokenizer
+
+    tok = load_tokenizer(tiny["export"])
+    prompts = [[5 + i, 6, 7 + 2 * i, 8] for i in range(6)]
+    sp = SamplingParams(max_new_tokens=10, temperature=1.0, seed=5)
+    direct = SGLangEngine(servers, {}, tok).generate(prompts, 3, sp)
+    eng = SGLangEngine(servers, {}, tok, router=router)
+    eng.wait_ready(timeout=60)
+    before = [_served(u) for u in servers]
+    got = eng.generate(prompts, 3, sp)
+    per_server = [_served(u) - b for u, b in zip(servers, before)]
+    assert [(r.prompt_index, r.response_ids) for r in got] == [(r.prompt_index, r.response_ids) for r in direct]
+    assert max(abs(a - b) for r, w in zip(got, direct) for a, b in zip(r.logprobs, w.logprobs)) < 1e-5
+    assert len({tuple(r.response_ids) for r in got if r.prompt_index == 0}) > 1  # the K samples differ
+    assert sum(per_server) == 18 and min(per_server) > 0, per_server
+    with pytest.raises(T.EngineError, match=r"prompt 1 sample \d \(250 tokens.*maximum context length of 256"):
+        eng.generate([[5, 6], [7] * 250], 2, SamplingParams(max_new_tokens=16))
+
+
 def test_inprocess_transport_refuses_a_partial_or_unknown_update(tiny):
     from megatron_ring.convert.hf_io import read_hf_state
 
@@ -256,19 +301,21 @@ from .test_rl_trainer import KEYS, _rl, data  # noqa: E402,F401 (the RL prompt d
 
 
 def test_rl_with_two_cpu_servers_equals_the_in_process_engine_by_every_transport_and_resumes_exactly(
-        tiny, data, tmp_path, servers):
+        tiny, data, tmp_path, servers, router):
     """`megatron-ring rl` with engine sglang against the two CPU servers (trainer at EP2 on 2 ranks: rank 1's
     experts travel too), by each weight transport — broadcast over gloo, each rank on its own group; disk, each
     trainer rank writing the shards it assembles; ipc, the colocated layout (2 ranks = 2 servers × TP1: each rank
     serializes its own copy and posts it to the server on "its GPU") — every per-step figure equals the in-process
     engine's for the same seeds (broadcast and disk with nothing gathered between the trainer ranks: each sends
     what it holds); only the rollout log-probs differ in their last bits (the servers batch one prompt's samples,
-    the in-process engine 16 rows at once), bounded here. A run stopped after step 2 and resumed matches exactly."""
+    the in-process engine 16 rows at once), bounded here; the same through SGLang's router (broadcast; one request
+    per sample). A run stopped after step 2 and resumed matches exactly."""
     srv = ["--ep", "2", "--engine", "sglang", "--sglang-urls", *servers]
     a = _rl(2, data, tiny["mcore"], tmp_path / "inprocess", 4, "--ep", "2")
     runs = {way: _rl(2, data, tiny["mcore"], tmp_path / way, 4, *srv, "--weight-transport", way,
                      "--weight-bucket-mb", "1")  # (the tiny model, 5 MB, in several buckets: both ranks assemble)
             for way in ("broadcast", "disk", "ipc")}
+    runs["router"] = _rl(2, data, tiny["mcore"], tmp_path / "router", 4, *srv, "--sglang-router", router)
     for way, s in runs.items():
         assert [r["step"] for r in s] == [0, 1, 2, 3, 4], way
         for ra, rs in zip(a, s):

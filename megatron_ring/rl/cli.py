@@ -12,7 +12,7 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="megatron-ring rl")
     ap.add_argument("--recipe", default="rl_stage1_tiny")
     for f in ("prompts", "init", "out", "tokenizer", "mode", "loss_agg", "engine", "weight_transport",
-              "weight_senders"):
+              "weight_senders", "sglang_router"):
         ap.add_argument(f"--{f.replace('_', '-')}", dest=f)
     for f in ("steps", "max_steps", "prompts_per_step", "samples_per_prompt", "max_new_tokens", "token_budget",
               "mini_batches", "eval_interval", "eval_limit", "eval_k", "save_interval", "reward_workers",

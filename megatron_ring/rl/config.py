@@ -42,6 +42,8 @@ class RLConfig:
     tis_cap: Optional[float] = None  # truncated importance sampling cap C (None: off)
     engine: str = "inprocess"  # inprocess | sglang (SGLang servers on GPUs, or serving/native.py's CPU servers)
     sglang_urls: list = field(default_factory=list)
+    sglang_router: Optional[str] = None  # URL of SGLang's router in front of sglang_urls (the job scripts start one
+    # for more than one server): the samples' /generate requests go there, one per sample
     sglang_colocated: bool = False  # the servers share the trainer's GPUs (weights by CUDA IPC, memory released)
     weight_transport: str = "auto"  # auto (inprocess | ipc when colocated | broadcast) | broadcast | ipc | disk
     weight_bucket_mb: int = 1024  # the weight sync moves at most this much (or one tensor) at a time

@@ -4,7 +4,10 @@ servers of ``serving/native.py`` that speak the same native API — one client f
 - ``generate``: one request per prompt (its K samples, so the server shares the prompt's prefix), spread over all
   servers by least in-flight requests (``inflight`` per server), each sample seeded ``seed + i * K + k`` (the K
   samples differ; a rerun reproduces them); a server's refusal surfaces with its own message and the prompt.
-- ``wait_ready``: every server answers ``/health`` before the first request.
+- ``router``: SGLang's router in front of the servers (``serving/router.py``; the job scripts start one for more
+  than one server): every sample is then its own request to it (the router takes one sampling-parameter set per
+  request; same seeds, so the same samples), and it balances them, cache-aware, over the servers.
+- ``wait_ready``: every server answers ``/health`` before the first request (and the router lists them all).
 - ``transport()``: how weights reach the servers (``rl/transport.py``): ``broadcast`` (separate rollout GPUs / CPU
   servers), ``ipc`` (servers colocated on the trainer's GPUs), ``disk`` (the explicit fallback)."""
 from __future__ import annotations
@@ -35,6 +38,12 @@ def generate_payload(prompts: list[list[int]], n: int, sp: SamplingParams, indic
     return {"input_ids": ids, "return_logprob": True, "sampling_params": params}
 
 
+def sample_payloads(prompt: list[int], n: int, sp: SamplingParams, index: int) -> list[dict]:
+    """``generate_payload`` of one prompt as n single-sample requests (what SGLang's router forwards)."""
+    body = generate_payload([prompt], n, sp, [index])
+    return [{"input_ids": list(prompt), "return_logprob": True, "sampling_params": p} for p in body["sampling_params"]]
+
+
 def parse_generate(out: list[dict], prompts: list[list[int]], n: int, tokenizer=None) -> list[Rollout]:
     res = []
     for j, o in enumerate(out):
@@ -53,7 +62,7 @@ class SGLangEngine:
     def __init__(self, urls: list[str], hf_config: dict, tokenizer=None, transport: str = "broadcast",
                  sync_dir: str | Path | None = None, master_addr: str | None = None, master_port: int | None = None,
                  inflight: int = 8, timeout: float = 3600.0, api_key: str | None = None, group=None,
-                 senders: str = "owners"):
+                 senders: str = "owners", router: str | None = None):
         if not urls:
             raise ValueError("engine sglang: no server URLs (--sglang-urls, or the job script starts them)")
         if transport not in TRANSPORTS:
@@ -65,12 +74,17 @@ class SGLangEngine:
         self.lock = threading.Lock()
         self._transport, self.group = None, group  # group: the trainer ranks' gloo group (ipc, disk, broadcast)
         self.senders = senders  # broadcast: every rank holding weights sends its own ("owners") or rank 0 all
+        self.router = router.rstrip("/") if router else None  # the samples' requests go there when set
 
     def wait_ready(self, timeout: float = 1800.0) -> None:
         from serving.health import wait_healthy
 
         for u in self.urls:
             wait_healthy(u, timeout=timeout)
+        if self.router:
+            from serving.router import wait_workers
+
+            wait_workers(self.router, len(self.urls), timeout=timeout)
 
     def health(self) -> bool:
         from serving.health import healthy
@@ -83,28 +97,36 @@ class SGLangEngine:
             self.busy[u] += 1
             return u
 
-    def _one(self, i: int, prompt: list[int], n: int, sp: SamplingParams) -> list[Rollout]:
-        u = self._pick()
+    def _one(self, i: int, prompt: list[int], n: int, sp: SamplingParams, k: int | None = None) -> list[Rollout]:
+        """Prompt i's n samples (or, through the router, its sample k alone)."""
         try:
-            out = post(u + "/generate", generate_payload([prompt], n, sp, [i]), self.timeout, self.key)
+            if k is not None:
+                out = [post(self.router + "/generate", sample_payloads(prompt, n, sp, i)[k], self.timeout, self.key)]
+            else:
+                u = self._pick()
+                try:
+                    out = post(u + "/generate", generate_payload([prompt], n, sp, [i]), self.timeout, self.key)
+                finally:
+                    with self.lock:
+                        self.busy[u] -= 1
         except EngineError as e:
-            raise EngineError(f"prompt {i} ({len(prompt)} tokens, max_new_tokens {sp.max_new_tokens}): {e}") from None
-        finally:
-            with self.lock:
-                self.busy[u] -= 1
-        rs = parse_generate(out, [prompt], n, self.tok)
+            raise EngineError(f"prompt {i}{'' if k is None else f' sample {k}'} ({len(prompt)} tokens, max_new_tokens "
+                              f"{sp.max_new_tokens}): {e}") from None
+        rs = parse_generate(out, [prompt], len(out) if k is not None else n, self.tok)
         for r in rs:
             r.prompt_index = i
         return rs
 
     def generate(self, prompts: list[list[int]], n: int, sp: SamplingParams,
                  should_stop: Callable[[], bool] | None = None) -> list[Rollout]:
-        """One request per prompt (its K samples), at most ``inflight`` per server. ``should_stop`` turning true
-        ends the wait: requests not yet sent are dropped, the ones in flight are left to the servers (preemption
-        stops them with the job), and ``Interrupted`` is raised."""
-        ex = ThreadPoolExecutor(len(self.urls) * self.inflight)
+        """One request per prompt (its K samples), at most ``inflight`` per server; through the router one per
+        sample, at most ``inflight`` prompts' worth per server. ``should_stop`` turning true ends the wait: requests
+        not yet sent are dropped, the ones in flight are left to the servers (preemption stops them with the job),
+        and ``Interrupted`` is raised."""
+        per = range(n) if self.router else [None]
+        ex = ThreadPoolExecutor(min(len(self.urls) * self.inflight * len(per), 1024))
         try:
-            futs = [ex.submit(self._one, i, p, n, sp) for i, p in enumerate(prompts)]
+            futs = [ex.submit(self._one, i, p, n, sp, k) for i, p in enumerate(prompts) for k in per]
             pending = set(futs)
             while pending:
                 done, pending = wait(pending, timeout=0.2, return_when=FIRST_EXCEPTION)

@@ -114,7 +114,7 @@ class RLState:
             eng = SGLangEngine(c.sglang_urls, self.recipe.hf_config, self.tok, transport_kind(c),
                                self.run / "weight_sync", os.environ.get("MEGATRON_RING_SYNC_ADDR") or
                                (socket.gethostname() if port else "127.0.0.1"), port, c.server_inflight,
-                               group=self.ctrl, senders=c.weight_senders)
+                               group=self.ctrl, senders=c.weight_senders, router=c.sglang_router)
             eng.wait_ready()
             return eng
         from .rollout import InProcessEngine
