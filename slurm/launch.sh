@@ -56,6 +56,7 @@ rank_env() {  # rank_env NPROC: exports, and lists them for the plan
 rdzv_port() { echo $((20000 + ${SLURM_JOB_ID:-0} % 10000)); }
 server_port() { echo $((30000 + ${SLURM_JOB_ID:-0} % 20000)); }
 sync_port() { echo $((50000 + ${SLURM_JOB_ID:-0} % 10000)); }
+router_port() { echo $((61000 + ${SLURM_JOB_ID:-0} % 2000 * 2)); }  # SGLang's router (+1: its metrics), 61000-64999
 
 job_server() {  # job_server HF_DIR CONTEXT: one SGLang server of the job on this node's GPUs (TP = all of them),
   # started on HF_DIR and waited for; sets SERVER_URL; stopped when the script exits
@@ -205,19 +206,29 @@ run_rl_stage() {
                --enable-memory-saver)
   export MEGATRON_RING_SYNC_ADDR; MEGATRON_RING_SYNC_ADDR=$(hosts | head -n 1)
   export MEGATRON_RING_SYNC_PORT; MEGATRON_RING_SYNC_PORT=$(sync_port)
+  # more than one server: SGLang's router on this (the batch) node takes the samples' requests (ROUTER=0: the
+  # client spreads them itself)
+  local router=() via=()
+  if [ "${#urls[@]}" -gt 1 ] && [ "${ROUTER:-1}" != 0 ]; then
+    router=("$PY" -m serving.router --worker-urls "${urls[@]}" --host 0.0.0.0 --port "$(router_port)")
+    via=(--sglang-router "http://$MEGATRON_RING_SYNC_ADDR:$(router_port)")
+  fi
   if [ "${PRINT_PLAN:-0}" = 1 ]; then
     plan "start=$RL_START out=$RL_OUT context=$RL_CONTEXT rollout_gpus_per_node=$rollout server_port=$port" \
-      "servers=$(IFS=,; echo "${urls[*]}") weight_sync=$MEGATRON_RING_SYNC_ADDR:$MEGATRON_RING_SYNC_PORT"
+      "servers=$(IFS=,; echo "${urls[*]}") weight_sync=$MEGATRON_RING_SYNC_ADDR:$MEGATRON_RING_SYNC_PORT" \
+      "router=${via[1]:-none}"
     [ -f "$hf/config.json" ] || plan_cmd "batch node: start checkpoint -> HF" "${convert[@]}"
     for host in $(hosts); do
       plan_cmd "node $host: rollout server" srun --overlap --nodes=1 --ntasks=1 -w "$host" "${serve[@]}"
     done
+    [ "${#router[@]}" -eq 0 ] || plan_cmd "batch node: router" "${router[@]}"
   else
     [ -f "$hf/config.json" ] || "${convert[@]}"
     for host in $(hosts); do
       srun --overlap --nodes=1 --ntasks=1 -w "$host" "${serve[@]}" &
     done
+    [ "${#router[@]}" -eq 0 ] || "${router[@]}" &
   fi
   NPROC=$((gpus - rollout)) TRAINER_GPUS="0:$((gpus - rollout))" STAGE_MEMORY=$memory \
-    run_stage rl --recipe "$RECIPE" --engine sglang --sglang-urls "${urls[@]}" "$@"
+    run_stage rl --recipe "$RECIPE" --engine sglang --sglang-urls "${urls[@]}" "${via[@]}" "$@"
 }

@@ -75,8 +75,22 @@ def test_rl_plan_two_nodes_trainers_and_servers_split_each_nodes_gpus():
     tr = cmds["every node: trainer"]
     assert tr[3].endswith("slurm/with_gpus.sh") and tr[4:6] == ["0", "4"] and "--nproc-per-node=4" in tr
     i = tr.index("--sglang-urls")
-    assert tr[i + 1:i + 3] == ["http://gpu1:34242", "http://gpu2:34242"] and tr[i + 3] == "--init"
+    urls = ["http://gpu1:34242", "http://gpu2:34242"]
+    assert tr[i + 1:i + 3] == urls and tr[i + 5] == "--init"
     assert tr[tr.index("--out") + 1] == "/scratch/ring/rl1"  # RL_ARGS reach the trainer too
+    # two servers: SGLang's router on the batch node takes the samples' requests, on a port (and the next one,
+    # its metrics) of its own range
+    rt = cmds["batch node: router"]
+    port = int(rt[rt.index("--port") + 1])
+    assert tr[i + 3:i + 5] == ["--sglang-router", f"http://gpu1:{port}"] and f["router"] == f"http://gpu1:{port}"
+    assert 61000 <= port < 64999 and not {port, port + 1} & ports
+    assert rt[1:3] == ["-m", "serving.router"] and rt[rt.index("--worker-urls") + 1:][:2] == urls
+    launcher = subprocess.run(rt + ["--print-command"], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    cmd = launcher.stdout.split()
+    assert cmd[1:3] == ["-m", "sglang_router.launch_router"] and cmd[cmd.index("--worker-urls") + 1:][:2] == urls
+    assert cmd[cmd.index("--prometheus-port") + 1] == str(port + 1) and cmd[cmd.index("--policy") + 1] == "cache_aware"
+    off = _cmds(_plan("rl_stage1.sh", 2, ROUTER="0").stdout)
+    assert "batch node: router" not in off and "--sglang-router" not in off["every node: trainer"]
 
 
 def test_rl_plan_one_node_is_refused_before_anything_starts():

@@ -315,7 +315,9 @@ def test_rl_with_two_cpu_servers_equals_the_in_process_engine_by_every_transport
     runs = {way: _rl(2, data, tiny["mcore"], tmp_path / way, 4, *srv, "--weight-transport", way,
                      "--weight-bucket-mb", "1")  # (the tiny model, 5 MB, in several buckets: both ranks assemble)
             for way in ("broadcast", "disk", "ipc")}
+    before = sum(_served(u) for u in servers)
     runs["router"] = _rl(2, data, tiny["mcore"], tmp_path / "router", 4, *srv, "--sglang-router", router)
+    assert sum(_served(u) for u in servers) - before >= 4 * 4 * 4  # one request per sample (4 steps x 4 x K=4)
     for way, s in runs.items():
         assert [r["step"] for r in s] == [0, 1, 2, 3, 4], way
         for ra, rs in zip(a, s):
