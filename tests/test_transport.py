@@ -52,6 +52,20 @@ def test_request_bodies_use_sglang_fields():
         assert not extra, f"serving/native.py {model.__name__} accepts fields SGLang's {cls} lacks: {extra}"
 
 
+def test_each_trainer_rank_meets_the_servers_on_its_own_host_and_port(monkeypatch):
+    """The job scripts' MEGATRON_RING_SYNC_PORT/ADDR: rank 0 at the named host, every other rank at its own host,
+    port + its rank (one group per sender); without them, 127.0.0.1 and a free port."""
+    import socket
+
+    from megatron_ring.rl.sglang_engine import sync_rendezvous
+
+    monkeypatch.delenv("MEGATRON_RING_SYNC_PORT", raising=False)
+    assert sync_rendezvous(0) == sync_rendezvous(3) == ("127.0.0.1", None)
+    monkeypatch.setenv("MEGATRON_RING_SYNC_PORT", "50042")
+    monkeypatch.setenv("MEGATRON_RING_SYNC_ADDR", "gpu1")
+    assert sync_rendezvous(0) == ("gpu1", 50042) and sync_rendezvous(3) == (socket.gethostname(), 50045)
+
+
 def test_ipc_serializer_one_entry_per_tp_rank():
     """Colocated servers: one serialized entry per server TP rank (SGLang indexes the list by its TP rank), each
     SGLang's MultiprocessingSerializer format (base64 of a ForkingPickler dump)."""

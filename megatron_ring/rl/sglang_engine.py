@@ -18,7 +18,7 @@ from typing import Callable
 from pathlib import Path
 
 from .rollout import Interrupted, Rollout, SamplingParams
-from .transport import EngineError, post
+from .http import EngineError, get as _get, post
 
 TRANSPORTS = ("broadcast", "ipc", "disk")
 
@@ -184,14 +184,24 @@ class SGLangEngine:
             self.transport().release_memory()
 
 
-def peer_transport(kind: str, sync_dir: str | Path, hf_config: dict, group, senders: str = "owners",
-                   sync_port: int | None = None):
-    """The part of the weight transport ``kind`` that the trainer ranks other than 0 run (rank 0's is the engine's
-    ``transport()``; collective with it): the disk transport's shard writer, the IPC transport's per-GPU serializer,
-    the broadcast transport's sender of this rank's own weights (``senders`` "owners"; its rendezvous on this host,
-    port ``sync_port`` + the rank when the job script set one); else None."""
+def sync_rendezvous(rank: int) -> tuple[str, int | None]:
+    """Trainer rank ``rank``'s rendezvous for its weight-update group with the servers: port
+    ``MEGATRON_RING_SYNC_PORT`` + rank on its own host (the job scripts set the port, and name rank 0's host in
+    ``MEGATRON_RING_SYNC_ADDR``); without one, 127.0.0.1 and a free port (None)."""
+    import os
     import socket
 
+    port = int(os.environ.get("MEGATRON_RING_SYNC_PORT", 0))
+    if not port:
+        return "127.0.0.1", None
+    return (os.environ.get("MEGATRON_RING_SYNC_ADDR") if rank == 0 else None) or socket.gethostname(), port + rank
+
+
+def peer_transport(kind: str, sync_dir: str | Path, hf_config: dict, group, senders: str = "owners"):
+    """The part of the weight transport ``kind`` that the trainer ranks other than 0 run (rank 0's is the engine's
+    ``transport()``; collective with it): the disk transport's shard writer, the IPC transport's per-GPU serializer,
+    the broadcast transport's sender of this rank's own weights (``senders`` "owners"; ``sync_rendezvous``);
+    else None."""
     import torch.distributed as dist
 
     from .transport import BroadcastTransport, DiskTransport, IPCTransport
@@ -201,22 +211,9 @@ def peer_transport(kind: str, sync_dir: str | Path, hf_config: dict, group, send
     if kind == "ipc":
         return IPCTransport(None, None, group=group)
     if kind == "broadcast" and senders == "owners":
-        rank = dist.get_rank()
-        return BroadcastTransport(None, None, socket.gethostname() if sync_port else "127.0.0.1",
-                                  sync_port + rank if sync_port else _free_port(), group=group)
+        addr, port = sync_rendezvous(dist.get_rank())
+        return BroadcastTransport(None, None, addr, port or _free_port(), group=group)
     return None
-
-
-def _get(url: str, timeout: float, api_key: str | None) -> dict:
-    import json
-    import urllib.request
-
-    req = urllib.request.Request(url, headers={"Authorization": f"Bearer {api_key}"} if api_key else {})
-    try:
-        with urllib.request.urlopen(req, timeout=timeout) as r:
-            return json.loads(r.read())
-    except OSError as e:
-        raise EngineError(f"{url}: {e}") from None
 
 
 def _free_port() -> int:

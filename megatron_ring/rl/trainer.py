@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import time
 from collections import defaultdict
 from pathlib import Path
@@ -105,15 +104,12 @@ class RLState:
     # --- rollout side (rank 0) -------------------------------------------------------------------------
     def _engine(self):
         if self.cfg.engine == "sglang":
-            import socket
-
-            from .sglang_engine import SGLangEngine
+            from .sglang_engine import SGLangEngine, sync_rendezvous
 
             c = self.cfg
-            port = int(os.environ.get("MEGATRON_RING_SYNC_PORT", 0)) or None  # (the job scripts derive one)
+            addr, port = sync_rendezvous(0)  # (the job scripts set the port)
             eng = SGLangEngine(c.sglang_urls, self.recipe.hf_config, self.tok, transport_kind(c),
-                               self.run / "weight_sync", os.environ.get("MEGATRON_RING_SYNC_ADDR") or
-                               (socket.gethostname() if port else "127.0.0.1"), port, c.server_inflight,
+                               self.run / "weight_sync", addr, port, c.server_inflight,
                                group=self.ctrl, senders=c.weight_senders, router=c.sglang_router)
             eng.wait_ready()
             return eng
@@ -263,7 +259,7 @@ class RLState:
         if not hasattr(self, "_tr"):  # (made once: the IPC transport makes process groups; collective)
             self._tr = self.engine.transport() if self.rank0 else peer_transport(
                 transport_kind(self.cfg), self.run / "weight_sync", self.recipe.hf_config, self.ctrl,
-                self.cfg.weight_senders, int(os.environ.get("MEGATRON_RING_SYNC_PORT", 0)) or None)
+                self.cfg.weight_senders)
         tr = self._tr
         if tr is not None:
             tr.begin(version)

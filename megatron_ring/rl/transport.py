@@ -28,49 +28,15 @@ import json
 import shutil
 import threading
 import time
-import urllib.error
-import urllib.request
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future
 from pathlib import Path
 from typing import Protocol
 
 import torch
 
+from .http import EngineError, post, post_all  # noqa: F401 (the servers' requests; EngineError re-exported)
+
 GROUP = "megatron_ring_weights"
-
-
-class EngineError(RuntimeError):
-    """A rollout server refused or failed a request (its own message attached)."""
-
-
-def post(url: str, payload: dict | None = None, timeout: float = 600.0, api_key: str | None = None) -> dict:
-    """POST JSON; an HTTP error carries the server's message (SGLang answers 400 with {"message": ...})."""
-    headers = {"Content-Type": "application/json"}
-    if api_key:
-        headers["Authorization"] = f"Bearer {api_key}"
-    req = urllib.request.Request(url, data=json.dumps(payload or {}).encode(), headers=headers)
-    try:
-        with urllib.request.urlopen(req, timeout=timeout) as r:
-            body = r.read()
-    except urllib.error.HTTPError as e:
-        text = e.read().decode(errors="replace")
-        try:
-            text = json.loads(text).get("message") or json.loads(text).get("error") or text
-        except (ValueError, AttributeError):
-            pass
-        raise EngineError(f"{url}: HTTP {e.code}: {str(text)[:2000]}") from None
-    except OSError as e:
-        raise EngineError(f"{url}: {e}") from None
-    out = json.loads(body) if body else {}
-    if isinstance(out, dict) and out.get("success") is False:
-        raise EngineError(f"{url}: {out.get('message')}")
-    return out
-
-
-def post_all(urls: list[str], path: str, body: dict, timeout: float, api_key: str | None) -> list:
-    """The same request to every server, concurrently."""
-    with ThreadPoolExecutor(max(1, len(urls))) as ex:
-        return list(ex.map(lambda u: post(u + path, body, timeout, api_key), urls))
 
 
 class WeightTransport(Protocol):
