@@ -136,6 +136,14 @@ def _wait_unless_refused(done, futs: list[Future], what: str) -> None:
             raise EngineError(f"{what}: {f.exception()}") from f.exception()
 
 
+def _completed(works: list) -> bool:
+    """Whether every one of ``works`` is complete; the ones found complete are dropped from the list, so a poll
+    asks only the first unfinished one (a bucket has hundreds, and the poller shares the CPU with the send)."""
+    while works and works[0].is_completed():
+        works.pop(0)
+    return not works
+
+
 class BroadcastTransport:
     """SGLang's broadcast path. Without ``group``: trainer rank 0 sends every bucket (it assembles them all). With
     ``group`` (a gloo group of all trainer ranks; ``spread``): every rank that holds weights sends the buckets it
@@ -194,7 +202,8 @@ class BroadcastTransport:
         works = [dist.broadcast(t, src=0, group=self.group, async_op=True) for _, t in named]
         # a refusal (the server never joins) ends the sync with its message instead of a broadcast hung until the
         # group's timeout; the group is then unusable, and the trainer stops
-        _wait_unless_refused(lambda: all(w.is_completed() for w in works) and all(f.done() for f in futs), futs,
+        pending = list(works)
+        _wait_unless_refused(lambda: _completed(pending) and all(f.done() for f in futs), futs,
                              f"weight update v{self.version} ({len(named)} tensors)")
         for w in works:
             w.wait()
