@@ -212,6 +212,7 @@ def main() -> int:
                 res[way] = json.loads(out.read_text())["runs"]
                 rec.terminate()
                 rec.wait(timeout=30)
+            os.sync()  # the disk ways' written-back pages flushed here, not on the CPU of the way measured next
         n = _params(cfg)
         base = sorted(res["disk"][1:], key=lambda r: r["seconds"])[len(res["disk"][1:]) // 2] if "disk" in res else None
         for way, label in (("disk", f"disk (before, {BEFORE})"), ("disk-now", "disk transport, parallel writers (now)"),
