@@ -5,7 +5,7 @@
 Downloads the SGLang wheel without dependencies (it pins its own torch; nothing is installed), reads the request
 classes from ``sglang/srt/managers/io_struct.py`` and ``sglang/srt/sampling/sampling_params.py`` with ``ast``
 (no import), and writes ``tests/data/sglang_api.json``: per class, each field and whether it has a default.
-tests/test_transport.py checks every payload we build, and the CPU server's request models, against it. Run it
+tests/test_transport_parts.py checks every payload we build, and the CPU server's request models, against it. Run it
 when the ``gpu`` extra's SGLang pin moves."""
 from __future__ import annotations
 

@@ -18,7 +18,7 @@ with ``spread = True`` (runs on every trainer rank, gets the buckets that rank a
   ``/update_weights_from_disk``; the previous version's folder is removed.
 
 Request bodies use the field names of SGLang's request classes (``sglang.srt.managers.io_struct``, checked in
-tests/test_transport.py against the pinned release's source)."""
+tests/test_transport_parts.py against the pinned release's source)."""
 from __future__ import annotations
 
 import base64

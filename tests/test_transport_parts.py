@@ -1,0 +1,122 @@
+"""The rollout client's parts that need no server: request bodies against the pinned SGLang's own request classes,
+each trainer rank's weight-update rendezvous, the IPC serializer, the in-process transport's refusals, and the
+context refused before any server starts."""
+import json
+import subprocess
+from pathlib import Path
+
+import pytest
+import torch
+
+from megatron_ring.rl import transport as T
+from megatron_ring.rl.rollout import SamplingParams
+from megatron_ring.rl.sglang_engine import abort_payload, generate_payload
+
+from .conftest import PY, ROOT
+from .test_rl_trainer import data  # noqa: F401 (the RL prompt data fixture)
+from .test_transport import _reference
+
+API = json.loads((Path(__file__).parent / "data" / "sglang_api.json").read_text())["classes"]
+
+
+def _fits(payload: dict, cls: str) -> None:
+    fields = {**API[cls], **API["BaseReq"]}
+    assert set(payload) <= set(fields), f"{cls}: SGLang has no field(s) {sorted(set(payload) - set(fields))}"
+    required = {f for f, has_default in API[cls].items() if not has_default}
+    assert required <= set(payload), f"{cls}: required field(s) missing {sorted(required - set(payload))}"
+
+
+def test_request_bodies_use_sglang_fields():
+    """Every body we send, and every field the CPU server accepts, exists in the pinned SGLang's request class."""
+    from serving import native
+
+    t = torch.zeros(2, 3, dtype=torch.bfloat16)
+    g = generate_payload([[1, 2]], 2, SamplingParams(max_new_tokens=4, seed=1))
+    _fits(g, "GenerateReqInput")
+    for sp in g["sampling_params"]:
+        assert set(sp) <= set(API["SamplingParams"]), sorted(set(sp) - set(API["SamplingParams"]))
+    _fits(T.init_group_payload("h", 1, 1, 3, "nccl"), "InitWeightsUpdateGroupReqInput")
+    d = T.distributed_payload([("a", t)], 3)
+    _fits(d, "UpdateWeightsFromDistributedReqInput")
+    assert d["dtypes"] == ["bfloat16"] and d["shapes"] == [[2, 3]] and d["weight_version"] == "3"
+    _fits(T.tensor_payload(["x", "y"], 3), "UpdateWeightsFromTensorReqInput")
+    _fits(T.disk_payload("/p", 3), "UpdateWeightFromDiskReqInput")
+    _fits({"tags": ["weights"]}, "ResumeMemoryOccupationReqInput")
+    _fits(abort_payload(), "AbortReq")
+    models = {native.GenerateReq: "GenerateReqInput", native.Sampling: "SamplingParams",
+              native.InitGroupReq: "InitWeightsUpdateGroupReqInput", native.DiskReq: "UpdateWeightFromDiskReqInput",
+              native.DistributedReq: "UpdateWeightsFromDistributedReqInput",
+              native.MemoryReq: "ReleaseMemoryOccupationReqInput", native.TensorReq: "UpdateWeightsFromTensorReqInput",
+              native.AbortReq: "AbortReq"}
+    for model, cls in models.items():
+        extra = set(model.model_fields) - set(API[cls]) - set(API["BaseReq"]) - native.ROUTER_ONLY
+        assert not extra, f"serving/native.py {model.__name__} accepts fields SGLang's {cls} lacks: {extra}"
+
+
+def test_each_trainer_rank_meets_the_servers_on_its_own_host_and_port(monkeypatch):
+    """The job scripts' MEGATRON_RING_SYNC_PORT/ADDR: rank 0 at the named host, every other rank at its own host,
+    port + its rank (one group per sender); without them, 127.0.0.1 and a free port."""
+    import socket
+
+    from megatron_ring.rl.sglang_engine import sync_rendezvous
+
+    monkeypatch.delenv("MEGATRON_RING_SYNC_PORT", raising=False)
+    assert sync_rendezvous(0) == sync_rendezvous(3) == ("127.0.0.1", None)
+    monkeypatch.setenv("MEGATRON_RING_SYNC_PORT", "50042")
+    monkeypatch.setenv("MEGATRON_RING_SYNC_ADDR", "gpu1")
+    assert sync_rendezvous(0) == ("gpu1", 50042) and sync_rendezvous(3) == (socket.gethostname(), 50045)
+
+
+def test_ipc_serializer_one_entry_per_tp_rank():
+    """Colocated servers: one serialized entry per server TP rank (SGLang indexes the list by its TP rank), each
+    SGLang's MultiprocessingSerializer format (base64 of a ForkingPickler dump)."""
+    import base64
+    import pickle
+
+    blob = T.serialize_for_ipc([("w", torch.arange(6.0).reshape(2, 3))])
+    body = T.tensor_payload([blob] * 4, 5)
+    assert len(body["serialized_named_tensors"]) == 4
+    (name, t), = pickle.loads(base64.b64decode(blob))  # (CPU tensors: shared memory; CUDA ones: IPC handles)
+    assert name == "w" and torch.equal(t, torch.arange(6.0).reshape(2, 3))
+
+
+def test_inprocess_transport_refuses_a_partial_or_unknown_update(tiny):
+    from megatron_ring.convert.hf_io import read_hf_state
+
+    state = read_hf_state(tiny["export"])
+    eng = _reference(tiny, state)
+    tr = eng.transport()
+    tr.begin(1)
+    tr.bucket(list(state.items())[:-1])
+    with pytest.raises(RuntimeError, match="not sent"):
+        tr.end()
+    tr.begin(2)
+    with pytest.raises(RuntimeError, match="no such parameter"):
+        tr.bucket([("model.layers.0.mlp.experts.99.up_proj.weight", torch.zeros(1))])
+
+
+def test_context_beyond_the_positions_is_refused_before_any_server_starts(tiny, data):  # noqa: F811
+    """`rl --print-launch` (what the job script asks before it starts the servers): prompt + max_new_tokens
+    past the model's max_position_embeddings (2048 in the tiny config) is refused naming both, unless the recipe
+    allows it; the ling_lite recipes do (the paper's 24K/32K RL on a 16,384-position config)."""
+    from megatron_ring.config.recipe import load_recipe
+    from megatron_ring.rl.config import ContextTooLong, rl_config, rollout_context
+
+    def ctx(*extra):
+        return subprocess.run([PY, "-m", "megatron_ring.cli", "rl", "--recipe", "rl_stage1_tiny", "--init",
+                               str(tiny["mcore"]), "--print-launch", *extra], cwd=ROOT, capture_output=True,
+                              text=True, timeout=120)
+
+    ok = ctx()
+    got = dict(ln.split("=", 1) for ln in ok.stdout.splitlines())
+    assert ok.returncode == 0 and got["RL_CONTEXT"] == str(1024 + 192) and got["RL_BEYOND_POSITIONS"] == "0", ok
+    assert got["RL_START"] == str(tiny["mcore"])
+    bad = ctx("--max-new-tokens", "1500")
+    assert bad.returncode == 2 and "2524 tokens exceed the model's max_position_embeddings 2048" in bad.stderr
+    published = json.loads((Path(__file__).parent / "data" / "published_configs" / "ring-lite.chat.config.json").read_text())
+    for stage, need in (("rl_stage1_ling_lite", 2048 + 24576), ("rl_stage2_ling_lite", 2048 + 32768)):
+        cfg = rl_config(load_recipe(stage))
+        assert rollout_context(cfg, published) == need > published["max_position_embeddings"]
+        cfg.context_beyond_positions = False
+        with pytest.raises(ContextTooLong, match="context_beyond_positions"):
+            rollout_context(cfg, published)
