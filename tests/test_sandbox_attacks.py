@@ -202,30 +202,40 @@ def test_concurrent_sandboxes_run_as_distinct_host_uids(sandbox):
     """As root, each sandbox running at the same time is another host uid (>= UID_BASE), seen from the host."""
     if os.geteuid() != 0:
         pytest.skip("distinct host uids need root (one uid for all otherwise: said by Sandbox.describe())")
-    seen: dict[str, set[int]] = {}
-    stop = threading.Event()
 
-    def watch():
-        while not stop.is_set():
-            for d in Path("/proc").iterdir():
-                try:
-                    uid = (d / "status").stat().st_uid
-                    if d.name.isdigit() and uid >= UID_BASE:
-                        seen.setdefault(os.readlink(d / "ns" / "pid"), set()).add(uid)
-                except OSError:
-                    pass
-            time.sleep(0.02)
+    def three_at_once() -> dict[str, set[int]]:
+        seen: dict[str, set[int]] = {}
+        stop = threading.Event()
 
-    t = threading.Thread(target=watch)
-    t.start()
-    with ThreadPoolExecutor(3) as ex:
-        # (2 s each: on a loaded 2-core machine the watcher thread once missed a 1 s sandbox entirely)
-        list(ex.map(lambda _: sandbox.run("import time\ntime.sleep(2)"), range(3)))
-    stop.set()
-    t.join()
-    seen.pop(os.readlink("/proc/self/ns/pid"), None)  # bubblewrap's own monitor processes, beside us
-    assert len(seen) == 3, seen  # three PID namespaces ...
-    assert all(len(u) == 1 for u in seen.values()) and len(set.union(*seen.values())) == 3, seen  # ... three uids
+        def watch():
+            while not stop.is_set():
+                for d in Path("/proc").iterdir():
+                    try:
+                        uid = (d / "status").stat().st_uid
+                        if d.name.isdigit() and uid >= UID_BASE:
+                            seen.setdefault(os.readlink(d / "ns" / "pid"), set()).add(uid)
+                    except OSError:
+                        pass
+                time.sleep(0.02)
+
+        t = threading.Thread(target=watch)
+        t.start()
+        with ThreadPoolExecutor(3) as ex:  # (2 s each: on a loaded 2-core machine a 1 s sandbox was once missed)
+            runs = list(ex.map(lambda _: sandbox.run("import time\ntime.sleep(2)"), range(3)))
+        stop.set()
+        t.join()
+        assert [r.status for r in runs] == ["ok"] * 3, runs
+        seen.pop(os.readlink("/proc/self/ns/pid"), None)  # bubblewrap's own monitor processes, beside us
+        return seen
+
+    # every sandbox seen has one uid, and no two share one; a loaded machine's watcher has missed one of the three
+    # (seen in CI: two namespaces), so up to three rounds until a round sees all three
+    for _ in range(3):
+        seen = three_at_once()
+        assert all(len(u) == 1 for u in seen.values()) and len(set().union(*seen.values())) == len(seen), seen
+        if len(seen) == 3:  # three PID namespaces, three uids
+            break
+    assert len(seen) == 3, seen
 
 
 def test_the_tree_is_limited_as_a_whole_where_cgroups_exist(sandbox):

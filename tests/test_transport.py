@@ -217,6 +217,7 @@ def test_rollouts_through_sglang_router_equal_the_direct_ones(tiny, servers, rou
     from megatron_ring.tokenizer.tiny import load_tokenizer
 
     tok = load_tokenizer(tiny["export"])
+    SGLangEngine(servers, {}, tok, "disk").load_from_disk(tiny["export"])  # (both alike: the IPC test updates one)
     prompts = [[5 + i, 6, 7 + 2 * i, 8] for i in range(6)]
     sp = SamplingParams(max_new_tokens=10, temperature=1.0, seed=5)
     direct = SGLangEngine(servers, {}, tok).generate(prompts, 3, sp)
