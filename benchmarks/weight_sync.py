@@ -48,6 +48,7 @@ def receiver(port_file: str) -> None:
 
             self.model_path, self.version, self.context, self.groups = "", "default", 1 << 20, {}
             self.lock, self.weight_ops, self.bytes, self.free = threading.Lock(), threading.Lock(), 0, {}
+            self.served = 0
 
         def _empty(self, shape, dtype):  # receive buffers reused, as the GPU caching allocator gives SGLang's
             free = self.free.get((tuple(shape), dtype))  # torch.empty (fresh pages cost ~half the receive on a CPU)

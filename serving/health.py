@@ -6,6 +6,7 @@ import subprocess
 import time
 import urllib.request
 from pathlib import Path
+from typing import Callable
 
 
 def healthy(url: str, timeout: float = 5.0, path: str = "/health") -> bool:
@@ -16,17 +17,26 @@ def healthy(url: str, timeout: float = 5.0, path: str = "/health") -> bool:
         return False
 
 
-def wait_healthy(url: str, proc: subprocess.Popen | None = None, timeout: float = 1800.0, path: str = "/health",
-                 interval: float = 2.0) -> None:
-    """Until ``url + path`` answers 200; fails early when ``proc`` (the server) exits."""
+def wait_until(ready: Callable[[], bool], proc: subprocess.Popen | None, timeout: float, interval: float,
+               exited: str, late: str) -> None:
+    """Until ``ready()``; a RuntimeError (``exited``, with the exit code) as soon as ``proc`` exits, a TimeoutError
+    (``late``) after ``timeout`` seconds."""
     t0 = time.time()
     while time.time() - t0 < timeout:
         if proc is not None and proc.poll() is not None:
-            raise RuntimeError(f"server {proc.args} exited with code {proc.returncode} before answering {url}{path}")
-        if healthy(url, path=path):
+            raise RuntimeError(exited.format(code=proc.returncode))
+        if ready():
             return
         time.sleep(interval)
-    raise TimeoutError(f"server at {url} not answering {path} after {timeout:.0f} s")
+    raise TimeoutError(late)
+
+
+def wait_healthy(url: str, proc: subprocess.Popen | None = None, timeout: float = 1800.0, path: str = "/health",
+                 interval: float = 2.0) -> None:
+    """Until ``url + path`` answers 200; fails early when ``proc`` (the server) exits."""
+    wait_until(lambda: healthy(url, path=path), proc, timeout, interval,
+               f"server {proc.args if proc else None} exited with code {{code}} before answering {url}{path}",
+               f"server at {url} not answering {path} after {timeout:.0f} s")
 
 
 def bound_port(port_file: str | Path, proc: subprocess.Popen, interval: float = 0.1) -> int:

@@ -300,7 +300,7 @@ def create_app(server: Server) -> FastAPI:
     @app.get("/get_server_info")
     async def server_info():
         return JSONResponse({"tp_size": 1, "context_length": server.context, "model_path": server.model_path,
-                             "weight_version": server.version, "generate_requests": getattr(server, "served", 0)})
+                             "weight_version": server.version, "generate_requests": server.served})
 
     @app.post("/generate")
     async def generate(req: GenerateReq):

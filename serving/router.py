@@ -72,22 +72,19 @@ def launch(router: SGLangRouter, log_path: str | None = None, wait: bool = True,
 def wait_workers(url: str, n: int, proc=None, timeout: float = 1800.0) -> None:
     """Until the router at ``url`` lists ``n`` healthy workers (``GET /workers``)."""
     import json
-    import time
     import urllib.request
 
-    end = time.monotonic() + timeout
-    while True:
-        if proc is not None and proc.poll() is not None:
-            raise RuntimeError(f"router exited ({proc.returncode}) before its {n} workers were registered")
+    from .health import wait_until
+
+    def ready() -> bool:
         try:
             ws = json.loads(urllib.request.urlopen(url + "/workers", timeout=10).read()).get("workers", [])
-            if sum(bool(w.get("is_healthy")) for w in ws) >= n:
-                return
         except OSError:
-            pass
-        if time.monotonic() > end:
-            raise TimeoutError(f"router {url}: {n} healthy workers not registered within {timeout:.0f} s")
-        time.sleep(0.2)
+            return False
+        return sum(bool(w.get("is_healthy")) for w in ws) >= n
+
+    wait_until(ready, proc, timeout, 0.2, f"router exited ({{code}}) before its {n} workers were registered",
+               f"router {url}: {n} healthy workers not registered within {timeout:.0f} s")
 
 
 def main(argv=None) -> int:
