@@ -4,15 +4,18 @@ Each entry of ``tests/mutants.yaml`` names a file, an exact text in it and its r
 the tests that claim to guard against it. For each, the tree is copied to a scratch folder (tracked and untracked
 files, no venv), the bug is planted there, and the tests run against the copy (it comes first on PYTHONPATH).
 A mutant is *caught* when the tests fail. Prints a table planted -> caught by; exit 1 if any survives or a
-planted text is no longer in its file (the list must follow the code).
+planted text is no longer in its file (the list must follow the code). ``--jobs N`` (default: 2, the CI machine's
+cores) runs N mutants at a time, each in a scratch copy of its own.
 """
 from __future__ import annotations
 
 import os
+import queue
 import shutil
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -47,26 +50,52 @@ def run_mutant(m: dict, scratch: Path) -> tuple[str, float, str]:
 
 
 def main(argv: list[str]) -> int:
+    jobs = 2
+    if argv[:1] == ["--jobs"]:
+        jobs, argv = int(argv[1]), argv[2:]
     mutants = yaml.safe_load((ROOT / "tests" / "mutants.yaml").read_text())
     if argv:
+        unknown = set(argv) - {m["id"] for m in mutants}
+        if unknown:
+            raise SystemExit(f"mutants: no such id in tests/mutants.yaml: {sorted(unknown)}")
         mutants = [m for m in mutants if m["id"] in argv]
-    rows, bad = [], 0
-    with tempfile.TemporaryDirectory(prefix="mutants-") as d:
-        scratch = Path(d)
-        copy_tree(scratch)
-        where = subprocess.run([sys.executable, "-c", "import megatron_ring; print(megatron_ring.__file__)"],
-                               cwd=scratch, env={**os.environ, "PYTHONPATH": str(scratch)}, capture_output=True,
-                               text=True).stdout
-        if not where.startswith(str(scratch)):
-            raise SystemExit(f"mutants: megatron_ring imports from {where!r}, not the scratch copy")
-        for m in mutants:
-            verdict, secs, detail = run_mutant(m, scratch)
-            bad += verdict != "caught"
-            rows.append((m["id"], m["bug"], verdict, " ".join(m["tests"]), f"{secs:.0f}", detail))
-            print(f"{m['id']}: {verdict} ({secs:.0f} s) {detail}", flush=True)
+    todo: queue.Queue = queue.Queue()
+    for i, m in enumerate(mutants):
+        todo.put((i, m))
+    rows: dict[int, tuple] = {}
+    lock = threading.Lock()
+    t_all = time.time()
+
+    def worker():
+        with tempfile.TemporaryDirectory(prefix="mutants-") as d:
+            scratch = Path(d)
+            copy_tree(scratch)
+            where = subprocess.run([sys.executable, "-c", "import megatron_ring; print(megatron_ring.__file__)"],
+                                   cwd=scratch, env={**os.environ, "PYTHONPATH": str(scratch)}, capture_output=True,
+                                   text=True).stdout
+            if not where.startswith(str(scratch)):
+                raise SystemExit(f"mutants: megatron_ring imports from {where!r}, not the scratch copy")
+            while True:
+                try:
+                    i, m = todo.get_nowait()
+                except queue.Empty:
+                    return
+                verdict, secs, detail = run_mutant(m, scratch)
+                with lock:
+                    rows[i] = (m["id"], m["bug"], verdict, " ".join(m["tests"]), f"{secs:.0f}", detail)
+                    print(f"{m['id']}: {verdict} ({secs:.0f} s) {detail}", flush=True)
+
+    threads = [threading.Thread(target=worker) for _ in range(max(1, min(jobs, len(mutants))))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    bad = sum(r[2] != "caught" for r in rows.values()) + len(mutants) - len(rows)
     print("\n| mutant | planted bug | verdict | caught by | s | tests' last line |\n|---|---|---|---|---|---|")
-    for r in rows:
-        print("| " + " | ".join(str(c).replace("|", "/") for c in r) + " |")
+    for i in sorted(rows):
+        print("| " + " | ".join(str(c).replace("|", "/") for c in rows[i]) + " |")
+    caught = sum(r[2] == "caught" for r in rows.values())
+    print(f"\n{caught} of {len(mutants)} mutants caught ({jobs} at a time, {time.time() - t_all:.0f} s)")
     return 1 if bad else 0
 
 

@@ -40,14 +40,96 @@ def torchrun(script: str, nproc: int, *args, timeout=600) -> subprocess.Complete
     return r
 
 
-@pytest.fixture(scope="session")
-def tiny(tmp_path_factory):
-    """A random tiny HF checkpoint (with tokenizer), its megatron dist checkpoint, and the export back."""
-    d = tmp_path_factory.mktemp("tiny")
+def shared(tmp_path_factory, name: str, build) -> Path:
+    """An expensive artefact built once per test session and shared: the folder ``name`` under the session's
+    temporary root, filled by ``build(folder)``. Under pytest-xdist every worker asks for it; the first one builds
+    it (the others wait on a file lock) and all use the same folder, so the artefact is built once per run, not
+    once per worker or module. A build that fails leaves nothing marked done (the next asker tries again)."""
+    from filelock import FileLock
+
+    base = tmp_path_factory.getbasetemp()
+    root = base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
+    d = root / f"shared-{name}"
+    with FileLock(str(d) + ".lock"):
+        if not (d / ".built").exists():
+            if d.exists():
+                import shutil
+
+                shutil.rmtree(d)
+            d.mkdir(parents=True)
+            build(d)
+            (d / ".built").touch()
+    return d
+
+
+def _build_tiny(d: Path) -> None:
     cli("init", "--recipe", "tiny", "--out", d / "hf", "--seed", "3")
     cli("convert", "hf-to-mcore", "--hf", d / "hf", "--out", d / "mcore")
     cli("convert", "mcore-to-hf", "--ckpt", d / "mcore", "--out", d / "hf_export", "--tokenizer", d / "hf")
+
+
+def world(nproc: int, cases: list[dict], d: Path, timeout=900) -> dict[str, str]:
+    """One torchrun launch of ``nproc`` ranks running ``cases`` in turn (tests/mp/worlds.py): where several tests need
+    the same world size only to check different layouts or properties, they share the launch and each still gets
+    its own pytest result through :func:`case_ok`. Returns {case id: "ok" | what went wrong} (every case present)."""
+    d.mkdir(parents=True, exist_ok=True)
+    (d / "plan.json").write_text(json.dumps(cases, default=str))
+    cmd = [PY, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}", "--standalone", str(MP / "worlds.py"),
+           str(d / "plan.json"), str(d / "report")]
+    try:
+        r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout,
+                           env=dict(os.environ, OMP_NUM_THREADS="1"))
+        tail = f"(torchrun exit {r.returncode})\n{r.stdout[-2000:]}\n{r.stderr[-6000:]}"
+    except subprocess.TimeoutExpired as e:
+        tail = f"(the world timed out after {timeout} s)\n{str(e.stderr or '')[-6000:]}"
+    ranks = [json.loads(f.read_text()) for f in sorted(d.glob("report.rank*.json"))]
+    out = {}
+    for c in cases:
+        said = [rk.get(c["id"]) for rk in ranks]
+        bad = [x for x in said if x not in (None, "ok")]
+        if bad:
+            out[c["id"]] = f"{bad[0]}\n{tail}"
+        elif len(ranks) == nproc and all(x == "ok" for x in said):
+            out[c["id"]] = "ok"
+        else:
+            out[c["id"]] = f"not run (an earlier case of the same world failed, or the world died)\n{tail}"
+    return out
+
+
+def case_ok(results: dict[str, str], case_id: str) -> None:
+    """Fail this test with its case's own error when the shared world's case did not pass."""
+    if results[case_id] != "ok":
+        raise AssertionError(f"case {case_id} of the shared torchrun world: {results[case_id]}")
+
+
+@pytest.fixture(scope="session")
+def tiny(tmp_path_factory):
+    """A random tiny HF checkpoint (with tokenizer), its megatron dist checkpoint, and the export back."""
+    d = shared(tmp_path_factory, "tiny", _build_tiny)
     return {"root": d, "hf": d / "hf", "mcore": d / "mcore", "export": d / "hf_export"}
+
+
+RL_DATA_SIZES = {"eval": {"math": 8, "code": 4, "science": 4}, "rl_stage1": {"math": 40},
+                 "rl_stage2": {"code": 8, "science": 8}, "sft": 100}
+
+
+@pytest.fixture(scope="session")
+def data(tmp_path_factory):
+    """The small embedded default data set the RL tests read (prompts, tokenizer, eval sets)."""
+    from data_tools.default import build_default
+
+    return shared(tmp_path_factory, "rldata", lambda d: build_default(d, seed=3, seq_len=256, sizes=RL_DATA_SIZES))
+
+
+@pytest.fixture(scope="session")
+def packed(tmp_path_factory):
+    """The SFT tests' packed data (400 rows of the embedded default, sequences of 256)."""
+    from data_tools.default import build_default
+
+    sizes = {"eval": {"math": 10, "code": 5, "science": 5}, "rl_stage1": {"math": 10},
+             "rl_stage2": {"code": 5, "science": 5}, "sft": 400}
+    d = shared(tmp_path_factory, "sftdata", lambda d: build_default(d, seed=2, seq_len=256, sizes=sizes))
+    return d / "sft" / "packed.parquet"
 
 
 def teach_tiny(tiny: dict, chats: list[tuple[str, str]], d: Path, steps: int = 120, lr: float = 3e-3) -> Path:
@@ -89,3 +171,53 @@ def teach_tiny(tiny: dict, chats: list[tuple[str, str]], d: Path, steps: int = 1
 
 def read_json(p):
     return json.loads(Path(p).read_text())
+
+
+# ---------------------------------------------------------------- running on both cores (pytest-xdist)
+# scripts/test.sh runs the suite on 2 pytest-xdist workers. Each module is one unit of work, run whole by one worker
+# (its module fixtures are built once); modules that must not run beside each other share a unit (TOGETHER). Units
+# are handed out longest first (MODULE_SECONDS: measured on the 2-core CI machine, rounded), so the two workers end
+# at about the same time; a module missing from the table counts as short. (xdist's own `loadgroup` marks do not
+# group under pytest 9, which no longer reads the node id xdist rewrites: the scheduler below groups instead.)
+TOGETHER = {  # the sandbox tests look for *any* sandbox process / uid / SysV segment on the host: one worker runs them
+    "test_sandbox_attacks": "sandbox", "test_rewards": "sandbox", "test_eval": "sandbox",
+}
+MODULE_SECONDS = {  # wall seconds of each module alone (2-core CI machine; the shared artefacts counted once)
+    "test_transport": 300, "test_rl_trainer": 300, "test_slurm": 260, "test_sft_trainer": 200, "test_eval": 120,
+    "test_published_configs": 130, "test_train_step": 100, "test_serving": 120, "test_conversion_memory": 95,
+    "test_weight_sync": 70, "test_hf_compat": 70, "test_slurm_plan": 70, "test_sandbox_attacks": 60,
+    "test_rl_loss": 50, "test_parallel_parity": 45, "test_memory_plan": 60, "test_conversion": 60,
+    "test_gpu_check": 40, "test_rewards": 30, "test_transport_parts": 30,
+}
+
+
+def _unit(nodeid: str) -> str:
+    module = nodeid.split("::", 1)[0].rsplit("/", 1)[-1].removesuffix(".py")
+    return TOGETHER.get(module, module)
+
+
+def pytest_collection_modifyitems(config, items):
+    cost: dict[str, float] = {}
+    for m in {it.nodeid.split("::", 1)[0] for it in items}:
+        name = m.rsplit("/", 1)[-1].removesuffix(".py")
+        cost[_unit(m)] = cost.get(_unit(m), 0.0) + MODULE_SECONDS.get(name, 1.0)
+    first: dict[str, int] = {}
+    for i, it in enumerate(items):
+        first.setdefault(_unit(it.nodeid), i)
+    items.sort(key=lambda it: (-cost[_unit(it.nodeid)], first[_unit(it.nodeid)]))  # stable: a module keeps its order
+
+
+def pytest_xdist_make_scheduler(config, log):
+    from xdist.scheduler import LoadScopeScheduling
+
+    class ByUnit(LoadScopeScheduling):
+        """xdist's loadscope with the units above as scopes, in the collection's (longest-first) order."""
+
+        def __init__(self, config, log=None):
+            super().__init__(config, log)
+            config.option.loadscopereorder = False
+
+        def _split_scope(self, nodeid: str) -> str:
+            return _unit(nodeid)
+
+    return ByUnit(config, log)

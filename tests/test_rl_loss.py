@@ -1,11 +1,15 @@
 """The megatron side of the C3PO step: micro-batched and distributed (TP vocab-parallel, EP x DP) loss
 equal to the whole-batch reference formula with π_old ≠ π_θ (ratios away from 1, some clipped), and its gradient
-norm equal to autograd of that formula on the HF model; entropy equal to the full-logits entropy; weight sync exact."""
+norm equal to autograd of that formula on the HF model; entropy equal to the full-logits entropy; weight sync exact.
+The cases of one world size share a torchrun launch (conftest.world); each is still its own test."""
 import json
 
 import pytest
 
-from .conftest import cli, torchrun
+from .conftest import case_ok, cli, world
+
+CASES = [("c3po", 1, ["--agg", "c3po"]), ("grpo", 1, ["--agg", "seq-mean-token-mean"]),
+         ("tp2", 2, ["--tp", "2"]), ("ep2_dp2", 2, ["--ep", "2"])]
 
 
 @pytest.fixture(scope="module")
@@ -16,18 +20,31 @@ def ref_ckpt(tiny, tmp_path_factory):
     return d / "mcore"
 
 
-@pytest.mark.parametrize("nproc,args", [(1, ["--agg", "c3po"]), (1, ["--agg", "seq-mean-token-mean"]),
-                                        (2, ["--tp", "2"]), (2, ["--ep", "2"])],
-                         ids=["c3po", "grpo", "tp2", "ep2_dp2"])
-def test_distributed_loss_equals_reference(tiny, ref_ckpt, tmp_path, nproc, args):
-    out = tmp_path / "r.json"
-    torchrun("case_rl_loss.py", nproc, "--ckpt", tiny["mcore"], "--ref", ref_ckpt, "--hf", tiny["export"], "--out", out, *args)
-    r = json.loads(out.read_text())
+@pytest.fixture(scope="module")
+def worlds(tiny, ref_ckpt, tmp_path_factory):
+    """{world size: (folder, results)}, each world launched when a test first asks for it."""
+    done = {}
+
+    def get(nproc):
+        if nproc not in done:
+            d = tmp_path_factory.mktemp(f"rl_loss_{nproc}")
+            cases = [{"id": name, "run": "case_rl_loss.py",
+                      "args": ["--ckpt", tiny["mcore"], "--ref", ref_ckpt, "--hf", tiny["export"],
+                               "--out", d / f"{name}.json", *args]} for name, n, args in CASES if n == nproc]
+            done[nproc] = d, world(nproc, cases, d)
+        return done[nproc]
+    return get
+
+
+@pytest.mark.parametrize("name,nproc,args", CASES, ids=[x[0] for x in CASES])
+def test_distributed_loss_equals_reference(worlds, name, nproc, args):
+    d, results = worlds(nproc)
+    case_ok(results, name)
+    r = json.loads((d / f"{name}.json").read_text())
     assert r["microbatches"] >= 2
     assert r["pg_loss"] == pytest.approx(r["reference"], abs=1e-5, rel=1e-5), r
     assert r["entropy"] == pytest.approx(r["entropy_full_logits"], rel=1e-5), r
     assert r["kl"] > 1e-3 and r["grad_norm"] > 0  # a real reference policy, a real gradient
     assert 0.05 < r["clipfrac"] < 0.95, r  # the ratio moved: some tokens clip, some do not
-    # the gradient itself (through the ratio, the clip, the KL): megatron == HF autograd of the reference loss
     assert r["grad_norm"] == pytest.approx(r["grad_norm_reference"], rel=1e-5), r
     assert r["sync_ok"] is True

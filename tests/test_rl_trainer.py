@@ -5,21 +5,11 @@ through the dist-checkpoint path), and the curves are drawn."""
 import json
 import os
 import subprocess
+from pathlib import Path
 
 import pytest
 
-from .conftest import PY, ROOT
-
-
-@pytest.fixture(scope="module")
-def data(tmp_path_factory):
-    from data_tools.default import build_default
-
-    d = tmp_path_factory.mktemp("rldata")
-    sizes = {"eval": {"math": 8, "code": 4, "science": 4}, "rl_stage1": {"math": 40},
-             "rl_stage2": {"code": 8, "science": 8}, "sft": 100}
-    build_default(d, seed=3, seq_len=256, sizes=sizes)
-    return d
+from .conftest import PY, ROOT, shared
 
 
 def _args(data, init, out, steps, *extra) -> list[str]:
@@ -46,9 +36,31 @@ def _rl(nproc, data, init, out, steps, *extra, env=None, ran=None):
 KEYS = ("pg_loss", "grad_norm", "entropy", "kl", "reward/mean", "tokens/kept", "tokens/generated", "response_length")
 
 
+# The uninterrupted 4-step runs several tests compare with, run once per session (conftest.shared): on 1 rank with
+# a save at every step by the time cadence and keep-last 2 (what the retention test checks; a save changes no
+# figure, which the exact-resume comparison below shows), and at EP2 x DP2 (also the in-process reference of
+# test_transport's server runs).
+UNINTERRUPTED = {1: (["--save-every-minutes", "0.0001", "--keep-last", "2"], {"MEGATRON_RING_SIGNAL_LEAD": "0.05"}),
+                 2: (["--ep", "2"], {})}
+
+
+def uninterrupted(tmp_path_factory, tiny, data, nproc) -> tuple[list[dict], Path, str]:
+    """(per-step records, the run's folder, its stdout) of the shared uninterrupted run on ``nproc`` ranks."""
+    extra, env = UNINTERRUPTED[nproc]
+
+    def build(d):
+        ran = []
+        _rl(nproc, data, tiny["mcore"], d / "run", 4, *extra, env=env, ran=ran)
+        (d / "stdout.txt").write_text(ran[0].stdout)
+
+    d = shared(tmp_path_factory, f"rl-uninterrupted-{nproc}", build)
+    return [json.loads(x) for x in (d / "run" / "metrics.jsonl").read_text().splitlines()], d / "run", \
+        (d / "stdout.txt").read_text()
+
+
 @pytest.mark.parametrize("nproc,extra", [(1, []), (2, ["--ep", "2"])], ids=["1rank", "2ranks_ep2_dp2"])
-def test_budget_and_exact_resume(tiny, data, tmp_path, nproc, extra):
-    a = _rl(nproc, data, tiny["mcore"], tmp_path / "a", 4, *extra)
+def test_budget_and_exact_resume(tiny, data, tmp_path, tmp_path_factory, nproc, extra):
+    a, a_dir, _ = uninterrupted(tmp_path_factory, tiny, data, nproc)
     steps = [r for r in a if r["step"] > 0]
     assert [r["step"] for r in a] == [0, 1, 2, 3, 4] and "eval/math" in a[0] and "eval/math" in a[-1]
     for r in steps:  # Φ = 160 on each DP rank (EP2 x DP2: two), exactly: every group is kept here
@@ -65,10 +77,10 @@ def test_budget_and_exact_resume(tiny, data, tmp_path, nproc, extra):
     for ra, rb in zip(a, b):
         assert {k: ra.get(k) for k in KEYS} == {k: rb.get(k) for k in KEYS}, (ra, rb)
     if nproc == 1:
-        r = subprocess.run([PY, "-m", "megatron_ring.cli", "rl-plot", str(tmp_path / "a")], cwd=ROOT,
-                           capture_output=True, text=True, timeout=120)
-        assert r.returncode == 0 and (tmp_path / "a" / "rl_curves.png").stat().st_size > 10_000
-        assert any((tmp_path / "a" / "tb").iterdir())
+        r = subprocess.run([PY, "-m", "megatron_ring.cli", "rl-plot", str(a_dir)], cwd=ROOT, capture_output=True,
+                           text=True, timeout=120)
+        assert r.returncode == 0 and (a_dir / "rl_curves.png").stat().st_size > 10_000, r.stderr[-2000:]
+        assert any((a_dir / "tb").iterdir())
 
 
 def test_grpo_mode_trains_every_generated_token(tiny, data, tmp_path):
@@ -267,7 +279,7 @@ def test_wandb_offline_holds_the_tensorboard_scalars_and_progress_is_live(tiny, 
     assert len(err) == 1 and err[0].startswith("megatron-ring: CPU mode:"), r.stderr
 
 
-def test_retention_keeps_the_newest_milestones_and_pointed_checkpoints(tiny, data, tmp_path):
+def test_retention_keeps_the_newest_milestones_and_pointed_checkpoints(tiny, data, tmp_path, tmp_path_factory):
     """keep_last / keep_every (the ling_lite RL recipes: 2 and 100): the rule on empty folders, then an RL run with
     a save every step (the time cadence, save_every_minutes, at 6 ms) and keep-last 2 ends with exactly its last two
     checkpoints."""
@@ -282,24 +294,22 @@ def test_retention_keeps_the_newest_milestones_and_pointed_checkpoints(tiny, dat
     assert prune_checkpoints(c, 2, 3) == ["iter_0000002", "iter_0000004", "iter_0000005"]
     assert sorted(p.name for p in c.iterdir() if p.is_dir()) == \
         ["iter_0000001", "iter_0000003", "iter_0000006", "iter_0000007", "iter_0000008.tmp"]
-    ran = []
-    _rl(1, data, tiny["mcore"], tmp_path / "r", 4, "--save-every-minutes", "0.0001", "--keep-last", "2",
-        env={"MEGATRON_RING_SIGNAL_LEAD": "0.05"}, ran=ran)  # (a save at every step, by the time cadence)
-    ck = tmp_path / "r" / "checkpoints"
+    _, run, stdout = uninterrupted(tmp_path_factory, tiny, data, 1)  # a save at every step (time cadence), keep 2
+    ck = run / "checkpoints"
     assert sorted(p.name for p in ck.iterdir() if p.is_dir()) == ["iter_0000003", "iter_0000004"]
     assert (ck / "latest").read_text().strip() == "iter_0000004"
     # the preemption budget (same run): each step logs the measured wait for the boundary plus the slowest save;
     # a lead shorter than that (50 ms here) is warned about once, with the figures
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    ea = EventAccumulator(str(tmp_path / "r" / "tb"))
+    ea = EventAccumulator(str(run / "tb"))
     ea.Reload()
     need = {e.step: e.value for e in ea.Scalars("preempt/needed_s")}
     unsaved = {e.step: e.value for e in ea.Scalars("preempt/unsaved_s")}
     assert sorted(need) == [1, 2, 3, 4] and all(need[i + 1] >= need[i] > 0 for i in (1, 2, 3)), need
     assert need[2] > need[1]  # step 2's figure includes step 1's save
     assert all(0 < unsaved[i] < 60 for i in unsaved)  # a save every step: never more than one step unsaved
-    warn = [ln for ln in ran[0].stdout.splitlines() if "signal lead" in ln]
+    warn = [ln for ln in stdout.splitlines() if "signal lead" in ln]
     assert len(warn) == 1 and "[rl] WARNING: the signal lead (0 s) is too short" in warn[0], warn
 
 

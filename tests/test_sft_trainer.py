@@ -4,21 +4,11 @@ complete directories behind a ``latest`` pointer."""
 import json
 import os
 import subprocess
+from pathlib import Path
 
 import pytest
 
-from .conftest import PY, ROOT, cli
-
-
-@pytest.fixture(scope="module")
-def packed(tmp_path_factory):
-    from data_tools.default import build_default
-
-    d = tmp_path_factory.mktemp("sftdata")
-    sizes = {"eval": {"math": 10, "code": 5, "science": 5}, "rl_stage1": {"math": 10},
-             "rl_stage2": {"code": 5, "science": 5}, "sft": 400}
-    build_default(d, seed=2, seq_len=256, sizes=sizes)
-    return d / "sft" / "packed.parquet"
+from .conftest import PY, ROOT, cli, shared
 
 
 def _sft(nproc, out, packed, init, max_steps, *extra):
@@ -28,6 +18,17 @@ def _sft(nproc, out, packed, init, max_steps, *extra):
     r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600,
                        env=dict(os.environ, OMP_NUM_THREADS="1"))
     assert r.returncode == 0, r.stderr[-8000:]
+
+
+def uninterrupted(tmp_path_factory, tiny, packed) -> Path:
+    """The uninterrupted 1-rank run every resume test compares with, run once per session (conftest.shared): one
+    epoch + 2 steps, so it covers the preemption test's crossing into epoch 2 (a shorter run's history is a prefix
+    of it: the schedule depends on the epochs, not on --max-steps)."""
+    import pyarrow.parquet as pq
+
+    steps = pq.read_metadata(packed).num_rows // 4 + 2
+    return shared(tmp_path_factory, "sft-uninterrupted",
+                  lambda d: _sft(1, d / "run", packed, tiny["mcore"], steps)) / "run"
 
 
 def _scalars(tb_dir) -> dict:
@@ -44,22 +45,26 @@ def _history(out):
 
 
 @pytest.mark.parametrize("nproc,extra", [(1, []), (2, ["--ep", "2"])], ids=["1rank", "2ranks_ep2_dp2"])
-def test_resume_is_bit_exact(tiny, packed, tmp_path, nproc, extra):
-    _sft(nproc, tmp_path / "a", packed, tiny["mcore"], 6, *extra)
+def test_resume_is_bit_exact(tiny, packed, tmp_path, tmp_path_factory, nproc, extra):
+    if nproc == 1:
+        a_dir = uninterrupted(tmp_path_factory, tiny, packed)  # (longer than 6 steps: its first 6 are compared)
+    else:
+        a_dir = tmp_path / "a"
+        _sft(nproc, a_dir, packed, tiny["mcore"], 6, *extra)
     _sft(nproc, tmp_path / "b", packed, tiny["mcore"], 3, *extra)  # "killed" after step 3 (checkpoint written)
     assert (tmp_path / "b" / "checkpoints" / "latest").read_text().strip() == "iter_0000003"
     _sft(nproc, tmp_path / "b", packed, tiny["mcore"], 6, *extra)  # resumed from latest
-    a, b = _history(tmp_path / "a"), _history(tmp_path / "b")
+    a, b = _history(a_dir)[:6], _history(tmp_path / "b")
     assert [h["step"] for h in b] == [1, 2, 3, 4, 5, 6]
     assert [h["loss"] for h in a] == [h["loss"] for h in b]  # bit-exact on CPU
     assert [h["grad_norm"] for h in a] == [h["grad_norm"] for h in b]
     assert a[-1]["loss"] < a[0]["loss"]
     ckpts = sorted(p.name for p in (tmp_path / "b" / "checkpoints").iterdir())
     assert ckpts == ["iter_0000003", "iter_0000006", "latest"]  # no .tmp left behind
-    tb = _scalars(tmp_path / "a" / "tb")
-    assert [v for _, v in tb["sft/loss"]] == pytest.approx([h["loss"] for h in a], rel=1e-6)
+    tb = _scalars(a_dir / "tb")
+    assert [v for _, v in tb["sft/loss"]][:6] == pytest.approx([h["loss"] for h in a], rel=1e-6)
     for layer in range(4):  # MoE balance per layer (aux loss / coeff: 1.0 = balanced; 8 experts top-2 -> >= 1)
-        bal = [v for _, v in tb[f"moe/load_balancing_loss_layer_{layer}"]]
+        bal = [v for s, v in tb[f"moe/load_balancing_loss_layer_{layer}"] if s <= 6]
         assert len(bal) == 6 and all(0.99 < v < 8 for v in bal), bal
     if nproc == 1:  # a training checkpoint (model + optimizer) exports like a converted one
         cli("convert", "mcore-to-hf", "--ckpt", tmp_path / "b" / "checkpoints" / "iter_0000006",
@@ -81,7 +86,7 @@ def test_resume_is_bit_exact(tiny, packed, tmp_path, nproc, extra):
         assert (tmp_path / "b" / "checkpoints" / "selected").read_text().strip() == "iter_0000003", r.stdout
 
 
-def test_preemption_signal_checkpoints_and_resumes_across_an_epoch(tiny, packed, tmp_path):
+def test_preemption_signal_checkpoints_and_resumes_across_an_epoch(tiny, packed, tmp_path, tmp_path_factory):
     """slurm/sft_distill.sh without Slurm: USR1 to the batch shell (what `--signal=B:USR1@N` sends) makes the
     ranks checkpoint at the next step boundary; running the script again resumes, crosses the epoch boundary
     (a new data order) and ends where an uninterrupted run ends, with the same per-step losses.
@@ -111,8 +116,11 @@ def test_preemption_signal_checkpoints_and_resumes_across_an_epoch(tiny, packed,
     r = subprocess.run(["bash", str(ROOT / "slurm" / "sft_distill.sh")], cwd=ROOT, env=env, capture_output=True,
                        text=True, timeout=600)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-    _sft(1, tmp_path / "ref", packed, tiny["mcore"], end)
-    got, ref = _history(tmp_path / "run"), _history(tmp_path / "ref")
+    ref = _history(uninterrupted(tmp_path_factory, tiny, packed))
+    if len(ref) < end:  # (the signal landed after the first epoch: an uninterrupted run of its own)
+        _sft(1, tmp_path / "ref", packed, tiny["mcore"], end)
+        ref = _history(tmp_path / "ref")
+    got, ref = _history(tmp_path / "run"), ref[:end]
     assert [h["step"] for h in got] == list(range(1, end + 1))
     assert [h["epoch"] for h in got][per_epoch - 1:per_epoch + 1] == [0, 1]
     assert [h["loss"] for h in got] == [h["loss"] for h in ref]
@@ -139,14 +147,13 @@ def test_refuses_an_init_checkpoint_whose_architecture_differs(tiny, packed, tmp
 
 @pytest.mark.parametrize("first,then", [((1, []), (2, ["--ep", "2"])), ((2, ["--tp", "2"]), (1, []))],
                          ids=["1rank_to_ep2_dp2", "tp2_to_1rank"])
-def test_training_checkpoint_resumes_at_another_layout(tiny, packed, tmp_path, first, then):
+def test_training_checkpoint_resumes_at_another_layout(tiny, packed, tmp_path, tmp_path_factory, first, then):
     """A training checkpoint (model + optimizer moments + scheduler + data position) saved at one layout
     resumes at another: the losses after resuming equal the uninterrupted run's (to float32 round-off of a
     different reduction order), and they would not without the optimizer's moments (checked below)."""
-    _sft(1, tmp_path / "ref", packed, tiny["mcore"], 5)
     _sft(first[0], tmp_path / "run", packed, tiny["mcore"], 3, *first[1])
     _sft(then[0], tmp_path / "run", packed, tiny["mcore"], 5, *then[1])
-    ref, got = _history(tmp_path / "ref"), _history(tmp_path / "run")
+    ref, got = _history(uninterrupted(tmp_path_factory, tiny, packed))[:5], _history(tmp_path / "run")
     assert [h["step"] for h in got] == [1, 2, 3, 4, 5]
     for r, g in zip(ref, got):
         assert abs(r["loss"] - g["loss"]) <= 1e-5 * r["loss"], (r, g)

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from .conftest import PY, ROOT
-from .test_rl_trainer import KEYS, data  # noqa: F401  (the module fixture: a small default data set)
+from .test_rl_trainer import KEYS
 
 
 def _cluster_up() -> bool:

@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from .conftest import read_json, torchrun
+from .conftest import case_ok, read_json, torchrun, world
 from .hf_reference import hf_adamw_steps
 from .mp.case_train_step import global_batch
 
@@ -31,22 +31,41 @@ def test_tp1_equals_hf_autograd_and_adamw(tiny, reference):
     assert ref[2]["loss"] < ref[0]["loss"] - 0.5
 
 
-@pytest.mark.parametrize("name,args", [
-    ("tp2_sp", ["--tp", "2"]), ("ep2_dp2", ["--ep", "2"]), ("pp2", ["--pp", "2"]),
-    # the memory settings the ling_lite recipes use: same numbers, less memory
-    ("ep2_dp2_distopt_full_recompute", ["--ep", "2", "--dist-opt", "--recompute", "full"]),
-    ("tp2_selective_recompute", ["--tp", "2", "--recompute", "selective"])])
-def test_losses_equal_tp1(tiny, tmp_path, reference, name, args):
-    out = tmp_path / "r.json"
-    torchrun("case_train_step.py", 2, "--ckpt", tiny["mcore"], "--out", out, "--steps", "3", *args)
-    run = read_json(out)
+LAYOUTS = [("tp2_sp", ["--tp", "2"]), ("ep2_dp2", ["--ep", "2"]), ("pp2", ["--pp", "2"]),
+           ("ep2_dp2_distopt_full_recompute", ["--ep", "2", "--dist-opt", "--recompute", "full"]),
+           ("tp2_selective_recompute", ["--tp", "2", "--recompute", "selective"])]
+RESHARDS = [("tp2_to_pp2", ["--tp", "2"], ["--pp", "2"]),
+            ("ep2_distopt_to_tp2_distopt", ["--ep", "2", "--dist-opt"], ["--tp", "2", "--dist-opt"])]
+
+
+@pytest.fixture(scope="module")
+def two_ranks(tiny, tmp_path_factory):
+    """Every 2-rank case of this module in one torchrun world: 3 steps at each layout; 2 steps saved at one layout
+    then 2 more loaded at another (each save before its load)."""
+    d = tmp_path_factory.mktemp("two_ranks")
+    cases = [{"id": name, "run": "case_train_step.py",
+              "args": ["--ckpt", tiny["mcore"], "--out", d / f"{name}.json", "--steps", "3", *args]}
+             for name, args in LAYOUTS]
+    for name, save, load in RESHARDS:
+        cases += [{"id": f"{name}/save", "run": "case_train_step.py",
+                   "args": ["--ckpt", tiny["mcore"], "--out", d / f"{name}.a.json", "--steps", "2",
+                            "--save", d / f"{name}.after2", *save]},
+                  {"id": f"{name}/load", "run": "case_train_step.py",
+                   "args": ["--ckpt", tiny["mcore"], "--resume", d / f"{name}.after2", "--out", d / f"{name}.b.json",
+                            "--steps", "2", *load]}]
+    return d, world(2, cases, d)
+
+
+@pytest.mark.parametrize("name,args", LAYOUTS, ids=[x[0] for x in LAYOUTS])
+def test_losses_equal_tp1(reference, two_ranks, name, args):
+    d, results = two_ranks
+    case_ok(results, name)
+    run = read_json(d / f"{name}.json")
     steps = run["steps"]
     if "--dist-opt" in args:  # the setting took effect (not silently the plain optimizer)
         assert run["optimizers"] == ["DistributedOptimizer"], run["optimizers"]
     assert run["recompute"] == (args[args.index("--recompute") + 1] if "--recompute" in args else None)
     assert reference[2]["loss"] < reference[0]["loss"] - 0.5  # it trains
-    # DP=2 sums the gradients of the two data halves in another order than one rank does: allow
-    # float32 round-off relative to the loss there; TP and PP must match to 1e-6 absolute.
     tol = 1e-6 * reference[0]["loss"] if name.startswith("ep2_dp2") else TOL
     for ref, got in zip(reference, steps):
         assert abs(ref["loss"] - got["loss"]) <= tol, (name, ref, got)
@@ -54,19 +73,14 @@ def test_losses_equal_tp1(tiny, tmp_path, reference, name, args):
         assert abs(ref["grad_norm"] - got["grad_norm"]) <= 1e-4 * ref["grad_norm"]
 
 
-@pytest.mark.parametrize("save,load", [
-    (["--tp", "2"], ["--pp", "2"]),
-    # the ling_lite settings: distributed optimizer; EP2 (a chained dense + expert optimizer) -> TP2 (one)
-    (["--ep", "2", "--dist-opt"], ["--tp", "2", "--dist-opt"])], ids=["tp2_to_pp2", "ep2_distopt_to_tp2_distopt"])
-def test_training_checkpoint_continues_at_another_layout(tiny, tmp_path, reference, save, load):
+@pytest.mark.parametrize("name,save,load", RESHARDS, ids=[x[0] for x in RESHARDS])
+def test_training_checkpoint_continues_at_another_layout(reference, two_ranks, name, save, load):
     """Model and optimizer state saved after 2 steps at one layout, 2 more steps at another: both equal the
     uninterrupted TP1 run. The 4th loss depends on the 3rd update, i.e. on the restored Adam moments and step."""
-    saved = tmp_path / "after2"
-    torchrun("case_train_step.py", 2, "--ckpt", tiny["mcore"], "--out", tmp_path / "a.json", "--steps", "2",
-             "--save", saved, *save)
-    torchrun("case_train_step.py", 2, "--ckpt", tiny["mcore"], "--resume", saved, "--out", tmp_path / "b.json",
-             "--steps", "2", *load)
-    got = read_json(tmp_path / "b.json")["steps"]
+    d, results = two_ranks
+    case_ok(results, f"{name}/save")
+    case_ok(results, f"{name}/load")
+    got = read_json(d / f"{name}.b.json")["steps"]
     tol = 1e-6 * reference[0]["loss"]  # DP=2 on one side: float32 round-off of another reduction order
     assert abs(got[0]["loss"] - reference[2]["loss"]) <= tol, (got, reference)
     assert abs(got[1]["loss"] - reference[3]["loss"]) <= tol, (got, reference)

@@ -234,11 +234,11 @@ def test_rollouts_through_sglang_router_equal_the_direct_ones(tiny, servers, rou
         eng.generate([[5, 6], [7] * 250], 2, SamplingParams(max_new_tokens=16))
 
 
-from .test_rl_trainer import KEYS, _rl, data  # noqa: E402,F401 (the RL prompt data fixture)
+from .test_rl_trainer import KEYS, _rl, uninterrupted  # noqa: E402
 
 
 def test_rl_with_two_cpu_servers_equals_the_in_process_engine_by_every_transport_and_resumes_exactly(
-        tiny, data, tmp_path, servers, router):
+        tiny, data, tmp_path, tmp_path_factory, servers, router):
     """`megatron-ring rl` with engine sglang against the two CPU servers (trainer at EP2 on 2 ranks: rank 1's
     experts travel too), by each weight transport — broadcast over gloo, each rank on its own group; disk, each
     trainer rank writing the shards it assembles; ipc, the colocated layout (2 ranks = 2 servers × TP1: each rank
@@ -248,7 +248,7 @@ def test_rl_with_two_cpu_servers_equals_the_in_process_engine_by_every_transport
     the in-process engine 16 rows at once), bounded here; the same through SGLang's router (broadcast; one request
     per sample). A run stopped after step 2 and resumed matches exactly."""
     srv = ["--ep", "2", "--engine", "sglang", "--sglang-urls", *servers]
-    a = _rl(2, data, tiny["mcore"], tmp_path / "inprocess", 4, "--ep", "2")
+    a = uninterrupted(tmp_path_factory, tiny, data, 2)[0]  # the in-process engine (shared with test_rl_trainer)
     runs = {way: _rl(2, data, tiny["mcore"], tmp_path / way, 4, *srv, "--weight-transport", way,
                      "--weight-bucket-mb", "1")  # (the tiny model, 5 MB, in several buckets: both ranks assemble)
             for way in ("broadcast", "disk", "ipc")}

@@ -13,7 +13,6 @@ from megatron_ring.rl.rollout import SamplingParams
 from megatron_ring.rl.sglang_engine import abort_payload, generate_payload
 
 from .conftest import PY, ROOT
-from .test_rl_trainer import data  # noqa: F401 (the RL prompt data fixture)
 from .test_transport import _reference
 
 API = json.loads((Path(__file__).parent / "data" / "sglang_api.json").read_text())["classes"]
