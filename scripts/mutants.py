@@ -22,6 +22,7 @@ from pathlib import Path
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
+JOBS = 2
 
 
 def copy_tree(dst: Path) -> None:
@@ -41,6 +42,8 @@ def run_mutant(m: dict, scratch: Path) -> tuple[str, float, str]:
         return "STALE", 0.0, f"the planted text occurs {text.count(m['find'])}x in {m['file']} (want 1)"
     target.write_text(text.replace(m["find"], m["replace"]))
     env = {**os.environ, "PYTHONPATH": str(scratch)}
+    if JOBS > 1:  # N mutants share the cores: one OpenMP thread per process (a team of 2 on a shared core waits at
+        env.setdefault("OMP_NUM_THREADS", "1")  # every barrier for its descheduled thread: several times slower)
     t0 = time.time()
     r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", *m["tests"]],
                        cwd=scratch, env=env, capture_output=True, text=True, timeout=m.get("timeout", 1800))
@@ -50,9 +53,11 @@ def run_mutant(m: dict, scratch: Path) -> tuple[str, float, str]:
 
 
 def main(argv: list[str]) -> int:
-    jobs = 2
+    global JOBS
+    jobs = JOBS
     if argv[:1] == ["--jobs"]:
         jobs, argv = int(argv[1]), argv[2:]
+    JOBS = jobs
     mutants = yaml.safe_load((ROOT / "tests" / "mutants.yaml").read_text())
     if argv:
         unknown = set(argv) - {m["id"] for m in mutants}

@@ -1,0 +1,47 @@
+"""The test suite's own machinery (tests/conftest.py), which the CI time budget rests on: an artefact shared by
+conftest.shared is built once however many tests (or xdist workers) ask for it, a failed build is not taken as
+built, and a case of a shared torchrun world (conftest.world) that fails fails its own test, naming what ran not."""
+import pytest
+
+from .conftest import case_ok, read_json, shared, world
+from .test_parallel_parity import _args
+
+
+def test_shared_artefacts_are_built_once(tmp_path_factory, monkeypatch):
+    builds = []
+
+    def build(d):
+        builds.append(d)
+        (d / "made").write_text(str(len(builds)))
+
+    a = shared(tmp_path_factory, "infra-once", build)
+    b = shared(tmp_path_factory, "infra-once", build)
+    assert a == b and len(builds) == 1 and (a / "made").read_text() == "1"
+    # under xdist every worker has its own basetemp: the artefact lives beside them, so other workers find it
+    monkeypatch.setenv("PYTEST_XDIST_WORKER", "gw1")
+    c = shared(tmp_path_factory, "infra-worker", build)
+    assert c.parent == tmp_path_factory.getbasetemp().parent and len(builds) == 2
+
+    def broken(d):
+        (d / "half").write_text("x")
+        raise RuntimeError("build failed")
+
+    with pytest.raises(RuntimeError):
+        shared(tmp_path_factory, "infra-broken", broken)
+    d = shared(tmp_path_factory, "infra-broken", build)  # tried again from an empty folder
+    assert not (d / "half").exists() and (d / "made").exists()
+
+
+def test_a_failing_case_of_a_shared_world_fails_its_own_test_and_names_the_rest(tiny, tmp_path):
+    """The shared-world machinery itself (conftest.world): a case that raises is reported with its error, the world
+    ends there (its other ranks would wait in its collectives) and the cases after it say they did not run."""
+    cases = [{"id": "first", "run": "module:megatron_ring.cli", "args": _args(tiny, tmp_path / "a.json", "x", [])},
+             {"id": "broken", "run": "module:megatron_ring.cli",
+              "args": ["verify", "--hf", tmp_path / "no_such_folder", "--ckpt", tiny["mcore"]]},
+             {"id": "after", "run": "module:megatron_ring.cli", "args": _args(tiny, tmp_path / "b.json", "x", [])}]
+    results = world(1, cases, tmp_path / "w")
+    assert results["first"] == "ok" and read_json(tmp_path / "a.json")["ok"]
+    assert "no_such_folder" in results["broken"], results["broken"]
+    assert results["after"].startswith("not run") and not (tmp_path / "b.json").exists()
+    with pytest.raises(AssertionError, match="case broken of the shared torchrun world"):
+        case_ok(results, "broken")
