@@ -7,7 +7,7 @@ from .conftest import case_ok, read_json, shared, world
 from .test_parallel_parity import _args
 
 
-def test_shared_artefacts_are_built_once(tmp_path_factory, monkeypatch):
+def test_shared_artefacts_are_built_once(tmp_path_factory, tmp_path, monkeypatch):
     builds = []
 
     def build(d):
@@ -17,10 +17,6 @@ def test_shared_artefacts_are_built_once(tmp_path_factory, monkeypatch):
     a = shared(tmp_path_factory, "infra-once", build)
     b = shared(tmp_path_factory, "infra-once", build)
     assert a == b and len(builds) == 1 and (a / "made").read_text() == "1"
-    # under xdist every worker has its own basetemp: the artefact lives beside them, so other workers find it
-    monkeypatch.setenv("PYTEST_XDIST_WORKER", "gw1")
-    c = shared(tmp_path_factory, "infra-worker", build)
-    assert c.parent == tmp_path_factory.getbasetemp().parent and len(builds) == 2
 
     def broken(d):
         (d / "half").write_text("x")
@@ -30,6 +26,21 @@ def test_shared_artefacts_are_built_once(tmp_path_factory, monkeypatch):
         shared(tmp_path_factory, "infra-broken", broken)
     d = shared(tmp_path_factory, "infra-broken", build)  # tried again from an empty folder
     assert not (d / "half").exists() and (d / "made").exists()
+
+    # under xdist every worker has its own basetemp: the artefact lives beside them, so other workers find it
+    class Worker:  # a worker's factory, its basetemp inside this test's folder
+        def __init__(self, name):
+            self.base = tmp_path / name
+
+        def getbasetemp(self):
+            self.base.mkdir(exist_ok=True)
+            return self.base
+
+    monkeypatch.setenv("PYTEST_XDIST_WORKER", "gw0")
+    c = shared(Worker("popen-gw0"), "infra-worker", build)
+    monkeypatch.setenv("PYTEST_XDIST_WORKER", "gw1")
+    assert shared(Worker("popen-gw1"), "infra-worker", build) == c == tmp_path / "shared-infra-worker"
+    assert len(builds) == 2
 
 
 def test_a_failing_case_of_a_shared_world_fails_its_own_test_and_names_the_rest(tiny, tmp_path):
