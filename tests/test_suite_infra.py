@@ -1,9 +1,15 @@
 """The test suite's own machinery (tests/conftest.py), which the CI time budget rests on: an artefact shared by
 conftest.shared is built once however many tests (or xdist workers) ask for it, a failed build is not taken as
-built, and a case of a shared torchrun world (conftest.world) that fails fails its own test, naming what ran not."""
+built, a case of a shared torchrun world (conftest.world) that fails fails its own test, naming what ran not, and
+scripts/test.sh fails a test phase over its time budget."""
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 
-from .conftest import case_ok, read_json, shared, world
+from .conftest import ROOT, case_ok, read_json, shared, world
 from .test_parallel_parity import _args
 
 
@@ -56,3 +62,20 @@ def test_a_failing_case_of_a_shared_world_fails_its_own_test_and_names_the_rest(
     assert results["after"].startswith("not run") and not (tmp_path / "b.json").exists()
     with pytest.raises(AssertionError, match="case broken of the shared torchrun world"):
         case_ok(results, "broken")
+
+
+def test_the_test_command_fails_past_its_time_budget():
+    """scripts/test.sh (README command 2, CI's) with a budget of 0 s: the tests pass, the run fails naming the
+    figures; with room it passes."""
+    def run(budget):
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("PYTEST_", "PYTHONPATH"))}
+        return subprocess.run(["bash", "scripts/test.sh", "-q", "-p", "no:cacheprovider", "tests/test_c3po.py"],
+                              cwd=ROOT, capture_output=True, text=True, timeout=300,
+                              env=dict(env, TEST_BUDGET_S=str(budget), TEST_WORKERS="0",
+                                       VENV=str(Path(sys.executable).parents[1])))  # (this venv: also from a copy)
+
+    over = run(0)
+    assert over.returncode == 1 and " passed" in over.stdout, over.stdout[-2000:] + over.stderr[-2000:]
+    assert "over its budget of 0 s" in over.stderr, over.stderr[-2000:]
+    ok = run(600)
+    assert ok.returncode == 0 and "over its budget" not in ok.stderr, ok.stderr[-2000:]

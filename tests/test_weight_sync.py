@@ -60,6 +60,8 @@ def test_bucketed_sync_equals_the_export(tiny, tmp_path, request, layout, nproc)
     assert sorted(r0["names"]) == r0["expected"] and len(r0["names"]) == len(set(r0["names"]))  # each tensor once
     assert r0["diffs"] == []  # every tensor equal to the export: dtype, shape and bits
     assert r0["buckets"] > 50 and max(r0["bucket_sizes"]) <= max(bucket, r0["largest_tensor_bytes"])
+    # the pieces other ranks own travel (no rank-0 shortcut): at TP2 half of every TP-split weight, at EP2 half
+    # the experts, at PP2 the second stage's layers
     assert r0["bytes_received"] == sum(r["bytes_sent"] for r in ranks) > 0.25 * r0["bytes_total"]
     for r in ranks:  # peak extra memory per rank: one bucket plus one tensor (measured by torch's allocator)
         assert r["peak_extra_bytes"] <= r["bucket_bytes"] + r["largest_tensor_bytes"], r
@@ -78,6 +80,27 @@ def test_disk_transport_is_written_by_the_shards_owners_in_parallel(tiny, two_ra
     d, results = two_ranks
     case_ok(results, f"disk/{layout}")
     ranks, sync = read_json(d / f"disk_{layout}.json"), d / f"sync_{layout}"
+    names = [n for r in ranks for n in r["names"]]
+    assert sorted(names) == ranks[0]["expected"] and len(names) == len(set(names))  # each tensor by one rank
+    assert all(r["diffs"] == [] for r in ranks)
+    assembled = [r["buckets_assembled"] for r in ranks]
+    assert sum(assembled) == ranks[0]["buckets"] and min(assembled) >= 0.25 * ranks[0]["buckets"], assembled
+    received = sum(r["bytes_received"] for r in ranks)
+    assert received == sum(r["bytes_sent"] for r in ranks)
+    if layout in ("pp2", "ep2"):  # whole layers / whole experts: written where they live
+        assert received == 0, received
+    else:  # TP2: about half of the split tensors' bytes cross (the other holder's half)
+        assert 0 < received < 0.5 * ranks[0]["bytes_total"], received
+    for r in ranks:
+        assert r["peak_extra_bytes"] <= r["bucket_bytes"] + r["largest_tensor_bytes"], r
+    assert sorted(p.name for p in sync.iterdir()) == ["v000002"]  # v1 removed
+    files = sorted(p.name for p in (sync / "v000002").glob("*.safetensors"))
+    assert {f.split("-")[1] for f in files} == {"r000", "r001"}
+    back, want = read_hf_state(sync / "v000002"), read_hf_state(tiny["export"])
+    assert sorted(back) == sorted(want) and all(torch.equal(back[k], want[k]) and back[k].dtype == want[k].dtype
+                                                for k in want)
+
+
 def test_rename_per_tensor_equals_the_export_mapping():
     """The per-tensor HF rename the sync uses is the export's mapping (dense and MoE layers, shared experts)."""
     from megatron_ring.config.recipe import load_recipe
