@@ -22,7 +22,6 @@ from pathlib import Path
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
-JOBS = 2
 
 
 def copy_tree(dst: Path) -> None:
@@ -35,14 +34,14 @@ def copy_tree(dst: Path) -> None:
             shutil.copy2(src, dst / f)
 
 
-def run_mutant(m: dict, scratch: Path) -> tuple[str, float, str]:
+def run_mutant(m: dict, scratch: Path, jobs: int = 1) -> tuple[str, float, str]:
     target = scratch / m["file"]
     text = target.read_text()
     if text.count(m["find"]) != 1:
         return "STALE", 0.0, f"the planted text occurs {text.count(m['find'])}x in {m['file']} (want 1)"
     target.write_text(text.replace(m["find"], m["replace"]))
     env = {**os.environ, "PYTHONPATH": str(scratch)}
-    if JOBS > 1:  # N mutants share the cores: one OpenMP thread per process (a team of 2 on a shared core waits at
+    if jobs > 1:  # N mutants share the cores: one OpenMP thread per process (a team of 2 on a shared core waits at
         env.setdefault("OMP_NUM_THREADS", "1")  # every barrier for its descheduled thread: several times slower)
     t0 = time.time()
     r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", *m["tests"]],
@@ -53,11 +52,9 @@ def run_mutant(m: dict, scratch: Path) -> tuple[str, float, str]:
 
 
 def main(argv: list[str]) -> int:
-    global JOBS
-    jobs = JOBS
+    jobs = 2
     if argv[:1] == ["--jobs"]:
         jobs, argv = int(argv[1]), argv[2:]
-    JOBS = jobs
     mutants = yaml.safe_load((ROOT / "tests" / "mutants.yaml").read_text())
     if argv:
         unknown = set(argv) - {m["id"] for m in mutants}
@@ -85,7 +82,7 @@ def main(argv: list[str]) -> int:
                     i, m = todo.get_nowait()
                 except queue.Empty:
                     return
-                verdict, secs, detail = run_mutant(m, scratch)
+                verdict, secs, detail = run_mutant(m, scratch, jobs)
                 with lock:
                     rows[i] = (m["id"], m["bug"], verdict, " ".join(m["tests"]), f"{secs:.0f}", detail)
                     print(f"{m['id']}: {verdict} ({secs:.0f} s) {detail}", flush=True)

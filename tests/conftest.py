@@ -34,13 +34,16 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def _torchrun_cmd(nproc: int, *target_and_args) -> list[str]:
+    return [PY, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}", "--standalone", *map(str, target_and_args)]
+
+
 def torchrun(script: str, nproc: int, *args, timeout=600) -> subprocess.CompletedProcess:
     """``script``: a file in tests/mp, or ``-m module`` style as 'module:megatron_ring.cli'."""
     target = ["-m", script.split(":", 1)[1]] if script.startswith("module:") else [str(MP / script)]
-    cmd = [PY, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}", "--standalone",
-           *target, *map(str, args)]
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout, env=env)
+    cmd = _torchrun_cmd(nproc, *target, *args)
+    r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout,
+                       env=dict(os.environ, OMP_NUM_THREADS="1"))
     if r.returncode != 0:
         raise AssertionError(f"{' '.join(cmd)} failed ({r.returncode}):\n{r.stdout[-3000:]}\n{r.stderr[-6000:]}")
     return r
@@ -80,8 +83,7 @@ def world(nproc: int, cases: list[dict], d: Path, timeout=900) -> dict[str, str]
     its own pytest result through :func:`case_ok`. Returns {case id: "ok" | what went wrong} (every case present)."""
     d.mkdir(parents=True, exist_ok=True)
     (d / "plan.json").write_text(json.dumps(cases, default=str))
-    cmd = [PY, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}", "--standalone", str(MP / "worlds.py"),
-           str(d / "plan.json"), str(d / "report")]
+    cmd = _torchrun_cmd(nproc, MP / "worlds.py", d / "plan.json", d / "report")
     try:
         r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout,
                            env=dict(os.environ, OMP_NUM_THREADS="1"))
@@ -197,16 +199,18 @@ MODULE_SECONDS = {  # wall seconds of each module under `scripts/test.sh` (2-cor
 }
 
 
+def _module(nodeid: str) -> str:
+    return nodeid.split("::", 1)[0].rsplit("/", 1)[-1].removesuffix(".py")
+
+
 def _unit(nodeid: str) -> str:
-    module = nodeid.split("::", 1)[0].rsplit("/", 1)[-1].removesuffix(".py")
-    return TOGETHER.get(module, module)
+    return TOGETHER.get(_module(nodeid), _module(nodeid))
 
 
 def pytest_collection_modifyitems(config, items):
     cost: dict[str, float] = {}
-    for m in {it.nodeid.split("::", 1)[0] for it in items}:
-        name = m.rsplit("/", 1)[-1].removesuffix(".py")
-        cost[_unit(m)] = cost.get(_unit(m), 0.0) + MODULE_SECONDS.get(name, 1.0)
+    for m in {_module(it.nodeid) for it in items}:
+        cost[_unit(m)] = cost.get(_unit(m), 0.0) + MODULE_SECONDS.get(m, 1.0)
     first: dict[str, int] = {}
     for i, it in enumerate(items):
         first.setdefault(_unit(it.nodeid), i)

@@ -8,7 +8,7 @@ its script would under its own torchrun (``__main__``, its own ``sys.argv``), in
 cases megatron's model-parallel state is torn down (``init_distributed`` builds the next case's layout) and its MoE
 metrics tracker emptied. Every rank writes ``REPORT.rank<R>.json``: ``{id: "ok" | traceback}``. A case that raises
 ends the world at once (the other ranks would wait in its collectives): torchrun then stops every rank, and the
-cases after it are absent from the reports (conftest.World says "not run")."""
+cases after it are absent from the reports (conftest.world says "not run")."""
 import json
 import os
 import runpy
