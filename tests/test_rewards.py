@@ -164,6 +164,10 @@ def test_isolation_seen_from_inside(sandbox):
     ("\\frac{41}{333}", "0.\\overline{123}", 1.0, "correct"), ("\\frac13", "0.33", 0.0, "wrong_answer"),
     ("1000", "1\\,000", 1.0, "correct"), ("1000", "1{,}000", 1.0, "correct"), ("3", "1{,}000", 0.0, "wrong_answer"),
     ("\\emptyset", "\\varnothing", 1.0, "correct"), ("\\emptyset", "\\{\\}", 1.0, "correct"),
+    # a number written inside the reference's text with its unit is that number with that unit
+    ("\\text{5 cm}", "5", 1.0, "correct"), ("\\text{5 cm}", "5\\,\\mathrm{cm}", 1.0, "correct"),
+    ("\\text{5 cm}", "5 \\text{ m}", 0.0, "unit_mismatch"), ("\\text{5 cm}", "6", 0.0, "wrong_answer"),
+    ("\\text{1,000 m}", "1000", 1.0, "correct"), ("\\text{12}", "12", 1.0, "correct"),
 ])
 def test_math_form_decisions(gold, boxed, value, reason):
     """Each misjudgement found by the adversarial trial, decided (megatron_ring/rewards/math_forms.py)."""
@@ -178,4 +182,101 @@ def test_nested_boxes_are_no_answer_and_the_last_top_level_box_counts():
     assert math_reward("\\boxed{\\boxed{7} 8}", "7") == Reward(0.0, "nested_boxed_answer")
     assert math_reward("\\boxed{\\boxed{7} 8}", "78") == Reward(0.0, "nested_boxed_answer")
     assert final_answer_text("first \\boxed{3}, then \\boxed{x^{2}}") == "x^{2}"
-    assert final_answer_text("<think>\\boxed{1}</think> so \\boxed{2} and \\boxed{") == "2"
+
+
+
+def test_an_unclosed_box_after_the_answer_is_a_hedge_and_earns_nothing():
+    """The final-answer rule (verify_math's docstring, docs/rewards.md): the last closed box counts, unless a box
+    opened after it is never closed: ``\\boxed{right} and \\boxed{wrong`` was graded by the right one."""
+    from megatron_ring.rewards.verify_math import UNCLOSED, final_answer_text, math_reward
+
+    assert final_answer_text("<think>\\boxed{1}</think> so \\boxed{2} and \\boxed{") is UNCLOSED
+    assert math_reward("so \\boxed{4} and \\boxed{5", "4") == Reward(0.0, "unclosed_boxed_answer")
+    assert math_reward("so \\boxed{5} or maybe \\boxed{4}", "4") == Reward(1.0, "correct")  # only the last counts
+    assert math_reward("so \\boxed{4} or maybe \\boxed{5}", "4") == Reward(0.0, "wrong_answer")
+    assert math_reward("<think>\\boxed{</think> \\boxed{4}", "4") == Reward(1.0, "correct")  # reasoning is not graded
+    assert score({"domain": "choice", "response": "\\boxed{B} or \\boxed{C", "answer": "B"}) == \
+        Reward(0.0, "unclosed_boxed_answer")
+
+
+def test_hostile_answers_are_refused_before_any_symbolic_work():
+    """Length and bracket depth at their limits (a 40,000-digit number held Math-Verify 8-13 s; brace depth 14 hits
+    its 5 s timeout): refused with the reason in well under a second, the limit itself still graded."""
+    from megatron_ring.rewards.verify_math import MAX_ANSWER_CHARS, MAX_ANSWER_DEPTH, math_reward
+
+    t0 = time.perf_counter()
+    assert math_reward("\\boxed{" + "7" * 40_000 + "}", "7") == Reward(0.0, "answer_too_long")
+    assert math_reward("\\boxed{" + "7" * (MAX_ANSWER_CHARS + 1) + "}", "7") == Reward(0.0, "answer_too_long")
+    deep = "{" * (MAX_ANSWER_DEPTH + 1) + "1" + "}" * (MAX_ANSWER_DEPTH + 1)
+    assert math_reward("\\boxed{" + deep + "}", "1") == Reward(0.0, "answer_too_deep")
+    assert math_reward("\\boxed{" + "(" * 7 + "[" * 7 + "1" + "]" * 7 + ")" * 7 + "}", "1") == \
+        Reward(0.0, "answer_too_deep")  # every kind of bracket counts
+    assert time.perf_counter() - t0 < 1.0
+    assert math_reward("\\boxed{" + "7" * MAX_ANSWER_CHARS + "}", "7" * MAX_ANSWER_CHARS) == Reward(1.0, "correct")
+    assert math_reward("\\boxed{" + "(" * 6 + "1" + ")" * 6 + "}", "1") == Reward(1.0, "correct")  # within depth
+
+
+HOSTILE_ANSWER = "\\boxed{9^{9^{9^{9}}}}"  # short and shallow: Math-Verify alone holds it 5 s (its own timeout)
+
+
+def test_the_pool_bounds_every_grading_kills_the_worker_and_keeps_serving():
+    """The trainer's own pool (``RLState._rewards``, the recipe's bounds): a step's jobs with one hostile answer
+    finish within the bound (+ the dispatch's slack), the hostile one scores 0 ``grader_timeout``, the honest ones are
+    graded, the killed worker is replaced and the next step is graded as usual."""
+    from types import SimpleNamespace
+
+    from megatron_ring.rl.config import RLConfig
+    from megatron_ring.rl.trainer import RLState
+
+    cfg = RLConfig(reward_workers=2, reward_timeout_s=1.5, code_reward_timeout_s=6.0)
+    rows = [{"id": "a", "domain": "math", "answer": "4"}, {"id": "b", "domain": "science", "answer": "4"},
+            {"id": "c", "domain": "code", "test_cases": TESTS}]
+    responses = [(0, "\\boxed{4}"), (0, HOSTILE_ANSWER), (1, "\\boxed{3}"), (2, PROG), (0, "\\boxed{2+2}")]
+    from megatron_ring.rewards import reward_job
+
+    jobs = [reward_job(rows[i], r, False) for i, r in responses]
+    with RLState._rewards(SimpleNamespace(cfg=cfg)) as pool:
+        assert (pool.timeout_s, pool.code_timeout_s) == (1.5, 6.0)
+        pool.map(jobs[:1])  # the workers are up
+        for step in range(2):
+            t0 = time.perf_counter()
+            out = pool.map(jobs)
+            took = time.perf_counter() - t0
+            assert [(r.value, r.reason) for r in out] == [
+                (1.0, "correct"), (0.0, "grader_timeout"), (0.0, "wrong_answer"), (1.0, "all_tests_passed"),
+                (1.0, "correct")], (step, out)
+            assert took < 1.5 + 1.5, (step, took)  # the bound, not Math-Verify's 5 s
+            assert pool.replaced == step + 1
+
+
+def _running(pid: int) -> bool:
+    """Alive and not a zombie (dead, waiting for a reaper: this machine's PID 1 reaps nothing)."""
+    try:
+        return "State:\tZ" not in Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return False
+
+
+def test_a_worker_killed_from_outside_scores_0_and_is_replaced():
+    """A worker that dies (OOM killer, a stray signal) under a code job: that sample scores 0 with the reason, its
+    sandbox goes with it, the pool keeps grading."""
+    import signal
+
+    slow = "```python\nimport time\nwhile True:\n    time.sleep(0.1)\n```"
+    since, host_ns = _ticks_now(), os.readlink("/proc/self/ns/pid")
+    with RewardPool(workers=1, limits=SandboxLimits(cpu_seconds=1, wall_seconds=30.0), code_timeout_s=60) as pool:
+        fut = pool.submit({"domain": "code", "response": slow, "test_cases": TESTS})
+        t0 = time.perf_counter()
+        while not pool._workers[0].job and time.perf_counter() - t0 < 60:
+            time.sleep(0.05)
+        time.sleep(1.0)
+        victim = pool._workers[0].proc.pid
+        sandboxed = {p for p, v in _started_since(since).items() if v[0] >= UID_BASE or v[1] != host_ns}
+        assert sandboxed, "the program was not running in its sandbox when the worker was killed"
+        os.kill(victim, signal.SIGKILL)
+        r = fut.result(timeout=30)
+        assert r.value == 0.0 and r.reason.startswith("worker_error:died"), r
+        assert pool.map([{"domain": "code", "response": PROG, "test_cases": TESTS}])[0].value == 1.0
+    time.sleep(0.5)
+    left = {p for p in sandboxed if _running(p)}
+    assert not left, f"the killed worker's sandbox still runs {left}"

@@ -116,6 +116,10 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--file", action="append", default=[], metavar="NAME=PATH", help="a benchmark's local file")
     ap.add_argument("--out", default=d.out)
     ap.add_argument("--grade-workers", type=int, default=d.grade_workers)
+    ap.add_argument("--reward-timeout", type=float, default=d.reward_timeout_s,
+                    help="seconds one math/science/choice grading may take (then it scores 0: grader_timeout)")
+    ap.add_argument("--code-reward-timeout", type=float, default=d.code_reward_timeout_s,
+                    help="seconds one program may take against all its test cases")
     ap.add_argument("--threads", type=int, default=0, help="--serve on CPU: torch threads of the server")
     ap.add_argument("--sandbox-unsafe", action="store_true")
     ap.add_argument("--no-progress", action="store_true")
@@ -155,6 +159,7 @@ def main(argv: list[str] | None = None) -> int:
                      max_tokens=a.max_tokens, seed=a.seed, concurrency=a.concurrency, retries=a.retries,
                      request_timeout=a.request_timeout, api_key=a.api_key, limit=a.limit, data_dir=a.data_dir,
                      files=files, out=a.out, grade_workers=a.grade_workers, sandbox_unsafe=a.sandbox_unsafe,
+                     reward_timeout_s=a.reward_timeout, code_reward_timeout_s=a.code_reward_timeout,
                      progress=not a.no_progress)
     try:
         for b in cfg.benchmarks:  # refuse bad names / files before starting a server

@@ -15,6 +15,7 @@ from tqdm import tqdm
 
 from . import benchmarks as B
 from .metrics import summarize
+from ..rewards.pool import CODE_TIMEOUT_S, MATH_TIMEOUT_S
 
 SAMPLING_KEYS = ("model", "temperature", "top_p", "max_tokens", "seed")
 
@@ -39,6 +40,8 @@ class EvalConfig:
     files: dict[str, str] = field(default_factory=dict)
     out: str = "runs/eval"
     grade_workers: int = 2
+    reward_timeout_s: float = MATH_TIMEOUT_S  # wall-time bound of one grading (the pool kills the worker past it)
+    code_reward_timeout_s: float = 2 * CODE_TIMEOUT_S  # (its sandbox allows 20 s per test case, RL's 5 s)
     sandbox_unsafe: bool = False
     progress: bool = True
 
@@ -128,8 +131,6 @@ def grade_job(row: dict, sample: dict) -> dict:
 
 
 async def _run_benchmark(cfg: EvalConfig, bench: str, pool, client) -> dict:
-    from megatron_ring.rewards import score
-
     rows = B.load(bench, cfg.files, cfg.data_dir, cfg.limit)
     bdir = Path(cfg.out) / cfg.name / bench
     _check_settings(bdir, cfg)
@@ -141,7 +142,7 @@ async def _run_benchmark(cfg: EvalConfig, bench: str, pool, client) -> dict:
             path.write_bytes(data[:data.rfind(b"\n") + 1])
     done = read_samples(path)
     todo = [(r, s) for r in rows for s in range(cfg.k) if (r["id"], s) not in done]
-    loop, sem, failures = asyncio.get_running_loop(), asyncio.Semaphore(cfg.concurrency), []
+    sem, failures = asyncio.Semaphore(cfg.concurrency), []
     bar = tqdm(total=len(rows) * cfg.k, initial=len(rows) * cfg.k - len(todo), desc=f"{cfg.name}/{bench}",
                unit="sample", disable=not cfg.progress, dynamic_ncols=True)
     right = [sum(1 for (i, s), d in done.items() if s < cfg.k and d["reward"] >= 1)]
@@ -156,7 +157,7 @@ async def _run_benchmark(cfg: EvalConfig, bench: str, pool, client) -> dict:
         if "error" in smp:
             smp.update(reward=0.0, reason="context_length_exceeded")
         else:
-            rew = await loop.run_in_executor(pool.ex, score, grade_job(row, smp))
+            rew = await asyncio.wrap_future(pool.submit(grade_job(row, smp)))
             smp.update(reward=rew.value, reason=rew.reason)
         f.write(json.dumps(smp) + "\n")
         f.flush()
@@ -206,7 +207,8 @@ async def _run(cfg: EvalConfig) -> dict[str, dict]:
                                 timeout=cfg.request_timeout)
     results = {}
     with RewardPool(cfg.grade_workers, SandboxLimits(cpu_seconds=10, wall_seconds=20.0),
-                    allow_unsafe=cfg.sandbox_unsafe) as pool:
+                    allow_unsafe=cfg.sandbox_unsafe, timeout_s=cfg.reward_timeout_s,
+                    code_timeout_s=cfg.code_reward_timeout_s) as pool:
         try:
             for bench in cfg.benchmarks:
                 results[bench] = await _run_benchmark(cfg, bench, pool, client)

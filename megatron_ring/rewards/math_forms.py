@@ -2,7 +2,8 @@
 runs (each decision is tested in tests/test_rewards.py::test_math_form_decisions).
 
 - Units: a bare number matches a number with a unit (Math-Verify strips units), but two answers that both name a
-  unit must name the same one (``5 \\text{ cm}`` is not ``5 \\text{ m}``).
+  unit must name the same one (``5 \\text{ cm}`` is not ``5 \\text{ m}``). A number written inside the text with
+  its unit (``\\text{5 cm}``) is that number with that unit.
 - Degrees and percent are units too: ``45^\\circ`` is not ``45\\%`` (either matches a bare 45).
 - Containers: a set ``\\{1,2\\}`` is not a tuple or interval ``(1,2)``; Math-Verify still decides set equality
   (``\\{1,2\\}`` = ``\\{2,1\\}``) and open/closed intervals.
@@ -14,6 +15,7 @@ from __future__ import annotations
 import re
 from fractions import Fraction
 
+_TEXT_NUMBER = re.compile(r"\\(?:text|mathrm|textrm|mbox)\s*\{\s*([-+]?\d+(?:,\d{3})*(?:\.\d+)?)(?:\s*([A-Za-z][^{}]*?))?\s*\}")
 _UNIT = re.compile(r"\\(?:text|mathrm|textrm|mbox|operatorname)\s*\{([^{}]*)\}")
 _DEG = re.compile(r"\^\s*\{?\s*\\circ\s*\}?|°|\\degree")
 _PCT = re.compile(r"\\?%")
@@ -29,7 +31,13 @@ def _repeating(m: re.Match) -> str:
     return f"\\frac{{{value.numerator}}}{{{value.denominator}}}" if value.denominator != 1 else str(value.numerator)
 
 
+def _text_number(m: re.Match) -> str:
+    number, unit = m.group(1).replace(",", ""), m.group(2)
+    return f"{number} \\text{{ {unit}}}" if unit else number
+
+
 def normalise(s: str) -> str:
+    s = _TEXT_NUMBER.sub(_text_number, s)
     s = _GROUP_SEP.sub("", s)
     s = _EMPTY.sub(r"\\emptyset", s)
     return _REPEAT.sub(_repeating, s)

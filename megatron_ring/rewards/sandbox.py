@@ -38,6 +38,7 @@ UID_BASE = 1_500_000  # host uids of the sandboxes (root only): UID_BASE + slot,
 INSIDE_UID = 65534  # what the program sees (nobody)
 SLOTS = 4096
 MS_NOSUID, MS_NODEV, MS_REC, MS_PRIVATE = 2, 4, 1 << 14, 1 << 18
+PR_SET_PDEATHSIG = 1
 
 
 class SandboxUnavailable(RuntimeError):
@@ -79,6 +80,7 @@ class Sandbox:
         self.interpreter = os.path.realpath(interpreter or _interpreter())
         self.root = os.geteuid() == 0
         self.uid_base = uid_base
+        self.max_seconds: float | None = None  # a cap on one run's whole budget (the reward pool's code bound)
         self.bwrap = shutil.which("bwrap")
         self.probe_error = "bwrap is not on PATH"
         self.isolated = self.bwrap is not None and self._probe()
@@ -148,7 +150,8 @@ class Sandbox:
         return self._results(out, err, len(inputs), oom)
 
     def _budget(self, n: int) -> float:
-        return n * (self.limits.wall_seconds + 0.5) + 10.0
+        own = n * (self.limits.wall_seconds + 0.5) + 10.0
+        return own if self.max_seconds is None else min(own, self.max_seconds)
 
     def _bwrap_cmd(self, runner: int, scratch: str | None = None) -> list[str]:
         lim = self.limits
@@ -273,6 +276,8 @@ def _enter(procs_files: list[str], uid: int | None, scratch: tuple | None = None
             os.setgroups([])
             os.setgid(uid)
             os.setuid(uid)
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)  # after the uid change (which clears it): a grading worker
+        # killed past its bound takes its sandbox with it (the sandbox leads a session of its own)
     return fn
 
 

@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Optional
 
 from ..config.recipe import Recipe, _from_dict
+from ..rewards.pool import CODE_TIMEOUT_S, MATH_TIMEOUT_S
 
 
 @dataclass
@@ -55,6 +56,8 @@ class RLConfig:
     # no table limit; SGLang then needs SGLANG_ALLOW_OVERWRITE_LONGER_CONTEXT_LEN=1, which the job scripts set)
     rollout_batch_size: int = 64
     reward_workers: int = 2  # 0: one per CPU
+    reward_timeout_s: float = MATH_TIMEOUT_S  # wall-time bound of one math/science grading (the pool kills the worker past it)
+    code_reward_timeout_s: float = CODE_TIMEOUT_S  # the same for one program against all its test cases
     sandbox_unsafe: bool = False
     eval_sets: list = field(default_factory=lambda: ["runs/tiny/data/eval/math.parquet"])
     eval_limit: int = 200

@@ -120,7 +120,8 @@ class RLState:
     def _rewards(self):
         from ..rewards import RewardPool
 
-        return RewardPool(self.cfg.reward_workers, allow_unsafe=self.cfg.sandbox_unsafe)
+        return RewardPool(self.cfg.reward_workers, allow_unsafe=self.cfg.sandbox_unsafe,
+                          timeout_s=self.cfg.reward_timeout_s, code_timeout_s=self.cfg.code_reward_timeout_s)
 
     def encode(self, rows: list[dict]) -> list[list[int]]:
         return chat_prompt_ids(self.tok, rows)
@@ -283,6 +284,7 @@ class RLState:
             by[prompts[r.prompt_index]["domain"]].append(r.reward)
         for d, v in by.items():
             m[f"reward/{d}"] = sum(v) / len(v)
+        m["reward/grader_timeouts"] = sum(r.reward_reason == "grader_timeout" for r in rollouts)
         m["tokens/generated"], m["tokens/kept"] = all_reduce_floats([sum(lengths), sum(kept)],
                                                                     group=ps.get_data_parallel_group())
         per_rank = [None] * ps.get_data_parallel_world_size()  # [generated, kept] of each DP rank (Φ is per rank)
