@@ -6,7 +6,9 @@ SGLang on a GPU cluster (``rl/sglang_engine.py`` + ``rl/transport.py``):
 - ``POST /generate``: ``input_ids`` (one or a batch), ``sampling_params`` (one or one per sample: temperature,
   top_p, max_new_tokens, sampling_seed, skip_special_tokens), ``return_logprob`` → SGLang's answer shape
   (``text``, ``output_ids``, ``meta_info.output_token_logprobs`` / ``finish_reason`` / ``weight_version``).
-  Sampling is ``rl.rollout.sample_batch``, each sample from its own ``sampling_seed`` (the in-process engine's).
+  Sampling is the shared decoding core (``megatron_ring/hf/decoding.py``: continuous batching, the samples of all
+  requests in flight decoded together, up to ``--max-batch``), each sample from its own ``sampling_seed`` (as the
+  in-process engine draws it).
 - ``POST /init_weights_update_group``, ``/update_weights_from_distributed`` (the broadcast transport: the trainer's
   rank 0 broadcasts each tensor on a gloo group made as SGLang makes it), ``/update_weights_from_disk``,
   ``/update_weights_from_tensor`` (the IPC transport: shared memory from a trainer on the same machine),
@@ -25,7 +27,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import json
 import os
 import threading
@@ -121,16 +122,6 @@ class MemoryReq(_Strict):  # Release/ResumeMemoryOccupationReqInput
     tags: Optional[list[str]] = None
 
 
-@contextlib.contextmanager
-def _aborted_as_400():
-    from megatron_ring.rl.rollout import Interrupted
-
-    try:
-        yield
-    except Interrupted as e:
-        raise ValueError(f"Abort request: aborted by /abort_request ({e})") from None
-
-
 def _in_turn(method):
     """A weight request waits for the one before it: SGLang's scheduler runs them one at a time (an init blocks it
     until the rendezvous), so several senders' requests are served in turn, never side by side."""
@@ -157,18 +148,19 @@ class Server:
                              f"{positions} ({model_path}/config.json); SGLang refuses it the same way unless "
                              "SGLANG_ALLOW_OVERWRITE_LONGER_CONTEXT_LEN=1")
         tok = load_tokenizer(model_path) if (Path(model_path) / "tokenizer.json").exists() else None
+        from megatron_ring.hf.decoding import Scheduler
+
         self.engine = InProcessEngine(cfg, tok, max_batch)
         self.engine.update_weights(read_hf_state(model_path), 0)
         self.model_path, self.version, self.max_batch = model_path, "default", max_batch
-        self.lock = threading.Lock()  # one generation or weight update at a time
+        self.core = Scheduler(self.engine.model, self.engine.pad, max_batch)
+        self.inflight: set = set()  # the sequences of the /generate requests being answered (for /abort_request)
         self.weight_ops = threading.Lock()  # one weight request at a time (as SGLang's scheduler runs them)
         self.aborts, self.served = 0, 0  # served: /generate requests answered (in /get_server_info)
         self.groups: dict[str, object] = {}
 
     # --- generation ------------------------------------------------------------------------------------------
     def generate(self, req: GenerateReq):
-        from megatron_ring.rl.rollout import SamplingParams, sample_batch
-
         single = bool(req.input_ids) and isinstance(req.input_ids[0], int)
         ids = [req.input_ids] if single else req.input_ids
         sps = req.sampling_params if isinstance(req.sampling_params, list) else [req.sampling_params or Sampling()] * len(ids)
@@ -180,22 +172,35 @@ class Server:
                                  f"{self.context} tokens. You requested a total of {len(p) + s.max_new_tokens} tokens: "
                                  f"{len(p)} tokens from the input messages and {s.max_new_tokens} tokens for the "
                                  f"completion (input {j}).")
+        from megatron_ring.hf.decoding import Seq
+        from megatron_ring.rl.rollout import as_rollout
+
+        if not ids:
+            return []
+        eos, left, all_done = self.engine.eos, [len(ids)], threading.Event()
+
+        def done(_):
+            left[0] -= 1
+            if left[0] == 0:
+                all_done.set()
+        seqs = [Seq(list(p), s.max_new_tokens, s.temperature, s.top_p,
+                    s.sampling_seed if s.sampling_seed is not None else j, frozenset([eos]), on_done=done, tag=j)
+                for j, (p, s) in enumerate(zip(ids, sps))]
         epoch = self.aborts
-        stop = lambda: self.aborts != epoch  # noqa: E731 (an /abort_request since this request came in)
-        groups: dict[tuple, list[int]] = {}
-        for j, s in enumerate(sps):
-            groups.setdefault((s.temperature, s.top_p, s.max_new_tokens), []).append(j)
-        out: list = [None] * len(ids)
-        with self.lock, _aborted_as_400():
-            for (temp, top_p, max_new), js in groups.items():
-                sp = SamplingParams(max_new, temp, top_p)
-                for b in range(0, len(js), self.max_batch):
-                    chunk = js[b:b + self.max_batch]
-                    jobs = [(j, ids[j], sps[j].sampling_seed if sps[j].sampling_seed is not None else j) for j in chunk]
-                    for r in sample_batch(self.engine.model, self.engine.tok, jobs, sp, self.engine.eos, self.engine.pad,
-                                          stop):
-                        out[r.prompt_index] = self._answer(r, req.return_logprob)
-            self.served += 1
+        self.inflight.update(seqs)
+        try:
+            for q in seqs:
+                self.core.submit(q)
+            all_done.wait()
+        finally:
+            self.inflight.difference_update(seqs)
+        if any(q.error is not None for q in seqs):
+            raise next(q.error for q in seqs if q.error is not None)
+        if self.aborts != epoch and any(q.finish == "cancelled" for q in seqs):
+            raise ValueError(f"Abort request: aborted by /abort_request (after "
+                             f"{max(len(q.tokens) for q in seqs)} tokens)")
+        out = [self._answer(as_rollout(q, self.engine.tok, eos), req.return_logprob) for q in seqs]
+        self.served += 1
         return out[0] if single else out
 
     def _answer(self, r, logprob: bool) -> dict:
@@ -229,7 +234,7 @@ class Server:
         works = [dist.broadcast(t, src=0, group=self.groups[req.group_name], async_op=True) for t in ts]
         for w in works:  # (received before the lock: a broadcast must not wait for a running generation)
             w.wait()
-        with self.lock:
+        with self.core.exclusive():
             self._load(list(zip(req.names, ts)), req.weight_version)
         return {"success": True, "message": "Succeeded to update parameter online."}
 
@@ -245,7 +250,7 @@ class Server:
         if req.load_format is not None:
             raise ValueError(f"load_format {req.load_format!r}: the CPU server loads named tensors only")
         named = pickle.load(io.BytesIO(base64.b64decode(req.serialized_named_tensors[0])))
-        with self.lock:
+        with self.core.exclusive():
             self._load([(n, t) for n, t in named], req.weight_version)
         return {"success": True, "message": "Succeeded to update model weights."}
 
@@ -254,7 +259,7 @@ class Server:
         from megatron_ring.convert.hf_io import read_hf_state
 
         state = read_hf_state(req.model_path)
-        with self.lock:
+        with self.core.exclusive():
             self._load(list(state.items()), req.weight_version)
             self.model_path = req.model_path
         return {"success": True, "message": "Succeeded to update model weights.", "num_paused_requests": 0}
@@ -326,6 +331,8 @@ def create_app(server: Server) -> FastAPI:
     async def abort(req: AbortReq):
         if req.abort_all:  # every request in flight or waiting ends (its answer: a 400 naming the abort)
             server.aborts += 1
+            for q in list(server.inflight):
+                q.cancelled.set()
         return JSONResponse({})
 
     @app.api_route("/flush_cache", methods=["GET", "POST"])

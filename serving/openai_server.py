@@ -4,9 +4,12 @@
 (it looks the class up on the ``transformers`` module), so this thin FastAPI server does what it lacks:
 ``GET /v1/models``, ``POST /v1/chat/completions`` (streaming or not; ``reasoning_content`` split from the answer as
 SGLang's ``--reasoning-parser deepseek-r1`` does), ``GET /health``, an optional API key, and limits (prompt and
-``max_tokens`` against the context, a bounded queue). Generation is the model's own ``generate()`` (greedy at
-temperature 0), so replies equal ``model.generate`` token for token. Bad requests get a 4xx in OpenAI's error
-shape; a failing generation is a 500 for that request only.
+``max_tokens`` against the context, a bounded queue). Requests are decoded together by the shared core
+(``megatron_ring/hf/decoding.py``: continuous batching, up to ``--max-batch`` running, the rest waiting up to
+``--max-queue`` in all; more get a 503): a request joins the running batch at a token boundary and leaves when done
+(eos, a stop string, max tokens, the client gone). Greedy replies equal ``model.generate`` token for token; a
+sampled reply depends on its ``seed`` only, not on what else runs beside it. Bad requests get a 4xx in OpenAI's
+error shape; a failing generation is a 500 for the requests in that step only.
 
     python -m serving.openai_server --model runs/tiny/export --port 8000 [--api-key KEY]
 """
@@ -78,14 +81,17 @@ class APIError(Exception):
 class Limits:
     max_tokens: int = 2048  # the largest max_tokens a request may ask for
     max_queue: int = 64  # requests waiting or running; more get 503
+    max_batch: int = 16  # requests decoded together (running); the others wait
     request_timeout_s: float = 600.0
 
 
 class ChatModel:
-    """An exported HF folder (``trust_remote_code``), one generation at a time."""
+    """An exported HF folder (``trust_remote_code``) behind the continuous-batching decoder."""
 
-    def __init__(self, path: str, dtype: str = "float32"):
+    def __init__(self, path: str, dtype: str = "float32", max_batch: int = 16):
         from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
+
+        from megatron_ring.hf.decoding import Scheduler
 
         self.tok = AutoTokenizer.from_pretrained(path, trust_remote_code=True)
         self.model = AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True,
@@ -97,7 +103,8 @@ class ChatModel:
         eos = self.gen.eos_token_id if self.gen.eos_token_id is not None else self.model.config.eos_token_id
         self.eos = set(eos if isinstance(eos, list) else [eos])
         self.context = int(getattr(self.model.config, "max_position_embeddings", 4096))
-        self.lock = threading.Lock()
+        pad = self.model.config.pad_token_id
+        self.core = Scheduler(self.model, pad if pad is not None else min(self.eos), max_batch)
 
     def prompt_ids(self, messages: list[Message]) -> list[int]:
         msgs = []
@@ -105,42 +112,6 @@ class ChatModel:
             text = m.content if isinstance(m.content, str) else "".join(p.text for p in (m.content or []))
             msgs.append({"role": "system" if m.role == "developer" else m.role, "content": text})
         return self.tok.apply_chat_template(msgs, tokenize=True, add_generation_prompt=True, return_dict=False)
-
-    @torch.no_grad()
-    def generate(self, ids: list[int], max_new: int, temperature: float, top_p: float, seed: int | None,
-                 on_token, cancelled: threading.Event, ignore_eos: bool = False) -> str:
-        """Runs ``model.generate``; calls ``on_token(id)`` per new token; returns "stop" or "length"."""
-        from transformers import StoppingCriteria, StoppingCriteriaList
-        from transformers.generation.streamers import BaseStreamer
-
-        class _Stream(BaseStreamer):
-            first = True
-
-            def put(self, value):
-                if self.first:  # generate() first puts the prompt
-                    self.first = False
-                    return
-                for t in value.flatten().tolist():
-                    on_token(int(t))
-
-            def end(self):
-                pass
-
-        class _Cancel(StoppingCriteria):
-            def __call__(self, input_ids, scores, **kw):
-                return torch.full((input_ids.shape[0],), cancelled.is_set(), dtype=torch.bool)
-
-        kw = dict(do_sample=False) if temperature == 0 else dict(do_sample=True, temperature=temperature, top_p=top_p, top_k=0)
-        with self.lock:
-            if seed is not None:
-                torch.manual_seed(seed)
-            out = self.model.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
-                                      max_new_tokens=max_new, streamer=_Stream(),
-                                      eos_token_id=None if ignore_eos else sorted(self.eos),
-                                      pad_token_id=sorted(self.eos)[0], stopping_criteria=StoppingCriteriaList([_Cancel()]),
-                                      **kw)
-        new = out[0, len(ids):].tolist()
-        return "stop" if (new and new[-1] in self.eos and not ignore_eos) or cancelled.is_set() else "length"
 
 
 class Decoder:
@@ -209,7 +180,8 @@ def create_app(model: ChatModel, served_name: str, api_key: str | None = None, l
 
     @app.get("/health")
     async def health():
-        return {"status": "ok", **state}
+        return {"status": "ok", **state, "running": model.core.running, "waiting": len(model.core.waiting),
+                "max_batch": model.core.max_batch, "peak_running": model.core.peak}
 
     @app.get("/v1/models")
     async def models():
@@ -263,43 +235,42 @@ def create_app(model: ChatModel, served_name: str, api_key: str | None = None, l
 
 
 class _Run:
-    """One generation in a worker thread, its text deltas handed to the event loop through a queue."""
+    """One request in the decoding core; its text deltas handed to the event loop through a queue."""
 
     def __init__(self, model: ChatModel, ids, max_new, temperature, top_p, seed, stop, state, ignore_eos=False):
+        from megatron_ring.hf.decoding import Seq
+
         self.model, self.ids, self.state = model, ids, state
-        self.args = (max_new, temperature, top_p, seed)
-        self.ignore_eos = ignore_eos
         self.dec = Decoder(model.tok, set() if ignore_eos else model.eos, stop)
-        self.cancelled = threading.Event()
+        self.seq = Seq(list(ids), max_new, temperature, top_p, seed, frozenset() if ignore_eos else frozenset(model.eos))
+        self.cancelled = self.seq.cancelled
         self.finish, self.error = "stop", None
 
     def start(self, loop: asyncio.AbstractEventLoop):
         self.q: asyncio.Queue = asyncio.Queue()
         self.state["inflight"] += 1
 
-        def on_token(t):
+        def on_token(t):  # (the decoding thread)
             d = self.dec.push(t)
             if self.dec.stopped:
-                self.cancelled.set()
+                self.cancelled.set()  # leaves the batch at this token
             if d:
                 loop.call_soon_threadsafe(self.q.put_nowait, d)
 
-        def work():
-            try:
-                self.finish = self.model.generate(self.ids, *self.args, on_token, self.cancelled, self.ignore_eos)
+        def on_done(seq):
+            if seq.error is not None:
+                self.error = seq.error
+            else:
                 rest = self.dec.flush()
                 if rest:
                     loop.call_soon_threadsafe(self.q.put_nowait, rest)
-                if self.dec.stopped:
-                    self.finish = "stop"
-                elif self.cancelled.is_set():
+                self.finish = "length" if seq.finish == "length" and not self.dec.stopped else "stop"
+                if seq.finish == "cancelled" and not self.dec.stopped:
                     self.state["abandoned"] += 1
-            except Exception as e:  # noqa: BLE001
-                self.error = e
-            finally:
-                loop.call_soon_threadsafe(self.q.put_nowait, None)
+            loop.call_soon_threadsafe(self.q.put_nowait, None)
 
-        threading.Thread(target=work, daemon=True).start()
+        self.seq.on_token, self.seq.on_done = on_token, on_done
+        self.model.core.submit(self.seq)
 
     async def deltas(self, timeout: float):
         try:
@@ -315,7 +286,8 @@ class _Run:
             self.state["inflight"] -= 1
 
     def usage(self) -> dict:
-        n = len(self.dec.ids) + (1 if self.finish == "stop" and not self.dec.stopped else 0)
+        n = len(self.dec.ids) + (1 if self.finish == "stop" and not self.dec.stopped and self.seq.finish == "stop"
+                                 else 0)
         return {"prompt_tokens": len(self.ids), "completion_tokens": n, "total_tokens": len(self.ids) + n}
 
 
@@ -375,7 +347,8 @@ def main(argv=None) -> int:
     ap.add_argument("--port-file", help="write the bound port here once the socket is listening")
     ap.add_argument("--api-key", help="require Authorization: Bearer KEY on /v1/*")
     ap.add_argument("--max-tokens-limit", type=int, default=2048)
-    ap.add_argument("--max-queue", type=int, default=64)
+    ap.add_argument("--max-queue", type=int, default=64, help="requests waiting or running; more get a 503")
+    ap.add_argument("--max-batch", type=int, default=16, help="requests decoded together (continuous batching)")
     ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     ap.add_argument("--parent-pid", type=int, help="exit when this process is gone (a server started for one run "
                                                    "must not outlive a run that was killed)")
@@ -384,9 +357,10 @@ def main(argv=None) -> int:
         _exit_with(a.parent_pid)
     if a.threads:
         torch.set_num_threads(a.threads)
-    model = ChatModel(a.model)
+    model = ChatModel(a.model, max_batch=a.max_batch)
     name = a.served_model_name or Path(a.model).resolve().name
-    app = create_app(model, name, a.api_key, Limits(max_tokens=a.max_tokens_limit, max_queue=a.max_queue))
+    app = create_app(model, name, a.api_key, Limits(max_tokens=a.max_tokens_limit, max_queue=a.max_queue,
+                                                                 max_batch=a.max_batch))
     serve(app, a.host, a.port, a.port_file, f"serving {a.model} as {name!r} on http://{a.host}:{{port}}/v1")
     return 0
 

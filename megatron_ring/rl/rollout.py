@@ -2,8 +2,8 @@
 log-probs, ``transport()`` (how the trainer's weights reach it after every step), ``health``.
 
 ``InProcessEngine`` is the CPU / test engine: the exported HF model (``BailingMoeForCausalLM``, our modeling
-code) in the trainer's process, KV-cached sampling with temperature / top-p (``sample_batch``, which the CPU
-server ``serving/native.py`` shares). It receives weights as HF-named buckets (``InProcessTransport``) from the
+code) in the trainer's process, KV-cached sampling with temperature / top-p (``sample_batch`` over the decoding core
+``hf/decoding.py``, which the CPU servers ``serving/native.py`` and ``serving/openai_server.py`` share). It receives weights as HF-named buckets (``InProcessTransport``) from the
 same in-memory gather that feeds SGLang, so the weight sync and the train/rollout log-prob mismatch are exercised
 on CPU as on a GPU cluster. ``SGLangEngine`` (``sglang_engine.py``) drives SGLang servers, or the CPU ones."""
 from __future__ import annotations
@@ -96,72 +96,27 @@ class InProcessEngine:
         or server it ran in, the K samples of a prompt differ, and a rerun reproduces them."""
         idx = list(range(len(prompts))) if indices is None else indices
         jobs = [(j, p, sp.seed + i * n + k) for j, (i, p) in enumerate(zip(idx, prompts)) for k in range(n)]
-        out: list[Rollout] = []
-        for s in range(0, len(jobs), self.batch_size):
-            out += sample_batch(self.model, self.tok, jobs[s:s + self.batch_size], sp, self.eos, self.pad,
-                                should_stop)
-        return out
+        return sample_batch(self.model, self.tok, jobs, sp, self.eos, self.pad, should_stop, self.batch_size)
 
 
-@torch.no_grad()
 def sample_batch(model, tok, jobs: list[tuple[int, list[int], int]], sp: SamplingParams, eos: int, pad: int,
-                 should_stop: Callable[[], bool] | None = None) -> list[Rollout]:
-    """Left-padded batch of (prompt index, prompt ids, seed), KV-cached decode, temperature/top-p sampling, each
-    row from its own generator (greedy at temperature 0). ``should_stop`` is asked before the prefill and before
-    every token."""
-    from ..hf.modeling_bailing_moe import output_cache
+                 should_stop: Callable[[], bool] | None = None, max_batch: int | None = None) -> list[Rollout]:
+    """(prompt index, prompt ids, seed) jobs decoded by the shared core (``hf/decoding.py``: continuous batching,
+    at most ``max_batch`` running, a newcomer joining as a row finishes), temperature/top-p sampling, each row from
+    its own generator (greedy at temperature 0). ``should_stop`` is asked before the prefill and before every
+    token."""
+    from ..hf.decoding import Seq, run_to_end
 
-    def check(t: int) -> None:  # (before the prefill too: an aborted request does not start another batch)
-        if should_stop is not None and should_stop():
-            raise Interrupted(f"generation stopped at token {t} of {sp.max_new_tokens}")
+    def stop(t: int) -> None:
+        raise Interrupted(f"generation stopped at token {t} of {sp.max_new_tokens}")
 
-    check(0)
-    B, L = len(jobs), max(len(p) for _, p, _ in jobs)
-    gens = [torch.Generator().manual_seed(seed) for _, _, seed in jobs]
-    ids = torch.full((B, L), pad, dtype=torch.long)
-    att = torch.zeros((B, L), dtype=torch.long)
-    for b, (_, p, _) in enumerate(jobs):
-        ids[b, L - len(p):], att[b, L - len(p):] = torch.tensor(p), 1
-    pos = (att.cumsum(-1) - 1).clamp(min=0)
-    out = model(input_ids=ids, attention_mask=att, position_ids=pos, use_cache=True, logits_to_keep=1)
-    past, logits = output_cache(out), out.logits[:, -1]
-    toks, lps = [], []
-    done = torch.zeros(B, dtype=torch.bool)
-    for t in range(sp.max_new_tokens):
-        check(t)
-        if sp.temperature > 0:
-            logp = torch.log_softmax(logits.float() / sp.temperature, -1)
-            nxt = torch.stack([_sample(logp[b:b + 1], sp.top_p, gens[b])[0] for b in range(B)])
-        else:  # greedy (evaluation)
-            logp = torch.log_softmax(logits.float(), -1)
-            nxt = logp.argmax(-1)
-        nxt = torch.where(done, torch.full_like(nxt, pad), nxt)
-        toks.append(nxt)
-        lps.append(logp.gather(-1, nxt[:, None])[:, 0])
-        done |= nxt == eos
-        if bool(done.all()) or t == sp.max_new_tokens - 1:
-            break
-        att = torch.cat([att, torch.ones((B, 1), dtype=torch.long)], 1)
-        pos = pos[:, -1:] + 1
-        out = model(input_ids=nxt[:, None], attention_mask=att, position_ids=pos, cache=past, use_cache=True)
-        past, logits = output_cache(out), out.logits[:, -1]
-    T, L_ = torch.stack(toks, 1), torch.stack(lps, 1)
-    res = []
-    for b, (i, p, _) in enumerate(jobs):
-        row = T[b].tolist()
-        end = row.index(eos) + 1 if eos in row else len(row)
-        resp = row[:end]
-        res.append(Rollout(i, list(p), resp, L_[b, :end].tolist(), "stop" if eos in resp else "length",
-                           text=tok.decode([x for x in resp if x != eos], skip_special_tokens=False) if tok else ""))
-    return res
+    seqs = [Seq(list(p), sp.max_new_tokens, sp.temperature, sp.top_p, seed, frozenset([eos]), tag=i)
+            for i, p, seed in jobs]
+    run_to_end(model, pad, seqs, max_batch or len(seqs), should_stop, stop)
+    return [as_rollout(s, tok, eos) for s in seqs]
 
 
-def _sample(logp: torch.Tensor, top_p: float, gen: torch.Generator) -> torch.Tensor:
-    probs = logp.exp()
-    if top_p < 1.0:
-        sp, si = probs.sort(-1, descending=True)
-        keep = sp.cumsum(-1) - sp < top_p  # the smallest prefix whose mass reaches top_p
-        sp = sp * keep
-        choice = torch.multinomial(sp / sp.sum(-1, keepdim=True), 1, generator=gen)
-        return si.gather(-1, choice)[:, 0]
-    return torch.multinomial(probs, 1, generator=gen)[:, 0]
+def as_rollout(s, tok, eos: int) -> Rollout:
+    """A finished ``hf.decoding.Seq`` (its ``tag``: the prompt index) as a rollout, its text without the eos."""
+    return Rollout(s.tag, s.prompt, s.tokens, s.logprobs, "stop" if s.finish == "stop" else "length",
+                   text=tok.decode([x for x in s.tokens if x != eos], skip_special_tokens=False) if tok else "")

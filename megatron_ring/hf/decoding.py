@@ -1,0 +1,283 @@
+"""The one decoding core of the CPU engines: continuous batching over the exported HF model.
+
+Three front doors share it: the RL in-process engine (``rl/rollout.py``: ``sample_batch``), the SGLang look-alike
+(``serving/native.py``) and the OpenAI server (``serving/openai_server.py``), the last two through ``Scheduler``.
+
+A ``Batch`` holds the running sequences in one left-padded KV cache (``BatchKV``: a row per sequence, an attention
+mask marking each row's own positions). Sequences join at a token boundary (``admit``: the newcomers' prefill as one
+left-padded batch, then their cache rows are merged in; no row ever attends to another row's positions: the mask is
+per row) and leave when done (``step`` drops them; columns that only padding uses are trimmed). Every sequence
+samples from its own generator with its own settings (temperature 0: greedy; top-p), so what it draws depends on its
+seed and its own logits, not on what else runs beside it."""
+from __future__ import annotations
+
+import contextlib
+import secrets
+import threading
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+
+@dataclass
+class Seq:
+    prompt: list[int]
+    max_new: int
+    temperature: float = 1.0
+    top_p: float = 1.0
+    seed: int | None = None  # None: a fresh random seed
+    eos: frozenset = frozenset()  # stop tokens (empty: generate to max_new)
+    on_token: Callable[[int], None] | None = None  # called with each new token, in order
+    on_done: Callable[["Seq"], None] | None = None  # called once: finish is set (or error)
+    cancelled: threading.Event = field(default_factory=threading.Event)  # the front door gave up on it
+    tag: object = None  # the caller's (the prompt index of a rollout)
+    tokens: list[int] = field(default_factory=list)
+    logprobs: list[float] = field(default_factory=list)
+    finish: str | None = None  # "stop" (eos), "length", "cancelled"
+    error: BaseException | None = None
+
+    def __post_init__(self):
+        self.gen = torch.Generator().manual_seed(self.seed if self.seed is not None else secrets.randbits(63))
+
+
+class BatchKV:
+    """A KV cache of rows that come and go: per layer [rows, kv heads, time, head dim], left-padded."""
+
+    def __init__(self, layers: int):
+        self.k: list[torch.Tensor | None] = [None] * layers
+        self.v: list[torch.Tensor | None] = [None] * layers
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return 0 if self.k[0] is None else self.k[0].shape[2]
+
+    def update(self, k: torch.Tensor, v: torch.Tensor, i: int):
+        self.k[i] = k if self.k[i] is None else torch.cat([self.k[i], k], 2)
+        self.v[i] = v if self.v[i] is None else torch.cat([self.v[i], v], 2)
+        return self.k[i], self.v[i]
+
+    def select(self, rows: torch.Tensor, drop_cols: int = 0) -> None:
+        for x in (self.k, self.v):
+            for i, t in enumerate(x):
+                x[i] = t[rows, :, drop_cols:]
+
+    def join(self, other: "BatchKV") -> None:
+        """Append ``other``'s rows, left-padding whichever is shorter in time (padding is masked out)."""
+        for x, y in ((self.k, other.k), (self.v, other.v)):
+            for i, (a, b) in enumerate(zip(x, y)):
+                if a is None:
+                    x[i] = b
+                    continue
+                T = max(a.shape[2], b.shape[2])
+                a, b = (torch.nn.functional.pad(t, (0, 0, T - t.shape[2], 0)) for t in (a, b))
+                x[i] = torch.cat([a, b], 0)
+
+
+def _pad_left(rows: list[torch.Tensor], value: int) -> torch.Tensor:
+    T = max(r.shape[-1] for r in rows)
+    return torch.stack([torch.nn.functional.pad(r, (T - r.shape[-1], 0), value=value) for r in rows])
+
+
+class Batch:
+    """The running sequences of one model, decoded together one token per ``step``."""
+
+    def __init__(self, model, pad: int):
+        self.model, self.pad = model, pad
+        self.layers = model.config.num_hidden_layers
+        self.seqs: list[Seq] = []
+        self.kv, self.att, self.pos, self.logits = BatchKV(self.layers), None, None, None
+
+    def __len__(self) -> int:
+        return len(self.seqs)
+
+    @torch.no_grad()
+    def admit(self, new: list[Seq]) -> None:
+        """The newcomers' prefill (one left-padded batch of their prompts), merged into the running batch."""
+        from .modeling_bailing_moe import output_cache
+
+        if not new:
+            return
+        ids = _pad_left([torch.tensor(s.prompt) for s in new], self.pad)
+        att = _pad_left([torch.ones(len(s.prompt), dtype=torch.long) for s in new], 0)
+        pos = (att.cumsum(-1) - 1).clamp(min=0)
+        kv = BatchKV(self.layers)
+        out = self.model(input_ids=ids, attention_mask=att, position_ids=pos, cache=kv, use_cache=True,
+                         logits_to_keep=1)
+        assert output_cache(out) is kv
+        logits = out.logits[:, -1].float()
+        if not self.seqs:
+            self.kv, self.att, self.pos, self.logits = kv, att, pos[:, -1:], logits
+        else:
+            self.kv.join(kv)
+            T = max(self.att.shape[1], att.shape[1])
+            pad = torch.nn.functional.pad
+            self.att = torch.cat([pad(self.att, (T - self.att.shape[1], 0)), pad(att, (T - att.shape[1], 0))], 0)
+            self.pos = torch.cat([self.pos, pos[:, -1:]], 0)
+            self.logits = torch.cat([self.logits, logits], 0)
+        self.seqs += new
+
+    @torch.no_grad()
+    def step(self) -> list[Seq]:
+        """One token for every running sequence; returns those that finished (already removed)."""
+        from .modeling_bailing_moe import output_cache
+
+        nxt, done = [], []
+        for b, s in enumerate(self.seqs):
+            if s.cancelled.is_set():
+                s.finish = "cancelled"
+                nxt.append(self.pad)
+                done.append(b)
+                continue
+            t, lp = _draw(self.logits[b:b + 1], s)
+            s.tokens.append(t)
+            s.logprobs.append(lp)
+            nxt.append(t)
+            if t in s.eos:
+                s.finish = "stop"
+            elif len(s.tokens) >= s.max_new:
+                s.finish = "length"
+            if s.on_token is not None:
+                s.on_token(t)
+            if s.finish is not None or s.cancelled.is_set():
+                s.finish = s.finish or "cancelled"
+                done.append(b)
+        finished = [self.seqs[b] for b in done]
+        if done:
+            keep = [b for b in range(len(self.seqs)) if b not in set(done)]
+            self._keep(keep)
+            nxt = [nxt[b] for b in keep]
+        if self.seqs:
+            self.att = torch.cat([self.att, torch.ones((len(self.seqs), 1), dtype=torch.long)], 1)
+            self.pos = self.pos + 1
+            out = self.model(input_ids=torch.tensor(nxt)[:, None], attention_mask=self.att, position_ids=self.pos,
+                             cache=self.kv, use_cache=True)
+            assert output_cache(out) is self.kv
+            self.logits = out.logits[:, -1].float()
+        return finished
+
+    def _keep(self, keep: list[int]) -> None:
+        self.seqs = [self.seqs[b] for b in keep]
+        if not keep:
+            self.kv, self.att, self.pos, self.logits = BatchKV(self.layers), None, None, None
+            return
+        rows = torch.tensor(keep)
+        att = self.att[rows]
+        used = att.any(0).nonzero()
+        drop = int(used[0]) if len(used) else 0  # leading columns only padding uses any more
+        self.kv.select(rows, drop)
+        self.att, self.pos, self.logits = att[:, drop:], self.pos[rows], self.logits[rows]
+
+
+def _draw(logits: torch.Tensor, s: Seq) -> tuple[int, float]:
+    """The next token of one sequence and its (temperature-scaled) log-prob: greedy at temperature 0."""
+    if s.temperature > 0:
+        logp = torch.log_softmax(logits / s.temperature, -1)
+        probs = logp.exp()
+        if s.top_p < 1.0:
+            sp, si = probs.sort(-1, descending=True)
+            keep = sp.cumsum(-1) - sp < s.top_p  # the smallest prefix whose mass reaches top_p
+            sp = sp * keep
+            t = si.gather(-1, torch.multinomial(sp / sp.sum(-1, keepdim=True), 1, generator=s.gen))[0, 0]
+        else:
+            t = torch.multinomial(probs, 1, generator=s.gen)[0, 0]
+    else:
+        logp = torch.log_softmax(logits, -1)
+        t = logp.argmax(-1)[0]
+    return int(t), float(logp[0, t])
+
+
+def run_to_end(model, pad: int, seqs: list[Seq], max_batch: int, should_stop: Callable[[], bool] | None = None,
+               on_stop: Callable[[int], None] | None = None) -> None:
+    """Decode ``seqs`` to the end with at most ``max_batch`` running, a newcomer joining as soon as a row frees
+    (the offline form of ``Scheduler``). ``should_stop`` is asked before every token; when true, ``on_stop(t)``
+    is called (it raises) with the longest generated length so far."""
+    waiting, batch = deque(seqs), Batch(model, pad)
+    while waiting or batch.seqs:
+        if should_stop is not None and should_stop():
+            on_stop(max((len(s.tokens) for s in batch.seqs), default=0))
+        room = max_batch - len(batch)
+        if waiting and room > 0:
+            batch.admit([waiting.popleft() for _ in range(min(room, len(waiting)))])
+        batch.step()
+
+
+class Scheduler:
+    """Continuous batching for servers: ``submit`` from any thread; one decoding thread admits waiting sequences at
+    token boundaries (up to ``max_batch`` running) and steps the batch; each sequence's ``on_done`` is called when it
+    leaves. A failing step fails the sequences that were in it (their ``error``) and the thread keeps serving."""
+
+    def __init__(self, model, pad: int, max_batch: int = 16, lock: threading.Lock | None = None):
+        self.model, self.pad, self.max_batch = model, pad, max_batch
+        self.lock = lock or threading.Lock()  # held around every step (a weight update takes it too)
+        self.waiting: deque[Seq] = deque()
+        self.cv = threading.Condition()
+        self.batch = Batch(model, pad)
+        self.steps, self.peak, self.paused = 0, 0, 0  # peak: the most sequences that ran together
+        self.busy = False  # a step is under way (admitting or decoding)
+        threading.Thread(target=self._loop, name="decode", daemon=True).start()
+
+    @property
+    def running(self) -> int:
+        return len(self.batch)
+
+    def submit(self, seq: Seq) -> None:
+        with self.cv:
+            self.waiting.append(seq)
+            self.cv.notify_all()
+
+    @contextlib.contextmanager
+    def exclusive(self):
+        """No sequence running or admitted meanwhile (a weight update between generations, as SGLang's scheduler
+        runs it): waits for the running batch to finish, then holds the model."""
+        with self.cv:
+            self.paused += 1
+            try:
+                while self.batch.seqs or self.busy:
+                    self.cv.wait()
+            except BaseException:
+                self.paused -= 1
+                raise
+        try:
+            with self.lock:
+                yield
+        finally:
+            with self.cv:
+                self.paused -= 1
+                self.cv.notify_all()
+
+    def _loop(self) -> None:
+        while True:
+            with self.cv:
+                while not self.batch.seqs and (not self.waiting or self.paused):
+                    self.cv.wait()
+                new = []
+                while self.waiting and not self.paused and len(self.batch) + len(new) < self.max_batch:
+                    s = self.waiting.popleft()
+                    if s.cancelled.is_set():
+                        s.finish = "cancelled"
+                        _done(s)
+                    else:
+                        new.append(s)
+                self.busy = True
+            try:
+                with self.lock:
+                    self.batch.admit(new)
+                    self.peak = max(self.peak, len(self.batch))
+                    finished = self.batch.step()
+                    self.steps += 1
+            except Exception as e:  # noqa: BLE001 — the requests in this batch fail, the server does not
+                finished = list(dict.fromkeys([*self.batch.seqs, *new]))
+                for s in finished:
+                    s.error = e
+                self.batch = Batch(self.model, self.pad)
+            for s in finished:
+                _done(s)
+            with self.cv:
+                self.busy = False
+                self.cv.notify_all()  # (an exclusive() waiting for the batch to drain)
+
+
+def _done(s: Seq) -> None:
+    if s.on_done is not None:
+        s.on_done(s)
