@@ -93,9 +93,9 @@ def table(r: dict) -> str:
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def start_server(model_dir: str, port: int, threads: int = 0, root: Path = ROOT) -> subprocess.Popen:
+def start_server(model_dir: str, port: int, threads: int | None = None, root: Path = ROOT) -> subprocess.Popen:
     p = subprocess.Popen([sys.executable, "-m", "serving.openai_server", "--model", str(model_dir), "--port", str(port),
-                          "--threads", str(threads)], cwd=root)
+                          *(["--threads", str(threads)] if threads is not None else [])], cwd=root)
     try:
         wait_healthy(f"http://127.0.0.1:{port}", p, timeout=120, interval=0.5)
     except Exception:
@@ -119,7 +119,7 @@ def compare(a) -> int:
     """One server at a time (they would share the CPU), every concurrency level against it, one table."""
     import tempfile
 
-    model = Path(a.model_dir) if a.model_dir else tiny_export(ROOT / "benchmarks" / "_serve_load")
+    model = (Path(a.model_dir) if a.model_dir else tiny_export(ROOT / "benchmarks" / "_serve_load")).resolve()
     servers: list[tuple[str, str | None, Path | None]] = []  # (label, url, root to start from)
     tmp = None
     if a.before_rev:
@@ -176,7 +176,7 @@ def main(argv=None) -> int:
     ap.add_argument("--concurrency", type=int, nargs="+", help="side by side: these levels (see above)")
     ap.add_argument("--before-rev", help="side by side: also the server of this git revision")
     ap.add_argument("--compare", nargs="*", default=[], help="side by side: also these endpoints ([LABEL=]URL)")
-    ap.add_argument("--threads", type=int, default=0, help="the started servers' torch threads (0: torch's default)")
+    ap.add_argument("--threads", type=int, help="the started servers' torch threads (default: each server's own)")
     a = ap.parse_args(argv)
     if a.concurrency or a.before_rev or a.compare:
         a.concurrency = a.concurrency or [1, 8, 32]

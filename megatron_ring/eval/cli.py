@@ -120,7 +120,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="seconds one math/science/choice grading may take (then it scores 0: grader_timeout)")
     ap.add_argument("--code-reward-timeout", type=float, default=d.code_reward_timeout_s,
                     help="seconds one program may take against all its test cases")
-    ap.add_argument("--threads", type=int, default=0, help="--serve on CPU: torch threads of the server")
+    ap.add_argument("--threads", type=int, default=0, help="--serve on CPU: torch threads of the server (0: the server's default, 1)")
     ap.add_argument("--sandbox-unsafe", action="store_true")
     ap.add_argument("--no-progress", action="store_true")
     return ap

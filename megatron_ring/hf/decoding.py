@@ -122,14 +122,16 @@ class Batch:
         """One token for every running sequence; returns those that finished (already removed)."""
         from .modeling_bailing_moe import output_cache
 
+        if not self.seqs:
+            return []
         nxt, done = [], []
-        for b, s in enumerate(self.seqs):
+        toks, lps = _draw(self.logits, self.seqs)
+        for b, (s, t, lp) in enumerate(zip(self.seqs, toks, lps)):
             if s.cancelled.is_set():
                 s.finish = "cancelled"
                 nxt.append(self.pad)
                 done.append(b)
                 continue
-            t, lp = _draw(self.logits[b:b + 1], s)
             s.tokens.append(t)
             s.logprobs.append(lp)
             nxt.append(t)
@@ -169,22 +171,25 @@ class Batch:
         self.att, self.pos, self.logits = att[:, drop:], self.pos[rows], self.logits[rows]
 
 
-def _draw(logits: torch.Tensor, s: Seq) -> tuple[int, float]:
-    """The next token of one sequence and its (temperature-scaled) log-prob: greedy at temperature 0."""
-    if s.temperature > 0:
-        logp = torch.log_softmax(logits / s.temperature, -1)
-        probs = logp.exp()
-        if s.top_p < 1.0:
-            sp, si = probs.sort(-1, descending=True)
-            keep = sp.cumsum(-1) - sp < s.top_p  # the smallest prefix whose mass reaches top_p
-            sp = sp * keep
-            t = si.gather(-1, torch.multinomial(sp / sp.sum(-1, keepdim=True), 1, generator=s.gen))[0, 0]
-        else:
-            t = torch.multinomial(probs, 1, generator=s.gen)[0, 0]
-    else:
-        logp = torch.log_softmax(logits, -1)
-        t = logp.argmax(-1)[0]
-    return int(t), float(logp[0, t])
+def _draw(logits: torch.Tensor, seqs: list[Seq]) -> tuple[list[int], list[float]]:
+    """The next token of every row and its (temperature-scaled) log-prob; greedy at temperature 0. Whole-batch
+    operations act row by row (softmax, a stable sort) and each row draws from its own generator, so a row's token
+    does not depend on the other rows."""
+    temps = torch.tensor([s.temperature if s.temperature > 0 else 1.0 for s in seqs])
+    logp = torch.log_softmax(logits / temps[:, None], -1)
+    toks = logp.argmax(-1)
+    nucleus = [b for b, s in enumerate(seqs) if s.temperature > 0 and s.top_p < 1.0]
+    if nucleus:
+        sp, si = logp[nucleus].exp().sort(dim=-1, descending=True, stable=True)
+        top_p = torch.tensor([seqs[b].top_p for b in nucleus])[:, None]
+        sp = sp * (sp.cumsum(-1) - sp < top_p)  # the smallest prefix whose mass reaches top_p
+        for r, b in enumerate(nucleus):
+            c = torch.multinomial(sp[r:r + 1] / sp[r:r + 1].sum(-1, keepdim=True), 1, generator=seqs[b].gen)
+            toks[b] = si[r, c[0, 0]]
+    for b, s in enumerate(seqs):
+        if s.temperature > 0 and s.top_p >= 1.0:
+            toks[b] = torch.multinomial(logp[b:b + 1].exp(), 1, generator=s.gen)[0, 0]
+    return toks.tolist(), logp.gather(-1, toks[:, None])[:, 0].tolist()
 
 
 def run_to_end(model, pad: int, seqs: list[Seq], max_batch: int, should_stop: Callable[[], bool] | None = None,
@@ -215,6 +220,7 @@ class Scheduler:
         self.batch = Batch(model, pad)
         self.steps, self.peak, self.paused = 0, 0, 0  # peak: the most sequences that ran together
         self.busy = False  # a step is under way (admitting or decoding)
+        self.after_step: list[Callable[[], None]] = []  # called after every step (a server hands its tokens over)
         threading.Thread(target=self._loop, name="decode", daemon=True).start()
 
     @property
@@ -273,6 +279,8 @@ class Scheduler:
                 self.batch = Batch(self.model, self.pad)
             for s in finished:
                 _done(s)
+            for fn in self.after_step:
+                fn()
             with self.cv:
                 self.busy = False
                 self.cv.notify_all()  # (an exclusive() waiting for the batch to drain)
