@@ -91,7 +91,7 @@ class Batch:
     def __len__(self) -> int:
         return len(self.seqs)
 
-    @torch.no_grad()
+    @torch.inference_mode()
     def admit(self, new: list[Seq]) -> None:
         """The newcomers' prefill (one left-padded batch of their prompts), merged into the running batch."""
         from .modeling_bailing_moe import output_cache
@@ -117,7 +117,7 @@ class Batch:
             self.logits = torch.cat([self.logits, logits], 0)
         self.seqs += new
 
-    @torch.no_grad()
+    @torch.inference_mode()
     def step(self) -> list[Seq]:
         """One token for every running sequence; returns those that finished (already removed)."""
         from .modeling_bailing_moe import output_cache
