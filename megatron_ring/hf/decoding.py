@@ -43,35 +43,54 @@ class Seq:
 
 
 class BatchKV:
-    """A KV cache of rows that come and go: per layer [rows, kv heads, time, head dim], left-padded."""
+    """A KV cache of rows that come and go: per layer [rows, kv heads, time, head dim], left-padded, in buffers
+    with room to grow (a step writes its one position instead of copying the whole cache)."""
 
     def __init__(self, layers: int):
-        self.k: list[torch.Tensor | None] = [None] * layers
+        self.k: list[torch.Tensor | None] = [None] * layers  # buffers; positions [:n] are used
         self.v: list[torch.Tensor | None] = [None] * layers
+        self.n = [0] * layers
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
-        return 0 if self.k[0] is None else self.k[0].shape[2]
+        return self.n[layer_idx]
 
     def update(self, k: torch.Tensor, v: torch.Tensor, i: int):
-        self.k[i] = k if self.k[i] is None else torch.cat([self.k[i], k], 2)
-        self.v[i] = v if self.v[i] is None else torch.cat([self.v[i], v], 2)
-        return self.k[i], self.v[i]
+        n, s = self.n[i], k.shape[2]
+        if self.k[i] is None or n + s > self.k[i].shape[2]:
+            self.k[i], self.v[i] = (_room(old, n, new, n + s) for old, new in ((self.k[i], k), (self.v[i], v)))
+        else:
+            self.k[i][:, :, n:n + s], self.v[i][:, :, n:n + s] = k, v
+        self.n[i] = n + s
+        return self.k[i][:, :, :n + s], self.v[i][:, :, :n + s]
+
+    def rows(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.k[i][:, :, :self.n[i]], self.v[i][:, :, :self.n[i]]
 
     def select(self, rows: torch.Tensor, drop_cols: int = 0) -> None:
-        for x in (self.k, self.v):
-            for i, t in enumerate(x):
-                x[i] = t[rows, :, drop_cols:]
+        for i in range(len(self.k)):
+            k, v = self.rows(i)
+            self.k[i], self.v[i] = k[rows, :, drop_cols:], v[rows, :, drop_cols:]
+            self.n[i] -= drop_cols
 
     def join(self, other: "BatchKV") -> None:
         """Append ``other``'s rows, left-padding whichever is shorter in time (padding is masked out)."""
-        for x, y in ((self.k, other.k), (self.v, other.v)):
-            for i, (a, b) in enumerate(zip(x, y)):
-                if a is None:
-                    x[i] = b
-                    continue
-                T = max(a.shape[2], b.shape[2])
-                a, b = (torch.nn.functional.pad(t, (0, 0, T - t.shape[2], 0)) for t in (a, b))
-                x[i] = torch.cat([a, b], 0)
+        for i in range(len(self.k)):
+            if self.k[i] is None:
+                self.k[i], self.v[i], self.n[i] = other.k[i], other.v[i], other.n[i]
+                continue
+            T = max(self.n[i], other.n[i])
+            (a, b), (c, d) = self.rows(i), other.rows(i)
+            pad = lambda t: torch.nn.functional.pad(t, (0, 0, T - t.shape[2], 0))  # noqa: E731
+            self.k[i], self.v[i], self.n[i] = torch.cat([pad(a), pad(c)], 0), torch.cat([pad(b), pad(d)], 0), T
+
+
+def _room(old: torch.Tensor | None, n: int, new: torch.Tensor, need: int) -> torch.Tensor:
+    """A buffer holding ``old[:, :, :n]`` then ``new``, with room for about as many positions again."""
+    buf = new.new_empty((*new.shape[:2], max(need + 64, need * 3 // 2), new.shape[3]))
+    if old is not None:
+        buf[:, :, :n] = old[:, :, :n]
+    buf[:, :, n:need] = new
+    return buf
 
 
 def _pad_left(rows: list[torch.Tensor], value: int) -> torch.Tensor:

@@ -27,6 +27,9 @@ except ImportError:  # imported as a plain module
 NORM_HEAD_EPS = 1e-7
 
 
+_SDPA_GQA = tuple(int(x) for x in torch.__version__.split("+")[0].split(".")[:2]) >= (2, 5)  # enable_gqa
+
+
 def _cache_field(output_cls) -> str:
     """The name under which an output class carries the KV cache: ``cache`` from transformers 5.24 on,
     ``past_key_values`` before. ``generate()`` passes it back to ``forward`` under the same name."""
@@ -173,9 +176,11 @@ class BailingMoeAttention(nn.Module):
         if cache is not None:
             k, v = cache.update(k, v, self.layer_idx)
         rep = self.num_heads // self.num_kv
-        k = k.repeat_interleave(rep, dim=1)
-        v = v.repeat_interleave(rep, dim=1)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_bias)
+        if rep > 1 and not _SDPA_GQA:
+            k = k.repeat_interleave(rep, dim=1)
+            v = v.repeat_interleave(rep, dim=1)
+        gqa = {"enable_gqa": True} if rep > 1 and _SDPA_GQA else {}  # (no copy of the whole cache per step)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_bias, **gqa)
         return self.dense(out.transpose(1, 2).reshape(b, s, -1))
 
 
