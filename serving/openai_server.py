@@ -151,6 +151,11 @@ class Decoder:
         return delta
 
 
+# The decoding thread takes the GIL back between torch ops; with Python's default 5 ms switch interval it waits up to
+# 5 ms for the event loop each time (a decode step of 8 chats takes ~6 ms): hand the GIL over sooner.
+SWITCH_INTERVAL_S = 0.0005
+
+
 # --- the app -----------------------------------------------------------------------------------------------------
 def create_app(model: ChatModel, served_name: str, api_key: str | None = None, limits: Limits | None = None) -> FastAPI:
     limits = limits or Limits()
@@ -394,6 +399,8 @@ def main(argv=None) -> int:
         _exit_with(a.parent_pid)
     if a.threads:
         torch.set_num_threads(a.threads)
+    import sys
+    sys.setswitchinterval(SWITCH_INTERVAL_S)
     model = ChatModel(a.model, max_batch=a.max_batch)
     name = a.served_model_name or Path(a.model).resolve().name
     app = create_app(model, name, a.api_key, Limits(max_tokens=a.max_tokens_limit, max_queue=a.max_queue,
