@@ -75,9 +75,12 @@ def _work(conn, limits: dict, allow_unsafe: bool, code_timeout_s: float) -> None
 
     math_reward("\\boxed{\\frac{1}{2}}", "0.5")
     conn.send("ready")
-    while (job := conn.recv()) is not None:
-        r = score(job)
-        conn.send((r.value, r.reason))
+    try:
+        while (job := conn.recv()) is not None:
+            r = score(job)
+            conn.send((r.value, r.reason))
+    except (EOFError, BrokenPipeError):  # the pool's process is gone (killed): so is this worker's reason to be
+        pass
 
 
 class _Worker:
