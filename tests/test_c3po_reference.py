@@ -202,3 +202,34 @@ def test_decontamination_removes_n_shared_words_and_keeps_n_minus_1(tmp_path, n)
     assert {x["id"]: x["reason"] for x in pq.read_table(tmp_path / "clean.removed.parquet").to_pylist()} == \
         {"shares-n": "contaminated:bench.jsonl#q7"}
     assert r["rows_kept"] == 1 and r["removed_by_reason"] == {"contaminated": 1}
+
+
+# --- the MoE balance and z losses (Ring-lite: α_bal 1e-5, α_z 1e-7, added to the C3PO loss) ------------------------
+@pytest.mark.parametrize("recipe", ["rl_stage1_ling_lite", "rl_stage2_ling_lite"])
+def test_the_moe_balance_and_z_losses_of_the_rl_recipes_equal_the_papers(recipe):
+    """The RL recipes' model (with a published Ring-lite config) carries α_bal = 1e-5 and α_z = 1e-7 into megatron's
+    router, whose losses on hand-built router logits equal the formulas: balance α·E·Σ_i f_i·P_i (f_i: the share of
+    the T·k routed slots going to expert i, P_i: its mean probability; Switch Transformer), z α_z·mean(logsumexp²)
+    (ST-MoE)."""
+    import dataclasses
+    from pathlib import Path
+
+    from megatron.core.transformer.moe.moe_utils import switch_load_balancing_loss_func, z_loss_func
+
+    from megatron_ring.config.recipe import load_recipe
+    from megatron_ring.model.build import transformer_config
+
+    hf = json.loads((Path(__file__).parent / "data" / "published_configs" / "ring-lite.chat.config.json").read_text())
+    cfg = transformer_config(dataclasses.replace(load_recipe(recipe), hf_config=hf))
+    assert (cfg.moe_aux_loss_coeff, cfg.moe_z_loss_coeff, cfg.moe_router_load_balancing_type) == (1e-5, 1e-7, "aux_loss")
+    E, k, T = cfg.num_moe_experts, cfg.moe_router_topk, 37
+    assert (E, k) == (hf["num_experts"], hf["num_experts_per_tok"])
+    logits = torch.randn(T, E, generator=torch.Generator().manual_seed(0)) * 3
+    probs = torch.softmax(logits, -1)
+    routed = torch.zeros(T, E).scatter_(1, probs.topk(k, -1).indices, 1.0)
+    f, P = routed.sum(0) / (T * k), probs.mean(0)
+    want_bal = cfg.moe_aux_loss_coeff * E * (f * P).sum()
+    got_bal = switch_load_balancing_loss_func(probs, routed.sum(0), T, k, E, cfg.moe_aux_loss_coeff)
+    torch.testing.assert_close(got_bal, want_bal, rtol=1e-6, atol=0)
+    want_z = cfg.moe_z_loss_coeff * (torch.logsumexp(logits, -1) ** 2).mean()
+    torch.testing.assert_close(z_loss_func(logits, cfg.moe_z_loss_coeff), want_z, rtol=1e-6, atol=0)
