@@ -81,7 +81,6 @@ class APIError(Exception):
 class Limits:
     max_tokens: int = 2048  # the largest max_tokens a request may ask for
     max_queue: int = 64  # requests waiting or running; more get 503
-    max_batch: int = 16  # requests decoded together (running); the others wait
     request_timeout_s: float = 600.0
 
 
@@ -403,8 +402,7 @@ def main(argv=None) -> int:
     sys.setswitchinterval(SWITCH_INTERVAL_S)
     model = ChatModel(a.model, max_batch=a.max_batch)
     name = a.served_model_name or Path(a.model).resolve().name
-    app = create_app(model, name, a.api_key, Limits(max_tokens=a.max_tokens_limit, max_queue=a.max_queue,
-                                                                 max_batch=a.max_batch))
+    app = create_app(model, name, a.api_key, Limits(max_tokens=a.max_tokens_limit, max_queue=a.max_queue))
     serve(app, a.host, a.port, a.port_file, f"serving {a.model} as {name!r} on http://{a.host}:{{port}}/v1")
     return 0
 
