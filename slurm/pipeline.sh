@@ -40,6 +40,8 @@ if [ "${QUICK:-0}" = 1 ]; then
 fi
 [[ " ${STAGES[*]} " == *" $FROM "* ]] || { echo "FROM=$FROM: not a stage (${STAGES[*]})" >&2; exit 2; }
 started=0
+CLUSTER=yes  # does a Slurm controller answer? asked once (sinfo waits ~10 s for a controller that is down)
+if [ "${SUBMITIT:-0}" = 1 ] && [ "${SUBMITIT_LOCAL:-0}" != 1 ] && ! sinfo -h >/dev/null 2>&1; then CLUSTER=no; fi
 submit() {  # submit NAME SCRIPT VAR=VALUE...: prints the job id
   local name=$1 script=$2; shift 2
   [ "$name" = "$FROM" ] && started=1
@@ -52,7 +54,7 @@ submit() {  # submit NAME SCRIPT VAR=VALUE...: prints the job id
     cmd=("${PY:-.venv/bin/python}" -m megatron_ring.cli submit "$script" --env "$@" --sbatch "${over[@]}")
     [ -n "$prev" ] && cmd+=(--after "$prev")
     # no cluster (or SUBMITIT_LOCAL=1): submitit's local executor, one process after the other
-    if [ "${SUBMITIT_LOCAL:-0}" = 1 ] || ! sinfo -h >/dev/null 2>&1; then cmd+=(--local --wait); fi
+    if [ "${SUBMITIT_LOCAL:-0}" = 1 ] || [ "$CLUSTER" = no ]; then cmd+=(--local --wait); fi
   fi
   if [ "${DRY_RUN:-0}" = 1 ]; then
     printf '%q ' "${cmd[@]}" >&2; echo >&2
