@@ -160,6 +160,8 @@ def create_app(model: ChatModel, served_name: str, api_key: str | None = None, l
     limits = limits or Limits()
     app = FastAPI(title="megatron-ring CPU server", docs_url=None, redoc_url=None)
     state = {"inflight": 0, "rejected": 0, "abandoned": 0}  # abandoned: stopped early, the client had gone
+    relay = _Relay()
+    model.core.after_step.append(relay.flush)
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, exc: RequestValidationError):
@@ -218,7 +220,8 @@ def create_app(model: ChatModel, served_name: str, api_key: str | None = None, l
         stop = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
         run = _Run(model, ids, max_new, temperature, top_p, req.seed, stop, state, req.ignore_eos)
         rid, created = f"chatcmpl-{uuid.uuid4().hex[:24]}", int(time.time())
-        run.start(asyncio.get_running_loop())
+        relay.loop = asyncio.get_running_loop()
+        run.start(relay)
         if req.stream:
             usage = bool((req.stream_options or {}).get("include_usage"))
             return StreamingResponse(_sse(run, rid, created, served_name, req.separate_reasoning, usage, request),
@@ -240,10 +243,11 @@ def create_app(model: ChatModel, served_name: str, api_key: str | None = None, l
 
 class _Relay:
     """Text deltas from the decoding thread to the event loop: collected during a step, handed over once after it
-    (one wake-up of the loop per step, not one per token and request)."""
+    (one wake-up of the loop per step, not one per token and request). ``loop``: the server's, set by each request."""
 
-    def __init__(self, loop: asyncio.AbstractEventLoop):
-        self.loop, self.items, self.lock = loop, [], threading.Lock()
+    def __init__(self):
+        self.loop: asyncio.AbstractEventLoop | None = None
+        self.items, self.lock = [], threading.Lock()
 
     def put(self, q: asyncio.Queue, item) -> None:
         with self.lock:
@@ -261,13 +265,6 @@ def _deliver(items) -> None:
         q.put_nowait(item)
 
 
-def _relay(model: ChatModel, loop: asyncio.AbstractEventLoop) -> _Relay:
-    if getattr(model, "relay", None) is None or model.relay.loop is not loop:
-        model.relay = _Relay(loop)
-        model.core.after_step[:] = [model.relay.flush]
-    return model.relay
-
-
 class _Run:
     """One request in the decoding core; its text deltas handed to the event loop through a queue."""
 
@@ -280,10 +277,9 @@ class _Run:
         self.cancelled = self.seq.cancelled
         self.finish, self.error = "stop", None
 
-    def start(self, loop: asyncio.AbstractEventLoop):
+    def start(self, relay: _Relay):
         self.q: asyncio.Queue = asyncio.Queue()
         self.state["inflight"] += 1
-        relay = _relay(self.model, loop)
 
         def on_token(t):  # (the decoding thread)
             d = self.dec.push(t)
@@ -321,8 +317,7 @@ class _Run:
             self.state["inflight"] -= 1
 
     def usage(self) -> dict:
-        n = len(self.dec.ids) + (1 if self.finish == "stop" and not self.dec.stopped and self.seq.finish == "stop"
-                                 else 0)
+        n = len(self.dec.ids) + (1 if self.seq.finish == "stop" and not self.dec.stopped else 0)  # (+ the eos)
         return {"prompt_tokens": len(self.ids), "completion_tokens": n, "total_tokens": len(self.ids) + n}
 
 

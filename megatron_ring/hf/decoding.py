@@ -129,9 +129,7 @@ class Batch:
             self.kv, self.att, self.pos, self.logits = kv, att, pos[:, -1:], logits
         else:
             self.kv.join(kv)
-            T = max(self.att.shape[1], att.shape[1])
-            pad = torch.nn.functional.pad
-            self.att = torch.cat([pad(self.att, (T - self.att.shape[1], 0)), pad(att, (T - att.shape[1], 0))], 0)
+            self.att = _pad_left([*self.att, *att], 0)  # (the cache rows are padded the same way in join)
             self.pos = torch.cat([self.pos, pos[:, -1:]], 0)
             self.logits = torch.cat([self.logits, logits], 0)
         self.seqs += new
@@ -231,13 +229,12 @@ class Scheduler:
     token boundaries (up to ``max_batch`` running) and steps the batch; each sequence's ``on_done`` is called when it
     leaves. A failing step fails the sequences that were in it (their ``error``) and the thread keeps serving."""
 
-    def __init__(self, model, pad: int, max_batch: int = 16, lock: threading.Lock | None = None):
+    def __init__(self, model, pad: int, max_batch: int = 16):
         self.model, self.pad, self.max_batch = model, pad, max_batch
-        self.lock = lock or threading.Lock()  # held around every step (a weight update takes it too)
         self.waiting: deque[Seq] = deque()
         self.cv = threading.Condition()
         self.batch = Batch(model, pad)
-        self.steps, self.peak, self.paused = 0, 0, 0  # peak: the most sequences that ran together
+        self.peak, self.paused = 0, 0  # peak: the most sequences that ran together
         self.busy = False  # a step is under way (admitting or decoding)
         self.after_step: list[Callable[[], None]] = []  # called after every step (a server hands its tokens over)
         threading.Thread(target=self._loop, name="decode", daemon=True).start()
@@ -254,7 +251,8 @@ class Scheduler:
     @contextlib.contextmanager
     def exclusive(self):
         """No sequence running or admitted meanwhile (a weight update between generations, as SGLang's scheduler
-        runs it): waits for the running batch to finish, then holds the model."""
+        runs it): waits for the running batch to finish; while paused, the decoding thread admits nothing and so
+        has nothing to step."""
         with self.cv:
             self.paused += 1
             try:
@@ -264,8 +262,7 @@ class Scheduler:
                 self.paused -= 1
                 raise
         try:
-            with self.lock:
-                yield
+            yield
         finally:
             with self.cv:
                 self.paused -= 1
@@ -286,11 +283,9 @@ class Scheduler:
                         new.append(s)
                 self.busy = True
             try:
-                with self.lock:
-                    self.batch.admit(new)
-                    self.peak = max(self.peak, len(self.batch))
-                    finished = self.batch.step()
-                    self.steps += 1
+                self.batch.admit(new)
+                self.peak = max(self.peak, len(self.batch))
+                finished = self.batch.step()
             except Exception as e:  # noqa: BLE001 — the requests in this batch fail, the server does not
                 finished = list(dict.fromkeys([*self.batch.seqs, *new]))
                 for s in finished:
