@@ -168,6 +168,8 @@ def test_isolation_seen_from_inside(sandbox):
     ("\\text{5 cm}", "5", 1.0, "correct"), ("\\text{5 cm}", "5\\,\\mathrm{cm}", 1.0, "correct"),
     ("\\text{5 cm}", "5 \\text{ m}", 0.0, "unit_mismatch"), ("\\text{5 cm}", "6", 0.0, "wrong_answer"),
     ("\\text{1,000 m}", "1000", 1.0, "correct"), ("\\text{12}", "12", 1.0, "correct"),
+    # ... in the reference only: an answer naming two values in a text is not the first of them with a "unit"
+    ("5", "\\text{5 or 6}", 0.0, "wrong_answer"), ("5", "\\text{5 or six}", 0.0, "wrong_answer"),
 ])
 def test_math_form_decisions(gold, boxed, value, reason):
     """Each misjudgement found by the adversarial trial, decided (megatron_ring/rewards/math_forms.py)."""

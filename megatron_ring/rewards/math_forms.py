@@ -3,7 +3,7 @@ runs (each decision is tested in tests/test_rewards.py::test_math_form_decisions
 
 - Units: a bare number matches a number with a unit (Math-Verify strips units), but two answers that both name a
   unit must name the same one (``5 \\text{ cm}`` is not ``5 \\text{ m}``). A number written inside the text with
-  its unit (``\\text{5 cm}``) is that number with that unit.
+  its unit in a reference (``\\text{5 cm}``) is that number with that unit (in an answer it stays text).
 - Degrees and percent are units too: ``45^\\circ`` is not ``45\\%`` (either matches a bare 45).
 - Containers: a set ``\\{1,2\\}`` is not a tuple or interval ``(1,2)``; Math-Verify still decides set equality
   (``\\{1,2\\}`` = ``\\{2,1\\}``) and open/closed intervals.
@@ -36,8 +36,12 @@ def _text_number(m: re.Match) -> str:
     return f"{number} \\text{{ {unit}}}" if unit else number
 
 
-def normalise(s: str) -> str:
-    s = _TEXT_NUMBER.sub(_text_number, s)
+def normalise(s: str, reference: bool = False) -> str:
+    """One form for one value. ``reference``: also read a number written inside a text with its unit
+    (``\\text{5 cm}``) as that number with that unit: for the data's answers only, never the policy's, where
+    ``\\text{5 or 6}`` would become 5 with a "unit" and earn the reward of 5."""
+    if reference:
+        s = _TEXT_NUMBER.sub(_text_number, s)
     s = _GROUP_SEP.sub("", s)
     s = _EMPTY.sub(r"\\emptyset", s)
     return _REPEAT.sub(_repeating, s)

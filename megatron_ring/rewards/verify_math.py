@@ -69,7 +69,7 @@ def math_reward(response: str, answer: str, truncated: bool = False) -> Reward:
         return Reward(0.0, why)
     if _BOXED.search(boxed):  # \boxed{\boxed{7} 8}: which is the answer? neither
         return Reward(0.0, "nested_boxed_answer")
-    gold_text, pred_text = normalise(str(answer)), normalise(boxed)
+    gold_text, pred_text = normalise(str(answer), reference=True), normalise(boxed)
     mismatch = form_mismatch(gold_text, pred_text)
     if mismatch:
         return Reward(0.0, mismatch)
