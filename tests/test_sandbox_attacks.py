@@ -161,14 +161,24 @@ def _sysv() -> tuple[int, int]:
     return count("/proc/sysvipc/shm"), count("/proc/sysvipc/msg")
 
 
+def _status(d: Path) -> dict[str, str]:
+    """/proc/<pid>/status as a dict (the ``Uid:`` line, not the file's owner: that is root for a process that is
+    not dumpable or, on some kernels, a zombie)."""
+    return dict(line.split(":\t", 1) for line in (d / "status").read_text().splitlines() if ":\t" in line)
+
+
 def _sandbox_processes() -> list[int]:
-    out = []
+    """Processes (zombies included) running as a sandbox uid that are this test's: bubblewrap started here, or
+    anything of a sandbox left behind (an orphan goes to PID 1). Another xdist worker's live sandboxes, beside this
+    test, have their own parents."""
+    out, mine = [], {str(os.getpid()), "1"}
     for d in Path("/proc").iterdir():
         if d.name.isdigit():
             try:
-                if (d / "status").stat().st_uid >= UID_BASE:
+                st = _status(d)
+                if int(st["Uid"].split()[0]) >= UID_BASE and st["PPid"].strip() in mine:
                     out.append(int(d.name))
-            except OSError:
+            except (OSError, KeyError, ValueError):
                 pass
     return out
 
@@ -208,13 +218,15 @@ def test_concurrent_sandboxes_run_as_distinct_host_uids(sandbox):
         stop = threading.Event()
 
         def watch():
-            while not stop.is_set():
+            while not stop.is_set():  # bubblewrap processes started here, and what runs under each
                 for d in Path("/proc").iterdir():
                     try:
-                        uid = (d / "status").stat().st_uid
-                        if d.name.isdigit() and uid >= UID_BASE:
-                            seen.setdefault(os.readlink(d / "ns" / "pid"), set()).add(uid)
-                    except OSError:
+                        if d.name.isdigit() and (st := _status(d))["PPid"].strip() == str(os.getpid()):
+                            uid = int(st["Uid"].split()[0])
+                            kids = Path(d, "task", d.name, "children").read_text().split()
+                            if uid >= UID_BASE and kids and "Z" not in st["State"]:
+                                seen.setdefault(os.readlink(f"/proc/{kids[0]}/ns/pid"), set()).add(uid)
+                    except (OSError, KeyError, ValueError):
                         pass
                 time.sleep(0.02)
 
@@ -225,7 +237,6 @@ def test_concurrent_sandboxes_run_as_distinct_host_uids(sandbox):
         stop.set()
         t.join()
         assert [r.status for r in runs] == ["ok"] * 3, runs
-        seen.pop(os.readlink("/proc/self/ns/pid"), None)  # bubblewrap's own monitor processes, beside us
         return seen
 
     # every sandbox seen has one uid, and no two share one; a loaded machine's watcher has missed one of the three

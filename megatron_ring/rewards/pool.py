@@ -7,7 +7,11 @@ Every grading is bounded in wall time by the pool itself, whatever the grader do
 timeouts are alarms that C code such as a huge integer conversion never sees): past ``timeout_s`` (math, science,
 choice) or ``code_timeout_s`` (code, from the job's dispatch to a worker) the worker's whole session is killed and a
 fresh worker replaces it; the sample scores 0 with reason ``grader_timeout``. Each worker leads its own session, so
-a signal sent to the trainer's process group (torchrun forwards SIGUSR1 there) does not reach the graders."""
+a signal sent to the trainer's process group (torchrun forwards SIGUSR1 there) does not reach the graders.
+
+Each worker is the only child of a small keeper process, a child subreaper: a worker killed (by the pool past its
+bound, or from outside) orphans its running sandbox, which the keeper reaps instead of the node's PID 1 (in many
+containers PID 1 reaps nothing, and every timed-out program would leave zombies)."""
 from __future__ import annotations
 
 import collections
@@ -18,6 +22,7 @@ import signal
 import socket
 import threading
 import time
+import traceback
 from concurrent.futures import Future
 from dataclasses import asdict
 from multiprocessing.connection import wait
@@ -63,6 +68,57 @@ def cpu_workers() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
+PR_SET_PDEATHSIG, PR_SET_CHILD_SUBREAPER = 1, 36
+
+
+def _keep(conn, pid, *args) -> None:
+    """The keeper: a child subreaper that forks the worker (``pid.value``: its pid, for the pool's kill), reaps it
+    and every orphan it leaves (its sandboxes) until none is left, then exits as the worker did."""
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    os.setsid()  # out of the trainer's process group: its signals (SIGUSR1, ^C) are the trainer's to handle
+    if libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) != 0:
+        raise OSError(ctypes.get_errno(), "prctl(PR_SET_CHILD_SUBREAPER)")
+    worker = os.fork()
+    if worker == 0:
+        code = 0
+        try:
+            libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)  # a keeper killed from outside takes it along
+            _work(conn, *args)
+        except BaseException:
+            traceback.print_exc()
+            code = 1
+        finally:
+            os._exit(code)
+    pid.value = worker
+    # terminated (multiprocessing ends its daemons so at exit): end the worker, still reap what it leaves
+    signal.signal(signal.SIGTERM, lambda *_: _kill_session(worker))
+    conn.close()  # the worker's end only: the pool sees EOF the moment the worker dies
+    code = 1
+    while True:
+        try:
+            done, status = os.wait()
+        except ChildProcessError:  # the worker and its orphans are all reaped
+            break
+        if done == worker:
+            code = os.waitstatus_to_exitcode(status)
+    if code < 0:  # killed by a signal: the keeper dies by it too (the pool reports "died (exit -N)")
+        if -code != signal.SIGKILL:
+            signal.signal(-code, signal.SIG_DFL)
+        os.kill(os.getpid(), -code)
+    os._exit(code)
+
+
+def _kill_session(pid: int) -> None:
+    """SIGKILL to the session that ``pid`` leads (and to ``pid`` itself, in case it has not led one yet)."""
+    for kill in (os.killpg, os.kill):
+        try:
+            kill(pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+
+
 def _work(conn, limits: dict, allow_unsafe: bool, code_timeout_s: float) -> None:
     """A worker: its own session (the pool kills the whole of it, sandboxes included), warmed before it says ready
     (importing and first use of Math-Verify take seconds that must not count against a job's bound)."""
@@ -86,18 +142,21 @@ def _work(conn, limits: dict, allow_unsafe: bool, code_timeout_s: float) -> None
 class _Worker:
     def __init__(self, ctx, args: tuple):
         self.conn, child = ctx.Pipe()
-        self.proc = ctx.Process(target=_work, args=(child, *args), daemon=True)
+        self.pid = ctx.Value("i", 0, lock=False)  # the grading process (the keeper's child) once forked
+        self.proc = ctx.Process(target=_keep, args=(child, self.pid, *args), daemon=True)
         self.proc.start()
         child.close()
         self.ready, self.job = False, None  # job: (future, deadline)
 
     def kill(self) -> None:
-        for kill in (lambda: os.killpg(self.proc.pid, signal.SIGKILL), self.proc.kill):
-            try:
-                kill()
-            except (ProcessLookupError, PermissionError):
-                pass
-        self.proc.join(5)
+        """Kill the worker's session; its keeper reaps it and its orphaned sandbox, then exits (killed too if it
+        does not within 5 s, or if the worker was never forked)."""
+        if self.pid.value:
+            _kill_session(self.pid.value)
+            self.proc.join(5)
+        if self.proc.is_alive():
+            self.proc.kill()
+            self.proc.join(5)
         self.conn.close()
 
 
@@ -186,6 +245,7 @@ class RewardPool:
                 try:
                     msg = w.conn.recv()
                 except (EOFError, OSError):  # the worker died (killed from outside, out of memory)
+                    w.proc.join(5)  # its keeper exits as it did, once the orphans are reaped
                     self._replace(w, f"worker_error:died (exit {w.proc.exitcode})")
                     continue
                 if msg == "ready":
