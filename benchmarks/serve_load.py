@@ -18,6 +18,7 @@ import argparse
 import asyncio
 import json
 import statistics
+import shutil
 import subprocess
 import sys
 import time
@@ -71,8 +72,11 @@ async def run_load(endpoint: str, chats: int = 8, turns: int = 2, max_tokens: in
     model = (await client.models.list()).data[0].id
     stats = {"latency": [], "ttft": [], "tokens": 0, "failed": 0, "errors": []}
     t0 = time.perf_counter()
-    await asyncio.wait_for(asyncio.gather(*[_chat(client, model, i, turns, max_tokens, stats) for i in range(chats)]),
-                           time_limit_s)
+    try:
+        await asyncio.wait_for(asyncio.gather(*[_chat(client, model, i, turns, max_tokens, stats)
+                                                for i in range(chats)]), time_limit_s)
+    finally:
+        await client.close()  # (closed inside the loop: no "Event loop is closed" at exit)
     wall = time.perf_counter() - t0
     lat = stats["latency"]
     return {"chats": chats, "turns": turns, "requests": len(lat) + stats["failed"], "failed": stats["failed"],
@@ -105,8 +109,12 @@ def start_server(model_dir: str, port: int, threads: int | None = None, root: Pa
 
 
 def tiny_export(d: Path) -> Path:
-    """A random tiny model exported as the servers load it (``megatron-ring init`` + convert both ways)."""
-    if not (d / "hf_export" / "config.json").exists():
+    """A random tiny model exported as the servers load it (``megatron-ring init`` + convert both ways); made again
+    when this tree's HF model code differs from the export's copy (the servers run the export's copy)."""
+    code = ROOT / "megatron_ring" / "hf" / "modeling_bailing_moe.py"
+    shipped = d / "hf_export" / code.name
+    if not shipped.exists() or shipped.read_text() != code.read_text():
+        shutil.rmtree(d, ignore_errors=True)
         cli = [sys.executable, "-m", "megatron_ring.cli"]
         for args in (["init", "--recipe", "tiny", "--out", d / "hf", "--seed", "3"],
                      ["convert", "hf-to-mcore", "--hf", d / "hf", "--out", d / "mcore"],

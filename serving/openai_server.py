@@ -26,54 +26,14 @@ import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal, Optional, Union
 
 import torch
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, StreamingResponse
-from pydantic import BaseModel, ConfigDict, Field
+from fastapi.responses import StreamingResponse
 
+from .openai_schema import APIError, APIKey, BodyLimit, ChatRequest, Message, errors, without_422
 from .reasoning import ReasoningStream, split_reasoning
-
-
-# --- the request schema (what OpenAI's and SGLang's chat endpoint accept; unknown fields are ignored) -----------
-class TextPart(BaseModel):
-    type: Literal["text"]
-    text: str
-
-
-class Message(BaseModel):
-    role: Literal["system", "developer", "user", "assistant"]
-    content: Union[str, list[TextPart], None] = None
-
-
-class ChatRequest(BaseModel):
-    model_config = ConfigDict(extra="ignore")
-    model: str = Field(strict=True)
-    messages: list[Message] = Field(min_length=1)
-    max_tokens: Optional[int] = Field(None, ge=1, strict=True)
-    max_completion_tokens: Optional[int] = Field(None, ge=1, strict=True)
-    temperature: Optional[float] = Field(None, ge=0.0, le=2.0)
-    top_p: Optional[float] = Field(None, gt=0.0, le=1.0)
-    n: int = Field(1, ge=1, le=1, strict=True)
-    stream: bool = Field(False, strict=True)
-    stream_options: Optional[dict] = None
-    seed: Optional[int] = Field(None, strict=True)
-    stop: Union[str, list[str], None] = None
-    separate_reasoning: bool = Field(True, strict=True)
-    ignore_eos: bool = Field(False, strict=True)  # SGLang's extra sampling parameter: generate to max_tokens
-
-
-class APIError(Exception):
-    def __init__(self, status: int, message: str, type_: str = "invalid_request_error", param: str | None = None,
-                 code: str | None = None):
-        super().__init__(message)
-        self.status, self.message, self.type, self.param, self.code = status, message, type_, param, code
-
-    def response(self) -> JSONResponse:
-        return JSONResponse({"error": {"message": self.message, "type": self.type, "param": self.param,
-                                       "code": self.code}}, status_code=self.status)
 
 
 # --- the model -------------------------------------------------------------------------------------------------
@@ -159,6 +119,11 @@ SWITCH_INTERVAL_S = 0.0005
 def create_app(model: ChatModel, served_name: str, api_key: str | None = None, limits: Limits | None = None) -> FastAPI:
     limits = limits or Limits()
     app = FastAPI(title="megatron-ring CPU server", docs_url=None, redoc_url=None)
+    app.add_middleware(BodyLimit)
+    if api_key:
+        app.add_middleware(APIKey, key=api_key)
+    without_422(app)
+    auth = (401,) if api_key else ()
     state = {"inflight": 0, "rejected": 0, "abandoned": 0}  # abandoned: stopped early, the client had gone
     relay = _Relay()
     model.core.after_step.append(relay.flush)
@@ -176,25 +141,17 @@ def create_app(model: ChatModel, served_name: str, api_key: str | None = None, l
     async def _api_error(request: Request, exc: APIError):
         return exc.response()
 
-    @app.middleware("http")
-    async def _auth(request: Request, call_next):
-        if api_key and request.url.path.startswith("/v1/"):
-            if request.headers.get("authorization", "") != f"Bearer {api_key}":
-                return APIError(401, "invalid or missing API key (Authorization: Bearer ...)",
-                                "authentication_error", code="invalid_api_key").response()
-        return await call_next(request)
-
     @app.get("/health")
     async def health():
         return {"status": "ok", **state, "running": model.core.running, "waiting": len(model.core.waiting),
                 "max_batch": model.core.max_batch, "peak_running": model.core.peak}
 
-    @app.get("/v1/models")
+    @app.get("/v1/models", responses=errors(*auth))
     async def models():
         return {"object": "list", "data": [{"id": served_name, "object": "model", "created": 0,
                                             "owned_by": "megatron-ring", "max_model_len": model.context}]}
 
-    @app.post("/v1/chat/completions")
+    @app.post("/v1/chat/completions", responses=errors(400, *auth, 404, 413, 500, 503))
     async def chat(req: ChatRequest, request: Request):
         if req.model != served_name:
             raise APIError(404, f"model {req.model!r} does not exist; this server serves {served_name!r}",
@@ -230,10 +187,10 @@ def create_app(model: ChatModel, served_name: str, api_key: str | None = None, l
             text = "".join([d async for d in run.deltas(limits.request_timeout_s)])
         except Exception as e:  # noqa: BLE001 — one failed generation must not take the server down
             raise APIError(500, f"generation failed: {e}", "server_error") from e
-        msg = {"role": "assistant", "content": text}
+        msg = {"role": "assistant", "content": text, "refusal": None}  # (OpenAI's schema requires refusal)
         if req.separate_reasoning:  # exactly what the stream of the same reply carries
             reasoning, answer = split_reasoning(text, strip=False)
-            msg = {"role": "assistant", "content": answer, "reasoning_content": reasoning}
+            msg = {"role": "assistant", "content": answer, "refusal": None, "reasoning_content": reasoning}
         return {"id": rid, "object": "chat.completion", "created": created, "model": served_name,
                 "choices": [{"index": 0, "message": msg, "finish_reason": run.finish, "logprobs": None}],
                 "usage": run.usage()}

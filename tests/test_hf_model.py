@@ -122,3 +122,36 @@ def test_use_bias_puts_a_bias_on_attention_dense_only():
     m = _model(7, use_bias=True)
     with_bias = sorted({n.split(".", 3)[-1] for n, _ in m.named_parameters() if n.endswith(".bias")})
     assert with_bias == ["attention.dense.bias"]
+
+
+def test_moe_block_equals_the_per_token_formula_on_both_paths_and_follows_weight_updates():
+    """out[t] = sum_k w[t,k] * expert_idx[t,k](x[t]) + shared(x[t]): the tiny models' every-expert path (inference)
+    and the grouped path (with gradients, and every model above ``SMALL_EXPERTS``) both compute it; the every-expert
+    path's stacked weights follow a weight update written in place (a weight sync's ``copy_``) or a replaced
+    parameter."""
+    m = _model(5)
+    blk = m.model.layers[1].mlp
+    assert blk.small
+    x = torch.randn(2, 9, 128)
+
+    def formula(x):
+        flat = x.reshape(-1, 128)
+        idx, w, _ = blk.gate(flat)
+        out = torch.stack([sum(w[t, k] * blk.experts[int(idx[t, k])](flat[t]) for k in range(2))
+                           for t in range(len(flat))])
+        return (out + blk.shared_experts(flat)).reshape(x.shape)
+
+    with torch.no_grad():
+        ref = formula(x)
+        assert len(blk.gate(x.reshape(-1, 128))[0].unique()) >= 6  # most experts are routed to
+        every = blk(x)
+    grouped = blk(x)  # (gradients on: the grouped path)
+    assert grouped.requires_grad
+    assert (every - ref).abs().max() < 1e-5 and (grouped.detach() - ref).abs().max() < 1e-5
+    with torch.inference_mode():
+        for e in (2, 5):
+            blk.experts[e].down_proj.weight.copy_(torch.randn(128, 64))
+        assert (blk(x) - formula(x)).abs().max() < 1e-5
+    blk.experts[0].gate_proj.weight = torch.nn.Parameter(torch.randn(64, 128))
+    with torch.no_grad():
+        assert (blk(x) - formula(x)).abs().max() < 1e-5

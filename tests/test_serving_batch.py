@@ -2,9 +2,13 @@
 the replies they get one at a time, token for token when greedy; a sampled reply depends on its seed, not on its
 neighbours in the batch; past ``--max-batch`` requests wait, past ``--max-queue`` they get a 503 and the server keeps
 serving. The tiny random export is enough: the replies are compared with each other, not with taught text."""
+import http.client
 import json
 import threading
+import urllib.parse
+import urllib.request
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import pytest
 from openai import OpenAI
@@ -74,8 +78,81 @@ def test_past_max_batch_requests_wait_past_max_queue_they_get_503(batched):
         code, err = _raw(batched, json.dumps({"model": "ring-tiny", "messages": [{"role": "user", "content": "Hi."}],
                                               "max_tokens": 4}).encode())
         assert code == 503 and "server busy" in err["error"]["message"], (code, err)
+        _conforms("ErrorResponse", err)
     finally:
         for h in held:
             h.close()
     _until(lambda: _health(url)["inflight"] == 0 and _health(url)["running"] == 0, "the held requests to leave")
     assert _ask(url, 0)[1] == 8  # still serving
+
+
+# OpenAI's published schemas (openai/openai-openapi's openapi.json, MIT: see the file's $comment)
+SPEC = json.loads((Path(__file__).parent / "data" / "openai_spec_subset.json").read_text())
+
+
+def _nullable(node):
+    """The spec still marks some fields with OpenAPI 3.0's ``nullable: true``, which JSON Schema ignores: read it as
+    the spec means it (the type or null)."""
+    if isinstance(node, list):
+        return [_nullable(n) for n in node]
+    if not isinstance(node, dict):
+        return node
+    out = {k: _nullable(v) for k, v in node.items()}
+    if out.pop("nullable", False) is True:
+        out = {"anyOf": [out, {"type": "null"}]}
+    return out
+
+
+def _conforms(schema: str, obj) -> None:
+    from jsonschema import Draft202012Validator
+
+    Draft202012Validator({**_nullable(SPEC), "$ref": f"#/components/schemas/{schema}"}).validate(obj)
+
+
+def _post(url: str, body: bytes, headers: dict, path: str = "/v1/chat/completions", chunked: bool = False):
+    """(status, body bytes) of a POST; ``chunked``: the body sent with Transfer-Encoding: chunked (no length)."""
+    u = urllib.parse.urlsplit(url)
+    c = http.client.HTTPConnection(u.hostname, u.port, timeout=120)
+    c.request("POST", path, body=iter([body]) if chunked else body, headers=headers, encode_chunked=chunked)
+    r = c.getresponse()
+    return r.status, r.read()
+
+
+def test_replies_validate_against_openais_published_schemas(batched):
+    """Every kind of reply (a chat completion with and without the reasoning split, each streamed chunk, the model
+    list, each error status) validates against OpenAI's own schema; ``/openapi.json`` declares each status the chat
+    route answers (and not FastAPI's 422, which it never answers)."""
+    url, hdr = batched["url"], {"Content-Type": "application/json", "Authorization": f"Bearer {KEY}"}
+    chat = {"model": "ring-tiny", "messages": [{"role": "user", "content": "Hi."}], "max_tokens": 6}
+    for extra in ({"separate_reasoning": False}, {"separate_reasoning": True}):
+        code, body = _post(url, json.dumps({**chat, **extra}).encode(), hdr)
+        assert code == 200
+        _conforms("CreateChatCompletionResponse", json.loads(body))
+    code, body = _post(url, json.dumps({**chat, "stream": True, "stream_options": {"include_usage": True}}).encode(),
+                       hdr)
+    chunks = [json.loads(line[6:]) for line in body.decode().splitlines() if line.startswith("data: {")]
+    assert code == 200 and len(chunks) >= 3 and chunks[-1]["usage"]["completion_tokens"] == 6
+    for ch in chunks:
+        _conforms("CreateChatCompletionStreamResponse", ch)
+    with urllib.request.urlopen(urllib.request.Request(url + "/v1/models", headers=hdr), timeout=60) as r:
+        _conforms("ListModelsResponse", json.loads(r.read()))
+    big = json.dumps({**chat, "messages": [{"role": "user", "content": "x" * (9 << 20)}]}).encode()
+    answered = set()
+    for body, headers, status, chunked in [
+            (b"{not json", hdr, 400, False), (json.dumps({**chat, "n": 2}).encode(), hdr, 400, False),
+            (json.dumps(chat).encode(), {**hdr, "Authorization": "Bearer wrong"}, 401, False),
+            (json.dumps({**chat, "model": "gpt-4"}).encode(), hdr, 404, False),
+            (big, hdr, 413, False), (big, hdr, 413, True)]:
+        code, reply = _post(url, body, headers, chunked=chunked)
+        assert code == status, (body[:60], code, reply[:200])
+        _conforms("ErrorResponse", json.loads(reply))
+        answered.add(str(code))
+    code, body = _post(url, json.dumps(chat).encode(), hdr, chunked=True)  # a chunked body within the limit
+    assert code == 200, body
+    with urllib.request.urlopen(url + "/openapi.json", timeout=60) as r:
+        api = json.loads(r.read())
+    declared = api["paths"]["/v1/chat/completions"]["post"]["responses"]
+    assert answered | {"200", "500", "503"} <= set(declared) and "422" not in declared, sorted(declared)
+    assert set(api["paths"]["/v1/models"]["get"]["responses"]) == {"200", "401"}
+    err = api["components"]["schemas"]["ErrorBody"]
+    assert set(err["required"]) == {"message", "type", "param", "code"}

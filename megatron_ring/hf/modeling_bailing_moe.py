@@ -126,6 +126,12 @@ class BailingMoeGate(nn.Module):
         return topk_idx, topk_weight, logits
 
 
+# A layer whose routed experts hold at most this many weights (the CPU rehearsal's tiny models) runs every expert on
+# every token when no gradient is needed: a few batched matmuls over the experts' weights stacked once, instead of
+# a dozen small ops per active expert (on such models the time goes to dispatching ops, not to arithmetic).
+SMALL_EXPERTS = 1 << 22
+
+
 class BailingMoeSparseMoeBlock(nn.Module):
     def __init__(self, config):
         super().__init__()
@@ -135,20 +141,52 @@ class BailingMoeSparseMoeBlock(nn.Module):
         self.shared_experts = (
             BailingMoeMLP(config, config.moe_intermediate_size * config.num_shared_experts)
             if config.num_shared_experts else None)
+        self.small = 3 * config.num_experts * config.moe_intermediate_size * config.hidden_size <= SMALL_EXPERTS
+        self._stack = (None, None)  # (the weights' identity and versions, the weights side by side)
 
     def forward(self, hidden_states):
         shape = hidden_states.shape
         x = hidden_states.reshape(-1, shape[-1])
         topk_idx, topk_weight, _ = self.gate(x)
-        out = torch.zeros_like(x, dtype=torch.float32)
-        for e in topk_idx.unique().tolist():
-            token, slot = (topk_idx == e).nonzero(as_tuple=True)
-            y = self.experts[e](x[token])
-            out.index_add_(0, token, (y.float() * topk_weight[token, slot, None]))
+        if self.small and not torch.is_grad_enabled():
+            out = self._every_expert(x, topk_idx, topk_weight)
+        else:
+            out = torch.zeros_like(x, dtype=torch.float32)
+            order = topk_idx.flatten().argsort(stable=True)  # (token, slot) pairs grouped by expert
+            counts = torch.bincount(topk_idx.flatten(), minlength=len(self.experts)).tolist()
+            token, start = order // topk_idx.shape[1], 0
+            for e, n in enumerate(counts):
+                if n:
+                    rows = order[start:start + n]
+                    y = self.experts[e](x[token[start:start + n]])
+                    out.index_add_(0, token[start:start + n], y.float() * topk_weight.flatten()[rows, None])
+                    start += n
         out = out.to(x.dtype)
         if self.shared_experts is not None:
             out = out + self.shared_experts(x)
         return out.reshape(shape)
+
+    def _every_expert(self, x, topk_idx, topk_weight):
+        """Two matmuls for all experts: gate+up of every expert side by side, then the down projections as one
+        (sum_e down_e(w_e h_e) with each expert's input scaled by its routing weight, 0 where not routed)."""
+        gate_up, down = self._stacked()
+        E = len(self.experts)
+        g, u = F.linear(x, gate_up).view(x.shape[0], E, 2, -1).unbind(2)  # [T, E, I] each
+        weight = torch.zeros(x.shape[0], E, dtype=torch.float32).scatter_(1, topk_idx, topk_weight)
+        h = (F.silu(g) * u).float() * weight[:, :, None]
+        return F.linear(h.to(x.dtype).reshape(x.shape[0], -1), down).float()
+
+    def _stacked(self):
+        """The experts' weights side by side (gate+up [E*2I, H], down [H, E*I]), made again whenever one of them
+        was replaced or written in place (a weight sync's ``copy_``; a write through ``.data`` is not seen)."""
+        params = [p for e in self.experts for p in (e.gate_proj.weight, e.up_proj.weight, e.down_proj.weight)]
+        key = tuple((p.data_ptr(), p._version) for p in params)
+        if self._stack[0] != key:
+            with torch.no_grad():
+                gate_up = torch.cat([torch.cat([e.gate_proj.weight, e.up_proj.weight]) for e in self.experts])
+                down = torch.cat([e.down_proj.weight for e in self.experts], dim=1)
+            self._stack = (key, (gate_up, down))
+        return self._stack[1]
 
 
 class BailingMoeAttention(nn.Module):
