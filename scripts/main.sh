@@ -16,7 +16,10 @@ QUICK=${QUICK:-0}
 bash scripts/setup_env.sh
 PY=.venv/bin/python
 if [ "$QUICK" = 1 ]; then RUN=${RUN_DIR:-runs/quick}; else RUN=${RUN_DIR:-runs/tiny}; fi
-export OMP_NUM_THREADS=${OMP_NUM_THREADS:-2} PY PYTHONUNBUFFERED=1
+# one torch thread per process: the stages run 2 ranks (torchrun) on the 2 cores of the reference machine, and
+# gloo's worker threads hold OpenMP teams of their own after the first checkpoint save (parallel/dist.py warns past
+# 2 x threads > CPUs); measured 2026-12-06 with --quick: see docs/cli.md (main job)
+export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1} PY PYTHONUNBUFFERED=1
 mkdir -p "$RUN" logs
 T0=$SECONDS
 TIMES=()

@@ -17,7 +17,7 @@ fi
 # pip, without this machine's notes about absent local index folders (pipefail keeps pip's exit status)
 pip_q() { "$VENV/bin/python" -m pip "$@" 2>&1 | { grep -v "is ignored: it is neither a file nor a directory" || true; }; }
 stamp="$VENV/.megatron-ring-installed"
-want="$(sha256sum "$LOCK" pyproject.toml | sha256sum | cut -c1-16)"
+want="$(sha256sum "$LOCK" pyproject.toml locks/sglang-side.txt | sha256sum | cut -c1-16)"
 if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
   echo "setup_env: installing $LOCK (exact versions: torch 2.14.1, megatron-core 0.19.2, ...) + megatron-ring"
   pip_q install -q -r "$LOCK"
@@ -25,6 +25,10 @@ if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
   # AIME24/25 for `megatron-ring eval` ship inside sgl-eval; its pins (openai<3, pillow<12) clash with ours and only
   # its data files are read, so it goes in without dependencies (exact version, like the lock)
   pip_q install -q --no-deps "sgl-eval==0.1.3"
+  # SGLang's own code, for the tests that run its CPU-importable parts (reasoning parser, request defaults): a side
+  # folder, without dependencies (locks/sglang-side.txt), never on the project's import path
+  rm -rf "$VENV/sglang-side"
+  pip_q install -q --no-deps --target "$VENV/sglang-side" -r locks/sglang-side.txt
   "$VENV/bin/python" scripts/check_lock.py "$LOCK"
   echo "$want" > "$stamp"
 fi

@@ -78,11 +78,13 @@ def history_to_messages(history: list, system: str) -> list[dict]:
 
 def stream_reply(client: OpenAI, model: str, messages: list[dict], temperature: float, top_p: float, max_tokens: int):
     """Yields the assistant turn as Gradio messages: [thinking panel (if any), answer], growing as tokens come.
-    Works whether the server splits ``reasoning_content`` itself or sends ``<think>…</think>`` in the content."""
+    Asks for the raw reply (``separate_reasoning: false``, SGLang's and the CPU server's) and splits it here with the
+    same rule as SGLang's deepseek-r1 parser; a server that splits anyway is read from ``reasoning_content``."""
     reasoning, answer = "", ""
     parser = ReasoningStream()
     stream = client.chat.completions.create(model=model, messages=messages, temperature=temperature, top_p=top_p,
-                                            max_tokens=int(max_tokens), stream=True)
+                                            max_tokens=int(max_tokens), stream=True,
+                                            extra_body={"separate_reasoning": False})
     for chunk in stream:
         if not chunk.choices:
             continue
@@ -98,6 +100,8 @@ def stream_reply(client: OpenAI, model: str, messages: list[dict], temperature: 
 
 
 def _turn(reasoning: str, answer: str, done: bool) -> list:
+    if done and reasoning.strip() and not answer.strip():  # no </think> in the whole reply: it is the answer
+        reasoning, answer = "", reasoning
     out = []
     if reasoning.strip():
         out.append(gr.ChatMessage(content=math_markup(reasoning.strip()), role="assistant",

@@ -75,7 +75,8 @@ class ChatModel:
 
 class Decoder:
     """Token ids → text deltas (decode the whole reply each time; hold back an unfinished UTF-8 sequence),
-    cut at the first stop string."""
+    cut at the first stop string. Special tokens are dropped, as SGLang's default ``skip_special_tokens`` does (the
+    reasoning tags of an export are plain added tokens: they stay)."""
 
     def __init__(self, tok, eos: set[int], stop: list[str]):
         self.tok, self.eos, self.stop = tok, eos, stop
@@ -87,7 +88,7 @@ class Decoder:
         if t in self.eos or self.stopped:
             return ""
         self.ids.append(t)
-        text = self.tok.decode(self.ids, skip_special_tokens=False)
+        text = self.tok.decode(self.ids, skip_special_tokens=True)
         if text.endswith("\ufffd"):
             return ""
         for s in self.stop:
@@ -105,7 +106,7 @@ class Decoder:
         """At the end of the generation: what was held back (no stop string completed)."""
         if self.stopped or not self.ids:
             return ""
-        text = self.tok.decode(self.ids, skip_special_tokens=False).rstrip("\ufffd")
+        text = self.tok.decode(self.ids, skip_special_tokens=True).rstrip("\ufffd")
         delta, self.sent = text[self.sent:], max(self.sent, len(text))
         return delta
 

@@ -1,52 +1,49 @@
-"""Split a Ring reply into ``reasoning_content`` (inside ``<think>…</think>``) and ``content`` — what SGLang's
-``--reasoning-parser deepseek-r1`` does — for whole texts and for streams (a tag may arrive in pieces)."""
+"""Split a Ring reply into ``reasoning_content`` and ``content``, for whole texts and for streams (a tag may arrive
+in pieces): what SGLang's ``--reasoning-parser deepseek-r1`` (the project's SGLang launches) gives for the same
+text, to the character. That parser forces reasoning: everything before ``</think>`` is reasoning (a leading
+``<think>`` dropped), everything after it the answer, every newline kept; a reply that never writes ``</think>`` (a
+model that answers without thinking, or one cut off while thinking) is all reasoning and its ``content`` is empty.
+tests/test_sglang_parts.py runs SGLang's own parser beside this one on the same decoded token ids."""
 from __future__ import annotations
 
 THINK, END = "<think>", "</think>"
 
 
 def split_reasoning(text: str, strip: bool = True) -> tuple[str | None, str]:
-    """(reasoning or None, answer). A reply without ``</think>`` that opened ``<think>`` is all reasoning
-    (truncated while thinking); a reply without ``<think>`` is all answer. ``strip=False`` keeps the parts exactly
-    as a stream through ``ReasoningStream`` delivers them."""
+    """(reasoning or None when there is none, answer). ``strip=False`` keeps the parts exactly as SGLang's parser
+    and a stream through ``ReasoningStream`` deliver them."""
     p = ReasoningStream()
     r, c = p.feed(text)
     r2, c2 = p.close()
     reasoning, answer = r + r2, c + c2
     if strip:
         reasoning, answer = reasoning.strip(), answer.strip()
-    return (reasoning if p.saw_think else None), answer
+    return (reasoning or None), answer
 
 
 class ReasoningStream:
     """``feed(delta) -> (reasoning_delta, content_delta)``; holds back only what could be the start of a tag."""
 
     def __init__(self):
-        self.state, self.buf, self.saw_think, self.skip_nl = "start", "", False, False
+        self.state, self.buf = "start", ""
 
     def feed(self, delta: str) -> tuple[str, str]:
         self.buf += delta
         reasoning, content = "", ""
         while True:
-            if self.skip_nl:  # the newlines right after a tag belong to neither part
-                self.buf = self.buf.lstrip("\n")
-                if not self.buf:
+            if self.state == "start":  # a reply that opens with <think> (once or more): the tag is dropped
+                if not self.buf or (THINK.startswith(self.buf) and len(self.buf) < len(THINK)):
                     return reasoning, content
-                self.skip_nl = False
-            if self.state == "start":  # before the first non-space: does the reply open with <think>?
-                s = self.buf.lstrip()
-                if not s or (THINK.startswith(s) and len(s) < len(THINK)):
-                    return reasoning, content
-                if s.startswith(THINK):
-                    self.buf, self.state, self.saw_think, self.skip_nl = s[len(THINK):], "reasoning", True, True
-                else:
-                    self.state = "content"
+                if self.buf.startswith(THINK):
+                    self.buf = self.buf[len(THINK):]
+                    continue
+                self.state = "reasoning"
                 continue
             if self.state == "reasoning":
                 i = self.buf.find(END)
                 if i >= 0:
                     reasoning += self.buf[:i]
-                    self.buf, self.state, self.skip_nl = self.buf[i + len(END):], "content", True
+                    self.buf, self.state = self.buf[i + len(END):], "content"
                     continue
                 keep = _partial_suffix(self.buf, END)
                 reasoning += self.buf[:len(self.buf) - keep]
@@ -58,7 +55,7 @@ class ReasoningStream:
 
     def close(self) -> tuple[str, str]:
         rest, self.buf = self.buf, ""
-        if self.state == "reasoning":
+        if self.state in ("start", "reasoning"):
             return rest, ""
         return "", rest
 

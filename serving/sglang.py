@@ -16,6 +16,42 @@ from dataclasses import dataclass, field
 from .health import wait_healthy
 
 
+def _heads(model_path: str) -> tuple[int, int] | None:
+    import json
+    from pathlib import Path
+
+    cfg = Path(model_path) / "config.json"
+    if not cfg.is_file():
+        return None
+    c = json.loads(cfg.read_text())
+    heads = int(c["num_attention_heads"])
+    return heads, int(c.get("num_key_value_heads") or heads)
+
+
+def tp_fits(tp: int, heads: int, kv_heads: int) -> bool:
+    """SGLang's rules for a tensor-parallel size: the attention heads split evenly (``models/bailing_moe.py``:
+    ``assert self.total_num_heads % attn_tp_size == 0``), and the KV heads either split evenly or are replicated
+    evenly (``layers/linear.py`` QKVParallelLinear: ``kv_heads % tp == 0`` when there are at least tp of them,
+    else ``tp % kv_heads == 0``)."""
+    return heads % tp == 0 and (kv_heads % tp == 0 if kv_heads >= tp else tp % kv_heads == 0)
+
+
+def fit_tp(model_path: str, gpus: int, asked: int | None = None) -> int:
+    """The tensor-parallel size to serve ``model_path`` with on ``gpus`` GPUs: ``asked`` when SGLang accepts it
+    (else a ValueError with the numbers), by default the largest size up to ``gpus`` that SGLang accepts (the tiny
+    model's 4 heads on an 8-GPU node: 4)."""
+    hk = _heads(model_path)
+    if asked is not None:
+        if hk and not tp_fits(asked, *hk):
+            raise ValueError(f"--tp-size {asked} does not divide the model's {hk[0]} attention heads / {hk[1]} KV "
+                             f"heads ({model_path}/config.json): SGLang would stop at model construction; sizes that "
+                             f"fit: {[t for t in range(1, max(gpus, asked) + 1) if tp_fits(t, *hk)]}")
+        return asked
+    if not hk:
+        return max(gpus, 1)
+    return max(t for t in range(1, max(gpus, 1) + 1) if tp_fits(t, *hk))
+
+
 @dataclass
 class SGLangServer:
     model_path: str
@@ -82,13 +118,28 @@ class SGLangServer:
 
 
 def launch(server: SGLangServer, log_path: str | None = None, wait: bool = True) -> subprocess.Popen:
+    """Start SGLang; its output goes to ``log_path``, or without one to this process's own stdout/stderr (the job's
+    log). ``wait``: until healthy; a server that exits first raises with the last lines of its log."""
     server.check_context()
-    log = open(log_path, "ab") if log_path else subprocess.DEVNULL
-    proc = subprocess.Popen(server.command(), stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-                            env=server.env())
+    log = open(log_path, "ab") if log_path else None
+    proc = subprocess.Popen(server.command(), stdout=log, stderr=subprocess.STDOUT if log else None,
+                            start_new_session=True, env=server.env())
     if wait:
-        wait_healthy(server.url, proc)
+        wait_with_log(server.url, proc, log_path)
     return proc
+
+
+def wait_with_log(url: str, proc: subprocess.Popen, log_path: str | None, **kw) -> None:
+    """``wait_healthy``; when the server exits or never answers, the error carries its log's last 40 lines."""
+    try:
+        wait_healthy(url, proc, **kw)
+    except (RuntimeError, TimeoutError) as e:
+        if not log_path:
+            raise
+        from pathlib import Path
+
+        tail = Path(log_path).read_text(errors="replace").splitlines()[-40:] if Path(log_path).exists() else []
+        raise type(e)(f"{e}\n--- the last lines of {log_path}:\n" + "\n".join(tail)) from e
 
 
 def shutdown(proc: subprocess.Popen, grace: float = 30.0) -> None:
@@ -112,7 +163,9 @@ def main(argv=None) -> int:
     ap.add_argument("--model-path", required=True)
     ap.add_argument("--host", default="0.0.0.0")
     ap.add_argument("--port", type=int, default=30000)
-    ap.add_argument("--tp-size", type=int, default=1)
+    ap.add_argument("--tp-size", default="1", help="a size, or auto: the largest up to --gpus that divides the "
+                                                  "model's heads as SGLang requires")
+    ap.add_argument("--gpus", type=int, default=1, help="the GPUs of this node (for --tp-size auto)")
     ap.add_argument("--ep-size", type=int, default=1)
     ap.add_argument("--dp-size", type=int, default=1)
     ap.add_argument("--context-length", type=int)
@@ -125,8 +178,10 @@ def main(argv=None) -> int:
                     help="a --context-length longer than the model's max_position_embeddings")
     ap.add_argument("--print-command", action="store_true", help="print the sglang command line and exit")
     a = ap.parse_args(argv)
-    srv = SGLangServer(**{k: v for k, v in vars(a).items() if k != "print_command"})
+    args = {k: v for k, v in vars(a).items() if k not in ("print_command", "gpus")}
     try:
+        args["tp_size"] = fit_tp(a.model_path, a.gpus, None if a.tp_size == "auto" else int(a.tp_size))
+        srv = SGLangServer(**args)
         srv.check_context()
     except ValueError as e:
         print(f"serving.sglang: {e}", file=sys.stderr)

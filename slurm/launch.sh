@@ -62,7 +62,7 @@ job_server() {  # job_server HF_DIR CONTEXT: one SGLang server of the job on thi
   # started on HF_DIR and waited for; sets SERVER_URL; stopped when the script exits
   local port; port=$(server_port)
   "${SGLANG_PYTHON:-$PY}" -m serving.sglang --model-path "$1" --host 127.0.0.1 --port "$port" \
-    --tp-size "$(gpus_per_node)" --context-length "$2" --allow-beyond-positions &
+    --tp-size auto --gpus "$(gpus_per_node)" --context-length "$2" --allow-beyond-positions &
   SERVER_PID=$!
   trap 'kill "$SERVER_PID" 2>/dev/null || true' EXIT
   "$PY" -c "from serving.health import wait_healthy; wait_healthy('http://127.0.0.1:$port')"

@@ -12,7 +12,8 @@
 #   CKPT      a training checkpoint or run dir (SFT / RL stage 1/2; default runs/tiny/rl_stage1) — exported
 #             to HF first (EXPORT, default $CKPT/../export or <run>/export), or MODEL: an exported HF folder
 #   PORT      API port (default 8000); API_KEY optional; NAME served model id (default ring-lite)
-#   TP / EP / CONTEXT   SGLang tensor / expert parallel size (default: all GPUs / 1) and context (default: the
+#   TP / EP / CONTEXT   SGLang tensor / expert parallel size (default: the largest up to the node's GPUs that divides
+#             the model's attention and KV heads as SGLang requires; a TP that does not is refused / 1) and context (the
 #             model's max_position_embeddings; longer only with ALLOW_LONG_CONTEXT=1, e.g. 32768 for Ring-lite)
 #   SGLANG_PYTHON       the interpreter of SGLang's own environment (default: the project's)
 #   UI=1      also start the Gradio demo on UI_PORT (default 7860); UI_AUTH=user:password for a login
@@ -39,7 +40,7 @@ if [ "$gpus" -gt 0 ] && "${SGLANG_PYTHON:-$PY}" -c 'import sglang' 2>/dev/null; 
   echo "[$(date +%T)] SGLang on $gpus GPU(s): $MODEL as $NAME on :$PORT"
   ctx=(); [ -n "${CONTEXT:-}" ] && ctx=(--context-length "$CONTEXT")
   [ "${ALLOW_LONG_CONTEXT:-0}" = 1 ] && ctx+=(--allow-beyond-positions)
-  "$PY" -m serving.sglang --model-path "$MODEL" --port "$PORT" --tp-size "${TP:-$gpus}" --ep-size "${EP:-1}" \
+  "$PY" -m serving.sglang --model-path "$MODEL" --port "$PORT" --tp-size "${TP:-auto}" --gpus "$gpus" --ep-size "${EP:-1}" \
     "${ctx[@]}" --reasoning-parser deepseek-r1 --served-model-name "$NAME" "${key[@]}" &
 else
   echo "[$(date +%T)] no GPU/SGLang: the CPU server: $MODEL as $NAME on :$PORT"

@@ -39,3 +39,186 @@ def test_generate_payload_and_parse():
     rs = parse_generate(out, [[1, 2, 3]], 2)
     assert [r.prompt_index for r in rs] == [0, 0] and rs[0].response_ids == [9, 1] and rs[1].response_ids == [8]
     assert rs[0].logprobs == [-0.5, -0.1] and [r.finish_reason for r in rs] == ["stop", "length"]
+
+
+def test_the_tensor_parallel_size_divides_the_heads_as_sglang_requires(tmp_path):
+    """serve.sh / eval / the job servers: ``--tp-size auto`` is the largest size up to the node's GPUs that SGLang
+    accepts (heads % tp == 0; KV heads split or replicated evenly); a size it would stop at is refused with the
+    numbers before launch."""
+    import json
+
+    from megatron_ring.config import load_recipe
+    from serving.sglang import fit_tp, tp_fits
+
+    tiny, ling = tmp_path / "tiny", tmp_path / "ling"
+    for d, recipe in ((tiny, "tiny"), (ling, "ling_lite")):
+        d.mkdir()
+        (d / "config.json").write_text(json.dumps(load_recipe(recipe).hf_config))
+    assert [fit_tp(str(tiny), g) for g in (1, 2, 4, 8)] == [1, 2, 4, 4]  # 4 heads, 2 KV heads
+    assert [fit_tp(str(ling), g) for g in (1, 2, 4, 8)] == [1, 2, 4, 8]  # 16 heads, 4 KV heads
+    assert not tp_fits(8, 4, 2) and not tp_fits(3, 6, 2) and tp_fits(4, 16, 4) and tp_fits(8, 16, 4)
+    r = subprocess.run([PY, "-m", "serving.sglang", "--model-path", str(tiny), "--tp-size", "auto", "--gpus", "8",
+                        "--print-command"], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0 and "--tp-size 4" in r.stdout, r
+    r = subprocess.run([PY, "-m", "serving.sglang", "--model-path", str(tiny), "--tp-size", "8", "--print-command"],
+                       cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2 and "does not divide the model's 4 attention heads / 2 KV heads" in r.stderr, r
+
+
+def test_sglangs_own_output_reaches_the_job_log_and_a_failed_start_shows_its_tail(tmp_path):
+    """Without a log file SGLang's output is the job's (its traceback in logs/serve-<job>.out); with one (eval),
+    a server that exits before it is healthy raises with the log's last lines."""
+    import os
+
+    from serving.sglang import SGLangServer, launch
+
+    fake = tmp_path / "python"
+    fake.write_text("#!/bin/sh\necho 'AssertionError: total_num_heads % attn_tp_size (sglang said)'\nexit 1\n")
+    fake.chmod(0o755)
+    env = dict(os.environ, SGLANG_PYTHON=str(fake))
+    r = subprocess.run([PY, "-m", "serving.sglang", "--model-path", str(tmp_path)], cwd=ROOT, env=env,
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode != 0 and "attn_tp_size (sglang said)" in r.stdout + r.stderr, r
+    log = tmp_path / "sglang.log"
+    os.environ["SGLANG_PYTHON"] = str(fake)
+    try:
+        launch(SGLangServer(str(tmp_path), port=1), str(log))
+    except RuntimeError as e:
+        assert "exited with code 1" in str(e) and "attn_tp_size (sglang said)" in str(e), e
+    else:
+        raise AssertionError("a server that exited was taken as healthy")
+    finally:
+        del os.environ["SGLANG_PYTHON"]
+
+
+# SGLang's own code (locks/sglang-side.txt, installed by scripts/setup_env.sh without dependencies beside the venv),
+# run in a subprocess: its request default for skip_special_tokens, its detokenisation of each token id, its
+# deepseek-r1 reasoning parser whole and streamed
+SGLANG_SPLIT = r"""
+import json, sys
+sys.path.insert(0, sys.argv[1])
+from transformers import AutoTokenizer
+from sglang.srt.entrypoints.openai.protocol import ChatCompletionRequest
+from sglang.srt.parser.reasoning_parser import ReasoningParser
+tok = AutoTokenizer.from_pretrained(sys.argv[2])
+skip = ChatCompletionRequest.model_fields["skip_special_tokens"].default
+out = []
+for ids in json.loads(sys.argv[3]):
+    text = tok.decode(ids, skip_special_tokens=skip)
+    whole = ReasoningParser("deepseek-r1", stream_reasoning=False).parse_non_stream(text)
+    p, r, c, prev = ReasoningParser("deepseek-r1", stream_reasoning=True), "", "", ""
+    for n in range(1, len(ids) + 1):
+        t = tok.decode(ids[:n], skip_special_tokens=skip)
+        if not t.endswith("\ufffd"):
+            a, b = p.parse_stream_chunk(t[len(prev):])
+            r, c, prev = r + (a or ""), c + (b or ""), t
+    a, b = p.parse_stream_end()
+    out.append({"skip": skip, "whole": [whole[0] or "", whole[1] or ""], "stream": [r + (a or ""), c + (b or "")]})
+print(json.dumps(out))
+"""
+REPLIES = ["<think>\nWe add 15 and 730.\nones: 5 + 0 = 5.\n</think>\nThe answer is \\boxed{745}.", "Hello!",
+           "<think>\ncut off while thinking", "<think>\n\n</think>\n\n4", "<think>a<role>b</think>c"]
+
+
+def _sglang_split(tok_dir, ids: list[list[int]]) -> list[dict]:
+    import json
+    import sys
+    from pathlib import Path
+
+    side = Path(sys.executable).parents[1] / "sglang-side"
+    assert (side / "sglang").is_dir(), f"{side}: SGLang's side folder is missing (bash scripts/setup_env.sh makes it)"
+    r = subprocess.run([PY, "-c", SGLANG_SPLIT, str(side), str(tok_dir), json.dumps(ids)], capture_output=True,
+                       text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return json.loads(r.stdout.strip().splitlines()[-1])
+
+
+def test_a_reply_splits_the_same_under_sglang_and_on_the_cpu_server(tmp_path):
+    """The same token ids give the same reasoning_content / content under SGLang 0.5.23 (its default decoding, its
+    deepseek-r1 parser, whole and streamed token by token) and on the CPU server (its decoder and split), for the
+    tokenizer an export ships: the reasoning tags survive, the answer is in ``content``. The tokenizer as it was
+    before (tags special) loses the answer under SGLang, and the export's check refuses it."""
+    import json
+
+    import pytest
+
+    from megatron_ring.config import load_recipe
+    from megatron_ring.convert.hf_io import ship_tokenizer
+    from megatron_ring.tokenizer import build_tiny_tokenizer
+    from megatron_ring.tokenizer.serving_check import check_tokenizer
+    from serving.openai_server import Decoder
+    from serving.reasoning import ReasoningStream, split_reasoning
+
+    tok = build_tiny_tokenizer(512, tmp_path / "tok")
+    ids = [tok.encode(t, add_special_tokens=False) for t in REPLIES]
+    sg = _sglang_split(tmp_path / "tok", ids)
+    for text, i, s in zip(REPLIES, ids, sg):
+        assert s["skip"] is True  # SGLang's default: special tokens dropped
+        dec, p, r, c = Decoder(tok, {tok.eos_token_id}, []), ReasoningStream(), "", ""
+        for t in i:
+            a, b = p.feed(dec.push(t))
+            r, c = r + a, c + b
+        a, b = p.feed(dec.flush())
+        a2, b2 = p.close()
+        ours_stream = [r + a + a2, c + b + b2]
+        whole = split_reasoning(tok.decode(i, skip_special_tokens=True), strip=False)
+        assert s["whole"] == s["stream"] == [whole[0] or "", whole[1]] == ours_stream, (text, s, ours_stream)
+    assert sg[0]["whole"][1] == "\nThe answer is \\boxed{745}."  # the answer, not lost in the reasoning
+    check_tokenizer(tmp_path / "tok", load_recipe("tiny").hf_config)
+
+    special = tmp_path / "special"  # the tags as the tokenizer had them before: special tokens
+    tok.save_pretrained(special)
+    for f in ("tokenizer.json", "tokenizer_config.json"):
+        s = (special / f).read_text()
+        (special / f).write_text(json.dumps(_mark_special(json.loads(s))))
+    lost, shipped = _sglang_split(special, ids[:1])[0], tmp_path / "export"
+    assert lost["whole"][1] == "" and "745" in lost["whole"][0]  # the answer went into reasoning_content
+    with pytest.raises(ValueError, match="<think> is a special token"):
+        check_tokenizer(special, load_recipe("tiny").hf_config)
+    shipped.mkdir()
+    ship_tokenizer(special, shipped)  # what an export ships from it: the tags plain again, the same ids
+    assert _sglang_split(shipped, ids[:1])[0] == sg[0]
+    check_tokenizer(shipped, load_recipe("tiny").hf_config)
+
+
+def _mark_special(d: dict) -> dict:
+    for t in d.get("added_tokens", []) + list((d.get("added_tokens_decoder") or {}).values()):
+        if t.get("content") in ("<think>", "</think>"):
+            t["special"] = True
+    return d
+
+
+def test_an_export_refuses_a_tokenizer_that_does_not_fit_its_model_before_converting(tmp_path):
+    """Vocab, EOS and pad against the checkpoint's config, and the chat template against the layout SFT trained on
+    (single- and multi-turn): the tiny tokenizer for a Ling-lite checkpoint, or a template that drops the end of
+    earlier assistant turns, is refused before any weight is read."""
+    import json
+
+    import pytest
+
+    from megatron_ring.config import load_recipe
+    from megatron_ring.convert.run import mcore_to_hf_checkpoint
+    from megatron_ring.tokenizer import CHAT_TEMPLATE, build_tiny_tokenizer
+    from megatron_ring.tokenizer.serving_check import check_tokenizer
+
+    tiny = load_recipe("tiny").hf_config
+    tok = build_tiny_tokenizer(512, tmp_path / "tok")
+    check_tokenizer(tmp_path / "tok", tiny)
+    with pytest.raises(ValueError, match="512 tokens for a model whose vocab_size is 1024"):
+        check_tokenizer(tmp_path / "tok", dict(tiny, vocab_size=1024))
+    with pytest.raises(ValueError, match="eos_token_id 1 .* is not the model's eos_token_id 7"):
+        check_tokenizer(tmp_path / "tok", dict(tiny, eos_token_id=7))
+    with pytest.raises(ValueError, match="pad_token_id 1 is not the model's pad_token_id 0"):
+        check_tokenizer(tmp_path / "tok", dict(tiny, pad_token_id=0))
+    # a template that ends only the last assistant turn with <|endoftext|> (SFT ends every one)
+    tok.chat_template = CHAT_TEMPLATE.replace("message['content'] + '<|endoftext|>'",
+                                              "message['content'] + ('<|endoftext|>' if loop.last else '')")
+    tok.save_pretrained(tmp_path / "drops")
+    with pytest.raises(ValueError, match="renders a 4-message chat as other tokens than SFT trained on"):
+        check_tokenizer(tmp_path / "drops", tiny)
+    ckpt = tmp_path / "ling_ckpt"  # a Ling-lite checkpoint (its config is all the check reads) + the tiny tokenizer
+    ckpt.mkdir()
+    (ckpt / "config.json").write_text(json.dumps(load_recipe("ling_lite").hf_config))
+    with pytest.raises(ValueError, match="512 tokens for a model whose vocab_size is 126464"):
+        mcore_to_hf_checkpoint(ckpt, tmp_path / "out", tokenizer_dir=tmp_path / "tok")
+    assert not (tmp_path / "out").exists()

@@ -132,7 +132,7 @@ def write_hf_checkpoint(state, cfg: dict[str, Any], out: str | Path, tokenizer_d
            "pad_token_id": cfg.get("pad_token_id"), "do_sample": True, "temperature": 1.0, "top_p": 0.95}
     (o / "generation_config.json").write_text(json.dumps(gen, indent=2) + "\n")
     if tokenizer_dir is not None:
-        copy_tokenizer(tokenizer_dir, o)
+        ship_tokenizer(tokenizer_dir, o)
     return o
 
 
@@ -143,3 +143,12 @@ def copy_tokenizer(src: str | Path, dst: str | Path) -> None:
     for f in TOKENIZER_FILES:
         if (Path(src) / f).exists():
             shutil.copy(Path(src) / f, Path(dst) / f)
+
+
+def ship_tokenizer(src: str | Path, dst: str | Path) -> None:
+    """The tokenizer of an export: ``src``'s files, the reasoning tags made plain added tokens (SGLang's default
+    decoding then keeps them, and its reasoning parser finds ``</think>``)."""
+    from ..tokenizer.serving_check import reasoning_tags_not_special
+
+    copy_tokenizer(src, dst)
+    reasoning_tags_not_special(dst)

@@ -129,6 +129,10 @@ def mcore_to_hf_checkpoint(ckpt: str | Path, out: str | Path, tokenizer_dir: str
     """``dtype``: of the HF checkpoint (default: the megatron checkpoint's own)."""
     cfg = load_hf_config(Path(ckpt) / "config.json")
     check_convertible(cfg)
+    if tokenizer_dir is not None:  # refused before any weight is read: vocab, eos, pad, reasoning tags, template
+        from ..tokenizer.serving_check import check_tokenizer_source
+
+        check_tokenizer_source(tokenizer_dir, cfg)
     stored = checkpoint_dtype(ckpt)
     model = _single_process_model(conversion_recipe(cfg, stored), meta=True)
     for n, p in list(model.named_parameters()):  # storage for what the checkpoint loads into (no init)

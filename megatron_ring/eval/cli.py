@@ -48,8 +48,8 @@ def _gpus() -> int:
 def serving(model_dir: str, name: str, max_tokens: int, log: Path, threads: int = 0, max_prompt_tokens: int = 2048,
             beyond: bool = False):
     """Serve ``model_dir`` as ``name`` for the duration of the block; yields the base URL."""
-    from serving.health import bound_port, wait_healthy
-    from serving.sglang import SGLangServer, launch, shutdown
+    from serving.health import bound_port
+    from serving.sglang import SGLangServer, fit_tp, launch, shutdown, wait_with_log
 
     log.parent.mkdir(parents=True, exist_ok=True)
     port_file = log.with_name(log.name + ".port")
@@ -59,7 +59,7 @@ def serving(model_dir: str, name: str, max_tokens: int, log: Path, threads: int 
     if _gpus() > 0 and _has_sglang():
         port = _free_port()  # SGLang binds the port it is given
         # the context: the longest prompt allowed + max_tokens, refused (before launch) past the model's positions
-        proc = launch(SGLangServer(model_dir, port=port, tp_size=_gpus(), served_model_name=name,
+        proc = launch(SGLangServer(model_dir, port=port, tp_size=fit_tp(model_dir, _gpus()), served_model_name=name,
                                    context_length=max_tokens + max_prompt_tokens, reasoning_parser="deepseek-r1",
                                    allow_beyond_positions=beyond), str(log), wait=False)
     else:
@@ -76,7 +76,7 @@ def serving(model_dir: str, name: str, max_tokens: int, log: Path, threads: int 
         except RuntimeError as e:
             raise RuntimeError(f"{e} (log: {log})") from None
     try:
-        wait_healthy(f"http://127.0.0.1:{port}", proc, timeout=1800)
+        wait_with_log(f"http://127.0.0.1:{port}", proc, str(log), timeout=1800)
         yield f"http://127.0.0.1:{port}/v1"
     finally:
         shutdown(proc)

@@ -89,7 +89,8 @@ def _response_text(msg) -> str:
     content = msg.content or ""
     extra = getattr(msg, "model_extra", None) or {}
     reasoning = getattr(msg, "reasoning_content", None) or extra.get("reasoning_content")
-    return f"<think>\n{reasoning}\n</think>\n{content}" if reasoning else content
+    # (a server that split anyway: SGLang's deepseek-r1 parts keep their newlines, the leading <think> dropped)
+    return f"<think>{reasoning}</think>{content}" if reasoning else content
 
 
 async def _one(client, cfg: EvalConfig, row: dict, s: int) -> dict:
@@ -100,7 +101,8 @@ async def _one(client, cfg: EvalConfig, row: dict, s: int) -> dict:
         try:
             r = await client.chat.completions.create(
                 model=cfg.model, messages=[{"role": "user", "content": row["prompt"]}], temperature=cfg.temperature,
-                top_p=cfg.top_p, max_tokens=cfg.max_tokens, seed=sample_seed(cfg.seed, row["id"], s))
+                top_p=cfg.top_p, max_tokens=cfg.max_tokens, seed=sample_seed(cfg.seed, row["id"], s),
+                extra_body={"separate_reasoning": False})  # the raw reply, graded as RL grades it
             break
         except openai.APIStatusError as e:
             body = e.body if isinstance(e.body, dict) else {}

@@ -3,7 +3,8 @@ chat template, and the vocabulary padded to the model's ``vocab_size`` (a random
 an id the tokenizer lacks would decode to nothing).
 
 Chat format (Ling/Ring): ``<role>SYSTEM</role>…<role>HUMAN</role>…<role>ASSISTANT</role>…``; the
-assistant reasons inside ``<think>…</think>`` and ends its turn with ``<|endoftext|>``.
+assistant reasons inside ``<think>…</think>`` and ends its turn with ``<|endoftext|>``. The reasoning tags are added
+tokens that are not special: decoding with ``skip_special_tokens=True`` (SGLang's default) keeps them.
 """
 from __future__ import annotations
 
@@ -74,8 +75,16 @@ def build_tiny_tokenizer(vocab_size: int = 512, out_dir: str | Path | None = Non
                                    additional_special_tokens=SPECIAL_TOKENS[2:])
     fast.chat_template = CHAT_TEMPLATE
     assert len(fast) == vocab_size, (len(fast), vocab_size)
-    if out_dir is not None:
-        fast.save_pretrained(str(out_dir))
+    import tempfile
+
+    from .serving_check import reasoning_tags_not_special
+
+    with tempfile.TemporaryDirectory(prefix="tiny-tokenizer-") as d:  # <think>, </think>: plain added tokens (what
+        fast.save_pretrained(d)  # SGLang's default decoding keeps); the flag is only read back from the files
+        reasoning_tags_not_special(d)
+        fast = PreTrainedTokenizerFast.from_pretrained(d)
+        if out_dir is not None:
+            fast.save_pretrained(str(out_dir))
     return fast
 
 
