@@ -11,7 +11,7 @@ import argparse
 import os
 
 import gradio as gr
-from openai import APIConnectionError, APIStatusError, OpenAI
+from openai import APIConnectionError, APIError, APIStatusError, OpenAI
 
 from .reasoning import ReasoningStream
 
@@ -64,19 +64,23 @@ def _text(content) -> str:
     return str(content or "")
 
 
-def history_to_messages(history: list, system: str) -> list[dict]:
-    """Chat history (Gradio messages) → OpenAI messages; the thinking panels are not sent back."""
+def history_to_messages(history: list, system: str, raw_of: dict | None = None) -> list[dict]:
+    """Chat history (Gradio messages) → OpenAI messages; the thinking panels are not sent back, and an answer goes
+    back as the model wrote it (``raw_of``: displayed text → raw text, kept by ``stream_reply``), not as displayed
+    (math markup added, whitespace stripped)."""
     msgs = [{"role": "system", "content": system}] if system.strip() else []
     for h in history:
         role = h.get("role") if isinstance(h, dict) else getattr(h, "role", None)
         meta = (h.get("metadata") if isinstance(h, dict) else getattr(h, "metadata", None)) or {}
         if role not in ("user", "assistant") or meta.get("title"):
             continue
-        msgs.append({"role": role, "content": _text(h.get("content") if isinstance(h, dict) else h.content)})
+        text = _text(h.get("content") if isinstance(h, dict) else h.content)
+        msgs.append({"role": role, "content": (raw_of or {}).get(text, text) if role == "assistant" else text})
     return msgs
 
 
-def stream_reply(client: OpenAI, model: str, messages: list[dict], temperature: float, top_p: float, max_tokens: int):
+def stream_reply(client: OpenAI, model: str, messages: list[dict], temperature: float, top_p: float, max_tokens: int,
+                 raw_of: dict | None = None):
     """Yields the assistant turn as Gradio messages: [thinking panel (if any), answer], growing as tokens come.
     Asks for the raw reply (``separate_reasoning: false``, SGLang's and the CPU server's) and splits it here with the
     same rule as SGLang's deepseek-r1 parser; a server that splits anyway is read from ``reasoning_content``."""
@@ -96,7 +100,10 @@ def stream_reply(client: OpenAI, model: str, messages: list[dict], temperature: 
         yield _turn(reasoning, answer, done=False)
     r2, c = parser.close()
     reasoning, answer = reasoning + r2, answer + c
-    yield _turn(reasoning, answer, done=True)
+    turn = _turn(reasoning, answer, done=True)
+    if raw_of is not None:  # what the next turn sends back for this answer
+        raw_of[turn[-1].content] = answer if answer.strip() else reasoning
+    yield turn
 
 
 def _turn(reasoning: str, answer: str, done: bool) -> list:
@@ -114,16 +121,19 @@ def _turn(reasoning: str, answer: str, done: bool) -> list:
 def build_demo(endpoint: str, api_key: str | None = None, model: str | None = None, title: str = "Ring-lite chat",
                temperature: float = 1.0, top_p: float = 0.95, max_tokens: int = 1024):
     client = OpenAI(base_url=endpoint, api_key=api_key or "none", max_retries=0, timeout=600)
+    raw_of: dict[str, str] = {}  # displayed answer -> the model's own text
 
     def respond(message, history, system, temperature, top_p, max_tokens):
         try:
             name = model or client.models.list().data[0].id
-            msgs = history_to_messages(history, system) + [{"role": "user", "content": _text(message)}]
-            yield from stream_reply(client, name, msgs, temperature, top_p, max_tokens)
+            msgs = history_to_messages(history, system, raw_of) + [{"role": "user", "content": _text(message)}]
+            yield from stream_reply(client, name, msgs, temperature, top_p, max_tokens, raw_of)
         except APIConnectionError:
             raise gr.Error(f"The model endpoint {endpoint} is not reachable. Is the server running?")
         except APIStatusError as e:
             raise gr.Error(f"The endpoint refused the request ({e.status_code}): {e.message}")
+        except APIError as e:  # an error the server sent inside the stream (SGLang: an abort, a failed step)
+            raise gr.Error(f"The endpoint failed during the reply: {e.message}")
 
     return gr.ChatInterface(
         respond, title=title, description=f"Endpoint: `{endpoint}` — the model's thinking is in the collapsible panel.",

@@ -90,10 +90,22 @@ class SGLangServer:
             env["SGLANG_ALLOW_OVERWRITE_LONGER_CONTEXT_LEN"] = "1"
         return env
 
+    def served_dtype(self) -> str:
+        """``dtype`` "auto" is the export's own ``torch_dtype`` (SGLang's "auto" serves float32 checkpoints, the
+        tiny recipes', in float16: not what they were trained in)."""
+        import json
+        from pathlib import Path
+
+        cfg = Path(self.model_path) / "config.json"
+        if self.dtype != "auto" or not cfg.is_file():
+            return self.dtype
+        c = json.loads(cfg.read_text())
+        return str(c.get("torch_dtype") or c.get("dtype") or "auto")
+
     def command(self, python: str | None = None) -> list[str]:
         python = python or os.environ.get("SGLANG_PYTHON") or sys.executable
         cmd = [python, "-m", "sglang.launch_server", "--model-path", self.model_path, "--host", self.host,
-               "--port", str(self.port), "--tp-size", str(self.tp_size), "--trust-remote-code", "--dtype", self.dtype]
+               "--port", str(self.port), "--tp-size", str(self.tp_size), "--trust-remote-code", "--dtype", self.served_dtype()]
         if self.ep_size > 1:
             cmd += ["--ep-size", str(self.ep_size)]
         if self.dp_size > 1:
@@ -174,6 +186,7 @@ def main(argv=None) -> int:
     ap.add_argument("--api-key")
     ap.add_argument("--served-model-name")
     ap.add_argument("--enable-memory-saver", action="store_true")
+    ap.add_argument("--dtype", default="auto", help="auto: the export's own torch_dtype")
     ap.add_argument("--allow-beyond-positions", action="store_true",
                     help="a --context-length longer than the model's max_position_embeddings")
     ap.add_argument("--print-command", action="store_true", help="print the sglang command line and exit")

@@ -16,6 +16,10 @@
 #             the model's attention and KV heads as SGLang requires; a TP that does not is refused / 1) and context (the
 #             model's max_position_embeddings; longer only with ALLOW_LONG_CONTEXT=1, e.g. 32768 for Ring-lite)
 #   SGLANG_PYTHON       the interpreter of SGLang's own environment (default: the project's)
+#   HOST      the address the API and the demo listen on (default 0.0.0.0); SERVE_DTYPE SGLang's --dtype (default:
+#             the export's own, e.g. float32 for the tiny recipes: SGLang's "auto" would serve those in float16)
+#   An export newer than the checkpoint is served as it is (no second conversion); a new one is written beside it
+#   and moved into place.
 #   UI=1      also start the Gradio demo on UI_PORT (default 7860); UI_AUTH=user:password for a login
 # On a GPU node with SGLang installed: SGLang (--reasoning-parser deepseek-r1, trust-remote-code). Otherwise the
 # CPU server (serving.openai_server) — the same API, e.g. locally: CKPT=runs/tiny/rl_stage1 bash slurm/serve.sh
@@ -31,7 +35,16 @@ if [ -z "${MODEL:-}" ]; then
   CKPT=${CKPT:-runs/tiny/rl_stage1}
   base=$CKPT; [ -d "$CKPT/checkpoints" ] || base=$(dirname "$(dirname "$CKPT")")
   MODEL=${EXPORT:-$base/export}
-  "$PY" -m megatron_ring.cli export --ckpt "$CKPT" --out "$MODEL" ${TOKENIZER:+--tokenizer "$TOKENIZER"} ${DTYPE:+--dtype "$DTYPE"}
+  if [ -f "$MODEL/config.json" ] && [ -z "$(find -L "$CKPT" -newer "$MODEL/config.json" -print -quit)" ]; then
+    echo "[$(date +%T)] $MODEL is newer than $CKPT: serving it as it is (delete it to export again)"
+  else  # into a folder of its own, then moved into place: a job still reading the old export is not cut short
+    tmp="$MODEL.tmp.$$"; rm -rf "$tmp"
+    "$PY" -m megatron_ring.cli export --ckpt "$CKPT" --out "$tmp" ${TOKENIZER:+--tokenizer "$TOKENIZER"} ${DTYPE:+--dtype "$DTYPE"}
+    rm -rf "$MODEL.old.$$"; [ -e "$MODEL" ] && mv "$MODEL" "$MODEL.old.$$"; mv "$tmp" "$MODEL"; rm -rf "$MODEL.old.$$"
+  fi
+fi
+if [ "${ALLOW_LONG_CONTEXT:-0}" = 1 ] && [ -z "${CONTEXT:-}" ]; then
+  echo "serve.sh: ALLOW_LONG_CONTEXT=1 needs the context too (CONTEXT=32768 for Ring-lite's RL length)" >&2; exit 2
 fi
 key=(); [ -n "${API_KEY:-}" ] && key=(--api-key "$API_KEY")
 gpus=0
@@ -40,8 +53,8 @@ if [ "$gpus" -gt 0 ] && "${SGLANG_PYTHON:-$PY}" -c 'import sglang' 2>/dev/null; 
   echo "[$(date +%T)] SGLang on $gpus GPU(s): $MODEL as $NAME on :$PORT"
   ctx=(); [ -n "${CONTEXT:-}" ] && ctx=(--context-length "$CONTEXT")
   [ "${ALLOW_LONG_CONTEXT:-0}" = 1 ] && ctx+=(--allow-beyond-positions)
-  "$PY" -m serving.sglang --model-path "$MODEL" --port "$PORT" --tp-size "${TP:-auto}" --gpus "$gpus" --ep-size "${EP:-1}" \
-    "${ctx[@]}" --reasoning-parser deepseek-r1 --served-model-name "$NAME" "${key[@]}" &
+  "$PY" -m serving.sglang --model-path "$MODEL" --host "${HOST:-0.0.0.0}" --port "$PORT" --tp-size "${TP:-auto}" --gpus "$gpus" --ep-size "${EP:-1}" \
+    ${SERVE_DTYPE:+--dtype "$SERVE_DTYPE"} "${ctx[@]}" --reasoning-parser deepseek-r1 --served-model-name "$NAME" "${key[@]}" &
 else
   echo "[$(date +%T)] no GPU/SGLang: the CPU server: $MODEL as $NAME on :$PORT"
   "$PY" -m serving.openai_server --model "$MODEL" --host "${HOST:-0.0.0.0}" --port "$PORT" --served-model-name "$NAME" "${key[@]}" &

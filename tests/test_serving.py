@@ -335,3 +335,72 @@ def test_chat_ui_reports_a_down_endpoint():
         demo = build_demo(f"http://127.0.0.1:{s.getsockname()[1]}/v1", temperature=0)
         with pytest.raises(gr.Error, match="not reachable"):
             list(demo.fn("hi", [], "", 0.0, 1.0, 16))
+
+
+def _sse_server(events: list[str]):
+    """A tiny HTTP server whose /v1/chat/completions streams ``events`` (SSE data lines) and /v1/models one model."""
+    import http.server
+    import threading
+
+    class H(http.server.BaseHTTPRequestHandler):
+        def log_message(self, *a):
+            pass
+
+        def do_GET(self):
+            body = json.dumps({"object": "list", "data": [{"id": "m", "object": "model", "created": 0,
+                                                           "owned_by": "x"}]}).encode()
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def do_POST(self):
+            self.rfile.read(int(self.headers["Content-Length"]))
+            self.send_response(200)
+            self.send_header("Content-Type", "text/event-stream")
+            self.end_headers()
+            for e in events:
+                self.wfile.write(f"data: {e}\n\n".encode())
+            self.wfile.flush()
+
+    srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), H)
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    return srv
+
+
+def _chunk(content: str) -> str:
+    return json.dumps({"id": "c", "object": "chat.completion.chunk", "created": 0, "model": "m",
+                       "choices": [{"index": 0, "delta": {"content": content}, "finish_reason": None}]})
+
+
+def test_chat_ui_sends_back_what_the_model_wrote_and_reports_an_error_inside_the_stream():
+    """The next turn carries the model's own answer (not the display's $-wrapped math, stripped); an error the
+    server sends inside the stream (SGLang: an abort, a failed step) is a clear gr.Error."""
+    import gradio as gr
+
+    from serving.chat_ui import build_demo, history_to_messages, stream_reply
+
+    raw = "<think>\n7\n</think>\nThe answer is \\boxed{7}.\n"
+    srv = _sse_server([_chunk(raw[:9]), _chunk(raw[9:]), "[DONE]"])
+    try:
+        url = f"http://127.0.0.1:{srv.server_address[1]}/v1"
+        raw_of: dict = {}
+        turn = list(stream_reply(openai.OpenAI(base_url=url, api_key="x", max_retries=0), "m",
+                                 [{"role": "user", "content": "q"}], 0.0, 1.0, 16, raw_of))[-1]
+        assert turn[-1].content == "The answer is $\\boxed{7}$."  # displayed with math markup
+        history = [{"role": "user", "content": "q"}, {"role": "assistant", "content": turn[0].content,
+                                                      "metadata": {"title": "Thinking"}},
+                   {"role": "assistant", "content": turn[-1].content}]
+        assert history_to_messages(history, "", raw_of)[-1] == {"role": "assistant",
+                                                                "content": "\nThe answer is \\boxed{7}.\n"}
+    finally:
+        srv.shutdown()
+    err = json.dumps({"error": {"message": "Request aborted: out of memory", "type": "server_error", "code": 500}})
+    srv = _sse_server([_chunk("<think>\npartial"), err])
+    try:
+        demo = build_demo(f"http://127.0.0.1:{srv.server_address[1]}/v1", temperature=0)
+        with pytest.raises(gr.Error, match="failed during the reply: Request aborted: out of memory"):
+            list(demo.fn("hi", [], "", 0.0, 1.0, 16))
+    finally:
+        srv.shutdown()

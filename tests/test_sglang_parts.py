@@ -197,6 +197,7 @@ def test_an_export_refuses_a_tokenizer_that_does_not_fit_its_model_before_conver
     import pytest
 
     from megatron_ring.config import load_recipe
+    from megatron_ring.convert.hf_io import ship_tokenizer
     from megatron_ring.convert.run import mcore_to_hf_checkpoint
     from megatron_ring.tokenizer import CHAT_TEMPLATE, build_tiny_tokenizer
     from megatron_ring.tokenizer.serving_check import check_tokenizer
@@ -216,9 +217,63 @@ def test_an_export_refuses_a_tokenizer_that_does_not_fit_its_model_before_conver
     tok.save_pretrained(tmp_path / "drops")
     with pytest.raises(ValueError, match="renders a 4-message chat as other tokens than SFT trained on"):
         check_tokenizer(tmp_path / "drops", tiny)
+    # the published Ling-lite layout (llama.cpp's test-chat-template.cpp quotes it): no <|endoftext|> after any turn;
+    # the export ships the training layout's template instead, and its rendering is SFT's ids (multi-turn too)
+    (tmp_path / "published").mkdir()
+    tok.chat_template = ("{% for message in messages %}{% set role = message['role'] | lower %}{% if role == 'user' %}"
+                         "{% set role = 'HUMAN' %}{% endif %}{% set role = role | upper %}"
+                         "{{ '<role>' + role + '</role>' + message['content'] }}{% endfor %}"
+                         "{% if add_generation_prompt %}{{ '<role>ASSISTANT</role>' }}{% endif %}")
+    tok.save_pretrained(tmp_path / "published")
+    with pytest.raises(ValueError, match="renders a 4-message chat as other tokens"):
+        check_tokenizer(tmp_path / "published", tiny)
+    (tmp_path / "shipped").mkdir()
+    assert any("chat_template.jinja" in c for c in ship_tokenizer(tmp_path / "published", tmp_path / "shipped"))
+    check_tokenizer(tmp_path / "shipped", tiny)
+    from transformers import AutoTokenizer
+
+    from megatron_ring.tokenizer import chat_segments
+
+    served = AutoTokenizer.from_pretrained(tmp_path / "shipped")
+    chat = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "What is 2+2?"},
+            {"role": "assistant", "content": "The answer is \\boxed{4}."}, {"role": "user", "content": "And 3+3?"}]
+    trained = [i for t, _ in chat_segments(chat) for i in served.encode(t, add_special_tokens=False)]
+    assert served.apply_chat_template(chat, tokenize=True, add_generation_prompt=True, return_dict=False) == \
+        trained + served.encode("<role>ASSISTANT</role>", add_special_tokens=False)
     ckpt = tmp_path / "ling_ckpt"  # a Ling-lite checkpoint (its config is all the check reads) + the tiny tokenizer
     ckpt.mkdir()
     (ckpt / "config.json").write_text(json.dumps(load_recipe("ling_lite").hf_config))
     with pytest.raises(ValueError, match="512 tokens for a model whose vocab_size is 126464"):
         mcore_to_hf_checkpoint(ckpt, tmp_path / "out", tokenizer_dir=tmp_path / "tok")
     assert not (tmp_path / "out").exists()
+
+
+def test_serve_sh_on_a_gpu_node_passes_host_dtype_and_tp_and_exports_once(tiny, tmp_path):
+    """``slurm/serve.sh`` on a node with 8 GPUs and SGLang (both stand-ins that record what they are asked): SGLang
+    gets HOST, the export's own dtype (float32 for the tiny recipes, not SGLang's float16 "auto") and a TP that
+    divides the tiny model's 4 heads; its failure reaches the job's output; the second start serves the export the
+    first one wrote instead of converting again; ALLOW_LONG_CONTEXT without CONTEXT is refused."""
+    import os
+
+    bin_ = tmp_path / "bin"
+    bin_.mkdir()
+    (bin_ / "nvidia-smi").write_text("#!/bin/sh\nfor i in 0 1 2 3 4 5 6 7; do echo \"GPU $i: fake\"; done\n")
+    args = tmp_path / "sglang-args"
+    (bin_ / "sglang-python").write_text(f"#!/bin/sh\n[ \"$1\" = -c ] && exit 0\necho \"$@\" > {args}\n"
+                                        "echo 'fake sglang: no GPU here'\nexit 1\n")
+    for f in bin_.iterdir():
+        f.chmod(0o755)
+    env = dict(os.environ, PATH=f"{bin_}:{os.environ['PATH']}", SGLANG_PYTHON=str(bin_ / "sglang-python"),
+               CKPT=str(tiny["mcore"]), EXPORT=str(tmp_path / "export"), TOKENIZER=str(tiny["hf"]), HOST="127.0.0.1",
+               PY=PY)
+    runs = [subprocess.run(["bash", "slurm/serve.sh"], cwd=ROOT, env=env, capture_output=True, text=True,
+                           timeout=600) for _ in range(2)]
+    for r in runs:
+        assert r.returncode != 0 and "fake sglang: no GPU here" in r.stdout + r.stderr, r.stderr[-2000:]
+    a = args.read_text().split()
+    assert a[a.index("--host") + 1] == "127.0.0.1" and a[a.index("--dtype") + 1] == "float32"
+    assert a[a.index("--tp-size") + 1] == "4"
+    assert "exported" in runs[0].stdout and "serving it as it is" in runs[1].stdout, runs[1].stdout
+    r = subprocess.run(["bash", "slurm/serve.sh"], cwd=ROOT, env=dict(env, ALLOW_LONG_CONTEXT="1"),
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and "needs the context too" in r.stderr

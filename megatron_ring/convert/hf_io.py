@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -132,7 +133,8 @@ def write_hf_checkpoint(state, cfg: dict[str, Any], out: str | Path, tokenizer_d
            "pad_token_id": cfg.get("pad_token_id"), "do_sample": True, "temperature": 1.0, "top_p": 0.95}
     (o / "generation_config.json").write_text(json.dumps(gen, indent=2) + "\n")
     if tokenizer_dir is not None:
-        ship_tokenizer(tokenizer_dir, o)
+        for change in ship_tokenizer(tokenizer_dir, o):
+            print(f"export: tokenizer: {change}", file=sys.stderr)
     return o
 
 
@@ -145,10 +147,12 @@ def copy_tokenizer(src: str | Path, dst: str | Path) -> None:
             shutil.copy(Path(src) / f, Path(dst) / f)
 
 
-def ship_tokenizer(src: str | Path, dst: str | Path) -> None:
+def ship_tokenizer(src: str | Path, dst: str | Path) -> list[str]:
     """The tokenizer of an export: ``src``'s files, the reasoning tags made plain added tokens (SGLang's default
-    decoding then keeps them, and its reasoning parser finds ``</think>``)."""
-    from ..tokenizer.serving_check import reasoning_tags_not_special
+    decoding then keeps them, and its reasoning parser finds ``</think>``), and the chat template of the layout SFT
+    trained on (``CHAT_TEMPLATE``: every assistant turn ends with ``<|endoftext|>``; the published Ling-lite template
+    ends none, so multi-turn prompts would differ from training). Returns what was changed."""
+    from ..tokenizer.serving_check import reasoning_tags_not_special, training_chat_template
 
     copy_tokenizer(src, dst)
-    reasoning_tags_not_special(dst)
+    return reasoning_tags_not_special(dst) + training_chat_template(dst)

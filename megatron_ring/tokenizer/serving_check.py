@@ -46,6 +46,26 @@ def reasoning_tags_not_special(folder: str | Path) -> list[str]:
     return changed
 
 
+def training_chat_template(folder: str | Path) -> list[str]:
+    """Make ``folder``'s chat template the one SFT's layout (``chat_segments``) was rendered with; returns what
+    changed (nothing when it already was)."""
+    from .tiny import CHAT_TEMPLATE
+
+    folder, changed = Path(folder), []
+    jinja = folder / "chat_template.jinja"
+    if not jinja.exists() or jinja.read_text() != CHAT_TEMPLATE:
+        changed.append("chat_template.jinja: the training layout's template" + (" (was another)" if jinja.exists()
+                                                                                 else ""))
+        jinja.write_text(CHAT_TEMPLATE)
+    cfg = folder / "tokenizer_config.json"
+    if cfg.exists():
+        d = json.loads(cfg.read_text())
+        if d.pop("chat_template", None) is not None:  # (it would be read instead of the file above)
+            cfg.write_text(json.dumps(d, ensure_ascii=False, indent=2))
+            changed.append("tokenizer_config.json: chat_template (moved to chat_template.jinja)")
+    return changed
+
+
 def check_tokenizer(folder: str | Path, config: dict) -> None:
     """Refuse (ValueError naming the field) a tokenizer that does not fit the model ``config``."""
     from transformers import AutoTokenizer
