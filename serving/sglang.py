@@ -29,10 +29,10 @@ def _heads(model_path: str) -> tuple[int, int] | None:
 
 
 def tp_fits(tp: int, heads: int, kv_heads: int) -> bool:
-    """SGLang's rules for a tensor-parallel size: the attention heads split evenly (``models/bailing_moe.py``:
-    ``assert self.total_num_heads % attn_tp_size == 0``), and the KV heads either split evenly or are replicated
-    evenly (``layers/linear.py`` QKVParallelLinear: ``kv_heads % tp == 0`` when there are at least tp of them,
-    else ``tp % kv_heads == 0``)."""
+    """SGLang 0.5.23's rules for a tensor-parallel size (``srt/models/bailing_moe.py``, the attention's
+    constructor): ``total_num_heads % attn_tp_size == 0``, and the KV heads split evenly when there are at least as
+    many as the size (``total_kv_heads % attn_tp_size == 0``), else are replicated evenly (``attn_tp_size %
+    total_kv_heads == 0``)."""
     return heads % tp == 0 and (kv_heads % tp == 0 if kv_heads >= tp else tp % kv_heads == 0)
 
 
