@@ -22,7 +22,8 @@ CLASSES = {
     "sglang/srt/managers/io_struct.py": ["GenerateReqInput", "InitWeightsUpdateGroupReqInput",
                                          "UpdateWeightsFromDistributedReqInput", "UpdateWeightsFromTensorReqInput",
                                          "UpdateWeightFromDiskReqInput", "ReleaseMemoryOccupationReqInput",
-                                         "ResumeMemoryOccupationReqInput", "AbortReq", "BaseReq"],
+                                         "ResumeMemoryOccupationReqInput", "AbortReq", "BaseReq", "BeginWeightUpdateReqInput",
+                                         "EndWeightUpdateReqInput"],
     "sglang/srt/sampling/sampling_params.py": ["SamplingParams"],
 }
 OUT = Path(__file__).resolve().parents[1] / "tests" / "data" / "sglang_api.json"

@@ -11,9 +11,11 @@ SGLang on a GPU cluster (``rl/sglang_engine.py`` + ``rl/transport.py``):
   in-process engine draws it).
 - ``POST /init_weights_update_group``, ``/update_weights_from_distributed`` (the broadcast transport: the trainer's
   rank 0 broadcasts each tensor on a gloo group made as SGLang makes it), ``/update_weights_from_disk``,
-  ``/update_weights_from_tensor`` (the IPC transport: shared memory from a trainer on the same machine),
-  ``/flush_cache``, ``/release_memory_occupation``, ``/resume_memory_occupation`` (no-ops on a CPU), ``/health``,
-  ``/get_model_info``.
+  ``/update_weights_from_tensor`` (the IPC transport: shared memory from a trainer on the same machine); as in SGLang
+  0.5.23 the last two only inside a weight-update session (``/begin_weight_update`` … ``/end_weight_update``; a 400
+  with SGLang's message otherwise, before joining any broadcast), ``/flush_cache`` (SGLang's plain-text body; a 400
+  while requests run, ``?timeout=`` waits for idle), ``/release_memory_occupation``, ``/resume_memory_occupation``
+  (no-ops on a CPU), ``/health``, ``/get_model_info``. The texts are in ``serving/sglang_protocol.py``.
 - A prompt + ``max_new_tokens`` beyond ``--context-length`` is a 400, as SGLang answers; ``--context-length``
   beyond the model's ``max_position_embeddings`` is refused at start unless SGLang's own override
   ``SGLANG_ALLOW_OVERWRITE_LONGER_CONTEXT_LEN=1`` is set.
@@ -31,95 +33,15 @@ import json
 import os
 import threading
 from pathlib import Path
-from typing import Literal, Optional, Union
 
 import torch
-from fastapi import FastAPI
+from fastapi import FastAPI, Query
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
-from pydantic import BaseModel, ConfigDict
+from fastapi.responses import JSONResponse, Response
 
-
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-
-class Sampling(_Strict):  # fields of sglang.srt.sampling.sampling_params.SamplingParams
-    temperature: float = 1.0
-    top_p: float = 1.0
-    max_new_tokens: int = 128
-    sampling_seed: Optional[int] = None
-    skip_special_tokens: bool = True
-
-
-class GenerateReq(_Strict):  # GenerateReqInput (the token-id subset)
-    input_ids: Union[list[list[int]], list[int]]
-    sampling_params: Union[list[Sampling], Sampling, None] = None
-    return_logprob: bool = False
-    rid: Optional[Union[str, list[str]]] = None
-    # what SGLang's router (sglang-router 0.3.2) writes into every request it forwards, at these values; a CPU
-    # server honours no other (``model`` is the router's own: SGLang ignores fields it lacks, ROUTER_ONLY)
-    model: Optional[str] = None
-    stream: Literal[False] = False
-    log_metrics: bool = True
-    no_logs: bool = False
-    return_text_in_logprobs: Literal[False] = False
-    return_hidden_states: Literal[False] = False
-    return_entropy: Literal[False] = False
-    return_bytes: Literal[False] = False
-    background: Literal[False] = False
-
-
-ROUTER_ONLY = {"model"}  # GenerateReq fields that SGLang's GenerateReqInput lacks (the router adds them)
-
-
-class InitGroupReq(_Strict):  # InitWeightsUpdateGroupReqInput
-    master_address: str
-    master_port: int
-    rank_offset: int
-    world_size: int
-    group_name: str = "weight_update_group"
-    backend: str = "nccl"
-
-
-class DistributedReq(_Strict):  # UpdateWeightsFromDistributedReqInput
-    names: list[str]
-    dtypes: list[str]
-    shapes: list[list[int]]
-    group_name: str = "weight_update_group"
-    flush_cache: bool = True
-    abort_all_requests: bool = False
-    weight_version: Optional[str] = None
-    load_format: Optional[str] = None
-    selector: Literal["target", "draft", "all"] = "all"
-    torch_empty_cache: bool = False
-
-
-class DiskReq(_Strict):  # UpdateWeightFromDiskReqInput (the fields a CPU server can honour)
-    model_path: str
-    load_format: Optional[str] = None
-    abort_all_requests: bool = False
-    weight_version: Optional[str] = None
-    flush_cache: bool = True
-    torch_empty_cache: bool = False
-
-
-class TensorReq(_Strict):  # UpdateWeightsFromTensorReqInput
-    serialized_named_tensors: list[str]  # one per TP rank: base64 of a ForkingPickler dump of [(name, tensor)]
-    load_format: Optional[str] = None
-    flush_cache: bool = True
-    abort_all_requests: bool = False
-    weight_version: Optional[str] = None
-    selector: Literal["target", "draft", "all"] = "all"
-    torch_empty_cache: bool = False
-
-
-class AbortReq(_Strict):  # AbortReq (abort_all; a CPU server keeps no request ids)
-    abort_all: bool = False
-
-
-class MemoryReq(_Strict):  # Release/ResumeMemoryOccupationReqInput
-    tags: Optional[list[str]] = None
+from .sglang_protocol import (FLUSH_FAILED, FLUSH_TIMED_OUT, FLUSHED, NO_SESSION_OPEN, SESSION_OPEN, AbortReq, BeginReq, DiskReq,
+                              DistributedReq, EndReq, GenerateReq, InitGroupReq, MemoryReq, Sampling, TensorReq,
+                              outside_session)
 
 
 def _in_turn(method):
@@ -158,6 +80,7 @@ class Server:
         self.weight_ops = threading.Lock()  # one weight request at a time (as SGLang's scheduler runs them)
         self.aborts, self.served = 0, 0  # served: /generate requests answered (in /get_server_info)
         self.groups: dict[str, object] = {}
+        self.session = False  # a weight-update session is open (SGLang 0.5.23 refuses updates outside one)
 
     # --- generation ------------------------------------------------------------------------------------------
     def generate(self, req: GenerateReq):
@@ -214,6 +137,31 @@ class Server:
 
     # --- weights -----------------------------------------------------------------------------------------------
     @_in_turn
+    def begin_session(self, req: BeginReq) -> dict:
+        if self.session:
+            raise ValueError(SESSION_OPEN)
+        self.session = True
+        return {"success": True, "message": "Success"}
+
+    @_in_turn
+    def end_session(self, req: EndReq) -> dict:
+        if not self.session:
+            raise ValueError(NO_SESSION_OPEN)
+        self.session = False
+        return {"success": True, "message": "Success"}
+
+    def flush(self, timeout: float) -> bool:
+        """SGLang flushes only when no request runs or waits; ``timeout``: wait that long for it."""
+        import time
+
+        deadline = time.monotonic() + timeout
+        while self.inflight or self.core.running or self.core.waiting:
+            if time.monotonic() >= deadline:
+                return False
+            time.sleep(0.05)
+        return True
+
+    @_in_turn
     def init_group(self, req: InitGroupReq) -> dict:
         from megatron_ring.rl.transport import custom_process_group
 
@@ -227,6 +175,8 @@ class Server:
     def update_distributed(self, req: DistributedReq) -> dict:
         import torch.distributed as dist
 
+        if not self.session:  # refused before joining the broadcast (the sender's wait ends on this answer)
+            raise ValueError(outside_session("update_weights_from_distributed"))
         if req.group_name not in self.groups:
             raise ValueError(f"Group {req.group_name} not in {list(self.groups)}. Please call "
                              "`init_weights_update_group` first.")
@@ -247,6 +197,8 @@ class Server:
 
         import torch.multiprocessing  # noqa: F401 (registers torch's rebuild functions for the unpickler)
 
+        if not self.session:
+            raise ValueError(outside_session("update_weights_from_tensor"))
         if req.load_format is not None:
             raise ValueError(f"load_format {req.load_format!r}: the CPU server loads named tensors only")
         named = pickle.load(io.BytesIO(base64.b64decode(req.serialized_named_tensors[0])))
@@ -335,9 +287,19 @@ def create_app(server: Server) -> FastAPI:
                 q.cancelled.set()
         return JSONResponse({})
 
+    @app.post("/begin_weight_update")
+    async def begin(req: BeginReq):
+        return await run(server.begin_session, req)
+
+    @app.post("/end_weight_update")
+    async def end(req: EndReq):
+        return await run(server.end_session, req)
+
     @app.api_route("/flush_cache", methods=["GET", "POST"])
-    async def flush_cache():
-        return JSONResponse({})  # (no prefix cache kept between requests)
+    async def flush_cache(timeout: float = Query(0.0, ge=0.0)):  # SGLang's plain-text answer, 400 unless idle
+        ok = await asyncio.to_thread(server.flush, timeout)
+        return Response(FLUSHED if ok else (FLUSH_TIMED_OUT if timeout > 0 else FLUSH_FAILED),
+                        status_code=200 if ok else 400)
 
     @app.api_route("/release_memory_occupation", methods=["GET", "POST"])
     @app.api_route("/resume_memory_occupation", methods=["GET", "POST"])

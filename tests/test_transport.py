@@ -335,3 +335,44 @@ def test_difficulty_rollouts_through_the_servers_equal_the_in_process_ones(tiny,
     assert len(local) == 18 and (tmp_path / "served.parquet.hf" / "config.json").exists()
     assert served == local
     assert len({r["response"] for r in local if r["id"] == local[0]["id"]}) > 1  # the K samples differ
+
+
+def test_the_servers_keep_sglangs_session_and_flush_rules_and_the_client_reads_them(tiny, servers):
+    """As SGLang 0.5.23: an update outside a weight-update session is a 400 with SGLang's message (no broadcast
+    joined); a second open or a close without one is refused; /flush_cache answers plain text, a 400 while a
+    generation runs unless ``?timeout=`` lets it finish. The client takes the text for what it is (no JSON error),
+    a refused flush is an EngineError carrying the text, and the transports open and close the sessions (a session
+    left open by a trainer that died is closed and opened again)."""
+    import threading
+
+    from megatron_ring.rl import http
+    from serving import sglang_protocol as P
+
+    u = servers[1]
+    body = T.distributed_payload([("model.norm.weight", torch.ones(4))], 9, "no_group")
+    with pytest.raises(T.EngineError, match="must run between begin_weight_update"):
+        T.post(u + "/update_weights_from_distributed", body, 30)
+    assert T.post(u + "/begin_weight_update", {}, 30) == {"success": True, "message": "Success"}
+    with pytest.raises(T.EngineError, match="already open"):
+        T.post(u + "/begin_weight_update", {}, 30)
+    http.open_sessions([u], 30, None)  # (left open by a trainer that died: closed and opened again)
+    T.post(u + "/end_weight_update", {}, 30)
+    with pytest.raises(T.EngineError, match="no weight-update session is open"):
+        T.post(u + "/end_weight_update", {}, 30)
+    assert T.post(u + "/flush_cache", {}, 30) == {"text": P.FLUSHED}
+    eng = SGLangEngine([u], {}, None, "broadcast", master_port=_free_port())
+    busy = threading.Thread(target=eng.generate, args=([[5, 6, 7]], 4, SamplingParams(max_new_tokens=150)))
+    busy.start()
+    try:
+        time.sleep(0.5)
+        with pytest.raises(T.EngineError, match="HTTP 400: Flush cache failed"):
+            T.post(u + "/flush_cache", {}, 30)
+        http.flush_all([u], 60.0, 90, None)  # waits for the generation to end, then flushes
+        assert not busy.is_alive()
+    finally:
+        busy.join()
+    state = _state(tiny, 41)
+    _send(eng.transport(), state, 7)  # begin (session) -> buckets -> end (session closed, cache flushed)
+    assert _info(u)["weight_version"] == "7"
+    with pytest.raises(T.EngineError, match="no weight-update session is open"):
+        T.post(u + "/end_weight_update", {}, 30)  # the transport closed its session

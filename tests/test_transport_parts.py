@@ -27,7 +27,7 @@ def _fits(payload: dict, cls: str) -> None:
 
 def test_request_bodies_use_sglang_fields():
     """Every body we send, and every field the CPU server accepts, exists in the pinned SGLang's request class."""
-    from serving import native
+    from serving import sglang_protocol as native
 
     t = torch.zeros(2, 3, dtype=torch.bfloat16)
     g = generate_payload([[1, 2]], 2, SamplingParams(max_new_tokens=4, seed=1))
@@ -47,6 +47,7 @@ def test_request_bodies_use_sglang_fields():
               native.DistributedReq: "UpdateWeightsFromDistributedReqInput",
               native.MemoryReq: "ReleaseMemoryOccupationReqInput", native.TensorReq: "UpdateWeightsFromTensorReqInput",
               native.AbortReq: "AbortReq"}
+    models.update({native.BeginReq: "BeginWeightUpdateReqInput", native.EndReq: "EndWeightUpdateReqInput"})
     for model, cls in models.items():
         extra = set(model.model_fields) - set(API[cls]) - set(API["BaseReq"]) - native.ROUTER_ONLY
         assert not extra, f"serving/native.py {model.__name__} accepts fields SGLang's {cls} lacks: {extra}"
@@ -119,3 +120,67 @@ def test_context_beyond_the_positions_is_refused_before_any_server_starts(tiny, 
         cfg.context_beyond_positions = False
         with pytest.raises(ContextTooLong, match="context_beyond_positions"):
             rollout_context(cfg, published)
+
+
+def _sglang_source(rel: str) -> str:
+    import sys
+
+    side = Path(sys.executable).parents[1] / "sglang-side" / "sglang" / "srt"
+    assert side.is_dir(), f"{side}: SGLang's side folder is missing (bash scripts/setup_env.sh makes it)"
+    return (side / rel).read_text()
+
+
+def test_the_cpu_look_alike_speaks_the_pinned_sglangs_protocol():
+    """Read from SGLang 0.5.23's own source (the pinned wheel in the side folder): every route the look-alike serves
+    exists there with the same methods; the weight-update session's rules (its routes, request classes and refusals)
+    and /flush_cache's plain-text replies are the ones ``serving/sglang_protocol.py`` answers with. A later SGLang
+    that changes any of them fails here."""
+    import ast
+
+    from serving import sglang_protocol as P
+    from serving.native import create_app
+
+    http = ast.parse(_sglang_source("entrypoints/http_server.py"))
+    routes: dict[str, set[str]] = {}
+    for fn in ast.walk(http):
+        for d in getattr(fn, "decorator_list", []):
+            if isinstance(d, ast.Call) and isinstance(d.func, ast.Attribute) and d.args and \
+                    isinstance(d.args[0], ast.Constant) and str(d.args[0].value).startswith("/"):
+                kind = d.func.attr
+                methods = ({"GET", "POST"} if kind == "api_route" else {kind.upper()})
+                for kw in d.keywords:
+                    if kw.arg == "methods":
+                        methods = {e.value for e in kw.value.elts}
+                routes.setdefault(d.args[0].value, set()).update(methods)
+    from fastapi.routing import APIRoute
+
+    ours: dict[str, set[str]] = {}
+    app = create_app(_NoServer())
+    for r in app.routes:
+        if isinstance(r, APIRoute):
+            ours.setdefault(r.path, set()).update(r.methods)
+    for path, methods in ours.items():
+        assert path in routes and methods <= routes[path], (path, methods, routes.get(path))
+    assert {"/begin_weight_update", "/end_weight_update", "/flush_cache"} <= set(ours)
+
+    def strings(tree) -> set[str]:  # (adjacent literals are one constant in the AST)
+        return {n.value for n in ast.walk(tree) if isinstance(n, ast.Constant) and isinstance(n.value, str)}
+    flush = next(f for f in ast.walk(http) if isinstance(f, ast.AsyncFunctionDef) and f.name == "flush_cache")
+    assert {P.FLUSHED, P.FLUSH_FAILED} <= strings(flush)
+    assert "Response" in ast.unparse(flush) and "ORJSONResponse" not in ast.unparse(flush)  # plain text, not JSON
+    updater = ast.parse(_sglang_source("managers/scheduler_components/weight_updater.py"))
+    said = strings(updater)
+    assert {P.SESSION_OPEN, P.NO_SESSION_OPEN, P.outside_session("update_weights_from_distributed"),
+            P.outside_session("update_weights_from_tensor")} <= said
+    disk = next(f for f in ast.walk(updater) if isinstance(f, ast.FunctionDef) and f.name == "update_weights_from_disk")
+    assert "_session" not in ast.unparse(disk)  # (the disk path needs no session: the look-alike does not ask one)
+    assert P.FLUSH_TIMED_OUT in strings(ast.parse(_sglang_source("managers/scheduler_components/flush_wrapper.py")))
+    io = ast.parse(_sglang_source("managers/io_struct.py"))
+    for cls, model in (("BeginWeightUpdateReqInput", P.BeginReq), ("EndWeightUpdateReqInput", P.EndReq)):
+        node = next(c for c in ast.walk(io) if isinstance(c, ast.ClassDef) and c.name == cls)
+        fields = {s.target.id for s in node.body if isinstance(s, ast.AnnAssign)}
+        assert fields == set(model.model_fields), (cls, fields)
+
+
+class _NoServer:
+    """Enough of ``serving.native.Server`` to build its app (the routes only)."""

@@ -264,9 +264,13 @@ class RLState:
         tr = self._tr
         if tr is not None:
             tr.begin(version)
-        fig = stream_hf_weights(self.policy, self.recipe.hf_config, tr.bucket if tr else None,
-                                bucket_bytes=self.cfg.weight_bucket_mb << 20, spread=getattr(tr, "spread", False),
-                                replicate=getattr(tr, "replicate", False), turns=getattr(tr, "turns", None))
+        try:
+            fig = stream_hf_weights(self.policy, self.recipe.hf_config, tr.bucket if tr else None,
+                                    bucket_bytes=self.cfg.weight_bucket_mb << 20, spread=getattr(tr, "spread", False),
+                                    replicate=getattr(tr, "replicate", False), turns=getattr(tr, "turns", None))
+        except BaseException:
+            getattr(tr, "abandon", lambda: None)()  # the servers' sessions closed: a restart can sync again
+            raise
         if tr is not None:
             tr.end()
         if self.rank0 and not self.engine.health():

@@ -34,7 +34,9 @@ from typing import Protocol
 
 import torch
 
-from .http import EngineError, post, post_all  # noqa: F401 (the servers' requests; EngineError re-exported)
+from .http import (FLUSH_WAIT_S, EngineError, abandon_sessions, close_sessions, flush_all, open_sessions,  # noqa: F401
+                   post, post_all)  # (the servers' requests; EngineError re-exported)
+
 
 GROUP = "megatron_ring_weights"
 
@@ -190,6 +192,12 @@ class BroadcastTransport:
         if self.group is None and not self.spread:
             self._init_group()
         self.version = version
+        if self.rank == 0:  # (before stream_hf_weights' collective plan: before any rank's first bucket)
+            open_sessions(self.urls, self.timeout, self.key)
+
+    def abandon(self) -> None:
+        if self.rank == 0:
+            abandon_sessions(self.urls, self.timeout, self.key)
 
     def bucket(self, named: list[tuple[str, torch.Tensor]]) -> None:
         import torch.distributed as dist
@@ -214,7 +222,7 @@ class BroadcastTransport:
         if self.spread:
             dist.barrier(group=self.ctrl)  # every sender's buckets are in
         if self.rank == 0:
-            post_all(self.urls, "/flush_cache", {}, self.timeout, self.key)
+            close_sessions(self.urls, self.timeout, self.key)
 
 
 def serialize_for_ipc(named: list[tuple[str, torch.Tensor]]) -> str:
@@ -278,8 +286,18 @@ class IPCTransport:
 
     def begin(self, version: int) -> None:
         self.version = version
-        if self.released:  # the weights' memory first (the KV cache after the update: less peak memory)
-            self._all("/resume_memory_occupation", {"tags": ["weights"]})
+        if self.rank == 0:
+            if self.released:  # the weights' memory first (the KV cache after the update: less peak memory)
+                self._all("/resume_memory_occupation", {"tags": ["weights"]})
+            open_sessions(self.urls, self.timeout, self.key)
+        if self.sub is not None:
+            import torch.distributed as dist
+
+            dist.barrier(group=self.group)  # the sessions are open before any rank's first tensors
+
+    def abandon(self) -> None:
+        if self.rank == 0:
+            abandon_sessions(self.urls, self.timeout, self.key)
 
     def bucket(self, named: list[tuple[str, torch.Tensor]]) -> None:
         import torch.distributed as dist
@@ -309,10 +327,11 @@ class IPCTransport:
         if self.sub is not None:
             dist.barrier(group=self.group)  # every server updated
         if self.rank == 0:
+            post_all(self.urls, "/end_weight_update", {}, self.timeout, self.key)
             if self.released:
                 self._all("/resume_memory_occupation", {"tags": ["kv_cache"]})
                 self.released = False
-            self._all("/flush_cache", {})
+            flush_all(self.urls, FLUSH_WAIT_S, self.timeout, self.key)
 
 
 class DiskTransport:
