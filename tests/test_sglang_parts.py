@@ -36,6 +36,13 @@ def test_generate_payload_and_parse():
     out = [{"text": "a", "output_ids": [9, 1], "meta_info": {"output_token_logprobs": [[-0.5, 9, None], [-0.1, 1, None]],
                                                              "finish_reason": {"type": "stop", "matched": 1}}},
            {"text": "b", "meta_info": {"output_token_logprobs": [[-1.5, 8, None]], "finish_reason": {"type": "length"}}}]
+    import pytest
+
+    from megatron_ring.rl.http import EngineError
+
+    cut = [dict(out[0], meta_info=dict(out[0]["meta_info"], finish_reason={"type": "abort", "message": "Abort all"}))]
+    with pytest.raises(EngineError, match="sample 0 \\(prompt 0\\) was aborted by the server: Abort all"):
+        parse_generate(cut, [[1, 2, 3]], 1)  # SGLang's 200 for an aborted request: not a finished sample
     rs = parse_generate(out, [[1, 2, 3]], 2)
     assert [r.prompt_index for r in rs] == [0, 0] and rs[0].response_ids == [9, 1] and rs[1].response_ids == [8]
     assert rs[0].logprobs == [-0.5, -0.1] and [r.finish_reason for r in rs] == ["stop", "length"]

@@ -52,6 +52,9 @@ def parse_generate(out: list[dict], prompts: list[list[int]], n: int, tokenizer=
         lps = meta["output_token_logprobs"]  # [(logprob, token_id, text|None), ...]
         ids = o.get("output_ids") or [t[1] for t in lps]
         fr = meta.get("finish_reason") or {}
+        if fr.get("type") == "abort":  # SGLang's 200 for a request it aborted (abort_all, its scheduler): cut off
+            raise EngineError(f"sample {j} (prompt {i}) was aborted by the server: {fr.get('message')}; "
+                              "an aborted generation is not scored or trained on")
         res.append(Rollout(i, list(prompts[i]), list(ids), [float(t[0]) for t in lps],
                            "length" if fr.get("type") == "length" else "stop",
                            text=o.get("text") if tokenizer is None else tokenizer.decode(ids, skip_special_tokens=False)))
