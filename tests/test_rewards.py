@@ -48,7 +48,8 @@ def test_code_reward_all_tests_must_pass(sandbox):
 HOSTILE = {
     "fork_bomb": ("import os\nwhile True:\n    try:\n        os.fork()\n    except OSError:\n        pass", {"timeout", "cpu_limit"}),
     "memory_hog": ("x = bytearray(4 << 30)\nprint(len(x))", {"memory_limit"}),
-    "infinite_loop": ("while True:\n    pass", {"cpu_limit"}),
+    # (a loaded machine can reach the wall limit before the CPU limit: either kill is the sandbox doing its job)
+    "infinite_loop": ("while True:\n    pass", {"cpu_limit", "timeout"}),
     "sleeper": ("import time\ntime.sleep(60)", {"timeout"}),
     "huge_output": ("import sys\nwhile True:\n    sys.stdout.write('x' * 65536)", {"output_limit"}),
     "write_outside": ("open({path!r}, 'w').write('pwned')\nprint(-14)", {"runtime_error"}),
