@@ -259,25 +259,14 @@ def create_app(server: Server) -> FastAPI:
         return JSONResponse({"tp_size": 1, "context_length": server.context, "model_path": server.model_path,
                              "weight_version": server.version, "generate_requests": server.served})
 
-    @app.post("/generate")
-    async def generate(req: GenerateReq):
-        return await run(server.generate, req)
-
-    @app.post("/init_weights_update_group")
-    async def init_group(req: InitGroupReq):
-        return await run(server.init_group, req)
-
-    @app.post("/update_weights_from_distributed")
-    async def update_distributed(req: DistributedReq):
-        return await run(server.update_distributed, req)
-
-    @app.post("/update_weights_from_tensor")
-    async def update_tensor(req: TensorReq):
-        return await run(server.update_tensor, req)
-
-    @app.post("/update_weights_from_disk")
-    async def update_disk(req: DiskReq):
-        return await run(server.update_disk, req)
+    for path, fn, model in (("/generate", server.generate, GenerateReq),
+                            ("/init_weights_update_group", server.init_group, InitGroupReq),
+                            ("/update_weights_from_distributed", server.update_distributed, DistributedReq),
+                            ("/update_weights_from_tensor", server.update_tensor, TensorReq),
+                            ("/update_weights_from_disk", server.update_disk, DiskReq),
+                            ("/begin_weight_update", server.begin_session, BeginReq),
+                            ("/end_weight_update", server.end_session, EndReq)):
+        app.post(path)(_handler(run, fn, model))
 
     @app.post("/abort_request")
     async def abort(req: AbortReq):
@@ -286,14 +275,6 @@ def create_app(server: Server) -> FastAPI:
             for q in list(server.inflight):
                 q.cancelled.set()
         return JSONResponse({})
-
-    @app.post("/begin_weight_update")
-    async def begin(req: BeginReq):
-        return await run(server.begin_session, req)
-
-    @app.post("/end_weight_update")
-    async def end(req: EndReq):
-        return await run(server.end_session, req)
 
     @app.api_route("/flush_cache", methods=["GET", "POST"])
     async def flush_cache(timeout: float = Query(0.0, ge=0.0)):  # SGLang's plain-text answer, 400 unless idle
@@ -307,6 +288,14 @@ def create_app(server: Server) -> FastAPI:
         return JSONResponse({})
 
     return app
+
+
+def _handler(run, fn, model):
+    """A route that validates its body as ``model`` (SGLang's request class) and answers ``fn(body)``."""
+    async def handler(req):
+        return await run(fn, req)
+    handler.__annotations__ = {"req": model}
+    return handler
 
 
 def main(argv=None) -> int:

@@ -349,6 +349,7 @@ def test_the_servers_keep_sglangs_session_and_flush_rules_and_the_client_reads_t
     from serving import sglang_protocol as P
 
     u = servers[1]
+    http.abandon_sessions([u], 30, None)  # (test_a_refused_update… leaves its session open, as a dead trainer would)
     body = T.distributed_payload([("model.norm.weight", torch.ones(4))], 9, "no_group")
     with pytest.raises(T.EngineError, match="must run between begin_weight_update"):
         T.post(u + "/update_weights_from_distributed", body, 30)
@@ -361,10 +362,10 @@ def test_the_servers_keep_sglangs_session_and_flush_rules_and_the_client_reads_t
         T.post(u + "/end_weight_update", {}, 30)
     assert T.post(u + "/flush_cache", {}, 30) == {"text": P.FLUSHED}
     eng = SGLangEngine([u], {}, None, "broadcast", master_port=_free_port())
-    busy = threading.Thread(target=eng.generate, args=([[5, 6, 7]], 4, SamplingParams(max_new_tokens=150)))
-    busy.start()
+    busy = threading.Thread(target=eng.generate, args=([[5, 6, 7]], 16, SamplingParams(max_new_tokens=250)))
+    busy.start()  # (16 samples x 250 tokens: seconds of decoding)
     try:
-        time.sleep(0.5)
+        time.sleep(0.2)
         with pytest.raises(T.EngineError, match="HTTP 400: Flush cache failed"):
             T.post(u + "/flush_cache", {}, 30)
         http.flush_all([u], 60.0, 90, None)  # waits for the generation to end, then flushes
