@@ -39,9 +39,9 @@ from fastapi import FastAPI, Query
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 
-from .sglang_protocol import (FLUSH_FAILED, FLUSH_TIMED_OUT, FLUSHED, NO_SESSION_OPEN, SESSION_OPEN, AbortReq, BeginReq, DiskReq,
-                              DistributedReq, EndReq, GenerateReq, InitGroupReq, MemoryReq, Sampling, TensorReq,
-                              outside_session)
+from .sglang_protocol import (FLUSH_FAILED, FLUSH_TIMED_OUT, FLUSHED, NO_SESSION_OPEN, SESSION_OPEN, AbortReq,
+                              BeginReq, DiskReq, DistributedReq, EndReq, GenerateReq, InitGroupReq, MemoryReq,
+                              Sampling, TensorReq, outside_session)
 
 
 def _in_turn(method):

@@ -7,23 +7,27 @@ beyond the model's ``max_position_embeddings`` is refused unless asked for (``al
 then sets SGLang's own ``SGLANG_ALLOW_OVERWRITE_LONGER_CONTEXT_LEN=1``."""
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
 import sys
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from .health import wait_healthy
 
 
-def _heads(model_path: str) -> tuple[int, int] | None:
-    import json
-    from pathlib import Path
-
+def _config(model_path: str) -> dict | None:
+    """The exported folder's ``config.json`` (None where there is none, e.g. a command line printed for a path)."""
     cfg = Path(model_path) / "config.json"
-    if not cfg.is_file():
+    return json.loads(cfg.read_text()) if cfg.is_file() else None
+
+
+def _heads(model_path: str) -> tuple[int, int] | None:
+    c = _config(model_path)
+    if c is None:
         return None
-    c = json.loads(cfg.read_text())
     heads = int(c["num_attention_heads"])
     return heads, int(c.get("num_key_value_heads") or heads)
 
@@ -72,16 +76,13 @@ class SGLangServer:
 
     def check_context(self) -> None:
         """Refuse, before anything starts, a context the model's positions do not cover (unless allowed)."""
-        import json
-        from pathlib import Path
-
-        cfg = Path(self.model_path) / "config.json"
-        if not self.context_length or not cfg.is_file():
+        c = _config(self.model_path)
+        if not self.context_length or c is None:
             return
-        pos = int(json.loads(cfg.read_text()).get("max_position_embeddings") or 0)
+        pos = int(c.get("max_position_embeddings") or 0)
         if pos and self.context_length > pos and not self.allow_beyond_positions:
             raise ValueError(f"--context-length {self.context_length} exceeds max_position_embeddings {pos} of "
-                             f"{cfg}: lower it, or allow it explicitly (--allow-beyond-positions; RoPE extrapolates, "
+                             f"{self.model_path}/config.json: lower it, or allow it explicitly (--allow-beyond-positions; RoPE extrapolates, "
                              "as Ring-lite's RL did at 24K/32K tokens with a 16,384-position config)")
 
     def env(self) -> dict:
@@ -93,13 +94,9 @@ class SGLangServer:
     def served_dtype(self) -> str:
         """``dtype`` "auto" is the export's own ``torch_dtype`` (SGLang's "auto" serves float32 checkpoints, the
         tiny recipes', in float16: not what they were trained in)."""
-        import json
-        from pathlib import Path
-
-        cfg = Path(self.model_path) / "config.json"
-        if self.dtype != "auto" or not cfg.is_file():
+        c = _config(self.model_path)
+        if self.dtype != "auto" or c is None:
             return self.dtype
-        c = json.loads(cfg.read_text())
         return str(c.get("torch_dtype") or c.get("dtype") or "auto")
 
     def command(self, python: str | None = None) -> list[str]:
@@ -148,8 +145,6 @@ def wait_with_log(url: str, proc: subprocess.Popen, log_path: str | None, **kw) 
     except (RuntimeError, TimeoutError) as e:
         if not log_path:
             raise
-        from pathlib import Path
-
         tail = Path(log_path).read_text(errors="replace").splitlines()[-40:] if Path(log_path).exists() else []
         raise type(e)(f"{e}\n--- the last lines of {log_path}:\n" + "\n".join(tail)) from e
 

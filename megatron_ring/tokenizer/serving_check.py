@@ -21,17 +21,18 @@ def reasoning_tags_not_special(folder: str | Path) -> list[str]:
     folder, changed = Path(folder), []
     tj = folder / "tokenizer.json"
     if tj.exists():
-        d = json.loads(tj.read_text())
+        d, before = json.loads(tj.read_text()), len(changed)
         for t in d.get("added_tokens", []):
             if t.get("content") in REASONING_TAGS and t.get("special"):
                 t["special"] = False
                 changed.append(f"tokenizer.json: {t['content']}")
-        tj.write_text(json.dumps(d, ensure_ascii=False, indent=2))
+        if len(changed) > before:  # (a tokenizer that already fits is left byte for byte as it was)
+            tj.write_text(json.dumps(d, ensure_ascii=False, indent=2))
     for name in ("tokenizer_config.json", "special_tokens_map.json"):
         f = folder / name
         if not f.exists():
             continue
-        d = json.loads(f.read_text())
+        d, before = json.loads(f.read_text()), len(changed)
         for t in (d.get("added_tokens_decoder") or {}).values():
             if t.get("content") in REASONING_TAGS and t.get("special"):
                 t["special"] = False
@@ -42,7 +43,8 @@ def reasoning_tags_not_special(folder: str | Path) -> list[str]:
                 if len(keep) != len(d[key]):
                     d[key] = keep
                     changed.append(f"{name}: {key}")
-        f.write_text(json.dumps(d, ensure_ascii=False, indent=2))
+        if len(changed) > before:
+            f.write_text(json.dumps(d, ensure_ascii=False, indent=2))
     return changed
 
 
