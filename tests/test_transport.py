@@ -362,16 +362,20 @@ def test_the_servers_keep_sglangs_session_and_flush_rules_and_the_client_reads_t
         T.post(u + "/end_weight_update", {}, 30)
     assert T.post(u + "/flush_cache", {}, 30) == {"text": P.FLUSHED}
     eng = SGLangEngine([u], {}, None, "broadcast", master_port=_free_port())
-    busy = threading.Thread(target=eng.generate, args=([[5, 6, 7]], 16, SamplingParams(max_new_tokens=250)))
+    out = []
+    sp = SamplingParams(max_new_tokens=250)
+    busy = threading.Thread(target=lambda: out.append(eng.generate([[5, 6, 7]], 16, sp)))
     busy.start()  # (16 samples x 250 tokens: seconds of decoding)
     try:
         time.sleep(0.2)
         with pytest.raises(T.EngineError, match="HTTP 400: Flush cache failed"):
             T.post(u + "/flush_cache", {}, 30)
-        http.flush_all([u], 60.0, 90, None)  # waits for the generation to end, then flushes
-        assert not busy.is_alive()
+        http.flush_all([u], 60.0, 90, None)  # waits for the generation to end, then flushes (a 400 would raise)
     finally:
-        busy.join()
+        busy.join(60)
+    # the generation the flush waited for finished whole (no abort); the client may still have been reading its
+    # reply (it polls every 0.2 s) when the flush answered: hence the join, not an is_alive() check at that instant
+    assert not busy.is_alive() and len(out) == 1 and len(out[0]) == 16
     state = _state(tiny, 41)
     _send(eng.transport(), state, 7)  # begin (session) -> buckets -> end (session closed, cache flushed)
     assert _info(u)["weight_version"] == "7"
