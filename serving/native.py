@@ -8,14 +8,19 @@ SGLang on a GPU cluster (``rl/sglang_engine.py`` + ``rl/transport.py``):
   (``text``, ``output_ids``, ``meta_info.output_token_logprobs`` / ``finish_reason`` / ``weight_version``).
   Sampling is the shared decoding core (``megatron_ring/hf/decoding.py``: continuous batching, the samples of all
   requests in flight decoded together, up to ``--max-batch``), each sample from its own ``sampling_seed`` (as the
-  in-process engine draws it).
+  in-process engine draws it) only under ``--enable-deterministic-inference``, as SGLang (without it: fresh
+  randomness). A request ended by ``/abort_request`` is a 200 whose ``finish_reason`` is SGLang's
+  ``{"type": "abort", ...}`` with what it had generated.
 - ``POST /init_weights_update_group``, ``/update_weights_from_distributed`` (the broadcast transport: the trainer's
   rank 0 broadcasts each tensor on a gloo group made as SGLang makes it), ``/update_weights_from_disk``,
   ``/update_weights_from_tensor`` (the IPC transport: shared memory from a trainer on the same machine); as in SGLang
   0.5.23 the last two only inside a weight-update session (``/begin_weight_update`` … ``/end_weight_update``; a 400
   with SGLang's message otherwise, before joining any broadcast), ``/flush_cache`` (SGLang's plain-text body; a 400
   while requests run, ``?timeout=`` waits for idle), ``/release_memory_occupation``, ``/resume_memory_occupation``
-  (no-ops on a CPU), ``/health``, ``/get_model_info``. The texts are in ``serving/sglang_protocol.py``.
+  (SGLang's memory tags kept: a release while a request runs, or a resume of a tag that is not released, fails
+  SGLang's scheduler, and the whole server dies; a /generate while a tag is released is refused here, where SGLang
+  would read unmapped memory), ``/health``, ``/get_model_info``, ``/server_info``. The texts are in
+  ``serving/sglang_protocol.py``.
 - A prompt + ``max_new_tokens`` beyond ``--context-length`` is a 400, as SGLang answers; ``--context-length``
   beyond the model's ``max_position_embeddings`` is refused at start unless SGLang's own override
   ``SGLANG_ALLOW_OVERWRITE_LONGER_CONTEXT_LEN=1`` is set.
@@ -39,9 +44,9 @@ from fastapi import FastAPI, Query
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 
-from .sglang_protocol import (FLUSH_FAILED, FLUSH_TIMED_OUT, FLUSHED, NO_SESSION_OPEN, SESSION_OPEN, AbortReq,
-                              BeginReq, DiskReq, DistributedReq, EndReq, GenerateReq, InitGroupReq, MemoryReq,
-                              Sampling, TensorReq, outside_session)
+from .sglang_protocol import (ABORTED, FLUSH_FAILED, FLUSH_TIMED_OUT, FLUSHED, MEMORY_TAGS, NO_SESSION_OPEN,
+                              NOT_IDLE_RELEASE, SESSION_OPEN, AbortReq, BeginReq, DiskReq, DistributedReq, EndReq,
+                              GenerateReq, InitGroupReq, MemoryReq, Sampling, TensorReq, outside_session)
 
 
 def _in_turn(method):
@@ -57,7 +62,8 @@ def _in_turn(method):
 
 
 class Server:
-    def __init__(self, model_path: str, context_length: int | None = None, max_batch: int = 64):
+    def __init__(self, model_path: str, context_length: int | None = None, max_batch: int = 64,
+                 deterministic: bool = False):
         from megatron_ring.convert.hf_io import read_hf_state
         from megatron_ring.rl.rollout import InProcessEngine
         from megatron_ring.tokenizer.tiny import load_tokenizer
@@ -81,6 +87,9 @@ class Server:
         self.aborts, self.served = 0, 0  # served: /generate requests answered (in /get_server_info)
         self.groups: dict[str, object] = {}
         self.session = False  # a weight-update session is open (SGLang 0.5.23 refuses updates outside one)
+        self.deterministic = deterministic  # --enable-deterministic-inference: seeds honoured
+        self.entropy = __import__("random").SystemRandom()  # (the seeds of samples without one that counts)
+        self.released: set[str] = set()  # SGLang's offload_tags
 
     # --- generation ------------------------------------------------------------------------------------------
     def generate(self, req: GenerateReq):
@@ -98,6 +107,9 @@ class Server:
         from megatron_ring.hf.decoding import Seq
         from megatron_ring.rl.rollout import as_rollout
 
+        if self.released:
+            raise ValueError(f"memory released ({sorted(self.released)}) and not resumed: SGLang would generate from "
+                             "unmapped GPU memory (the CPU look-alike refuses)")
         if not ids:
             return []
         eos, left, all_done = self.engine.eos, [len(ids)], threading.Event()
@@ -107,9 +119,9 @@ class Server:
             if left[0] == 0:
                 all_done.set()
         seqs = [Seq(list(p), s.max_new_tokens, s.temperature, s.top_p,
-                    s.sampling_seed if s.sampling_seed is not None else j, frozenset([eos]), on_done=done, tag=j)
+                    s.sampling_seed if self.deterministic and s.sampling_seed is not None
+                    else self.entropy.randrange(1 << 62), frozenset([eos]), on_done=done, tag=j)
                 for j, (p, s) in enumerate(zip(ids, sps))]
-        epoch = self.aborts
         self.inflight.update(seqs)
         try:
             for q in seqs:
@@ -119,16 +131,14 @@ class Server:
             self.inflight.difference_update(seqs)
         if any(q.error is not None for q in seqs):
             raise next(q.error for q in seqs if q.error is not None)
-        if self.aborts != epoch and any(q.finish == "cancelled" for q in seqs):
-            raise ValueError(f"Abort request: aborted by /abort_request (after "
-                             f"{max(len(q.tokens) for q in seqs)} tokens)")
-        out = [self._answer(as_rollout(q, self.engine.tok, eos), req.return_logprob) for q in seqs]
+        out = [self._answer(as_rollout(q, self.engine.tok, eos), req.return_logprob, q.finish == "cancelled")
+               for q in seqs]
         self.served += 1
         return out[0] if single else out
 
-    def _answer(self, r, logprob: bool) -> dict:
-        fin = ({"type": "stop", "matched": r.response_ids[-1]} if r.finish_reason == "stop"
-               else {"type": "length", "length": len(r.response_ids)})
+    def _answer(self, r, logprob: bool, aborted: bool = False) -> dict:
+        fin = (dict(ABORTED) if aborted else {"type": "stop", "matched": r.response_ids[-1]}
+               if r.finish_reason == "stop" else {"type": "length", "length": len(r.response_ids)})
         meta = {"finish_reason": fin, "prompt_tokens": len(r.prompt_ids), "completion_tokens": len(r.response_ids),
                 "weight_version": self.version}
         if logprob:
@@ -155,11 +165,25 @@ class Server:
         import time
 
         deadline = time.monotonic() + timeout
-        while self.inflight or self.core.running or self.core.waiting:
+        while not self.idle():
             if time.monotonic() >= deadline:
                 return False
             time.sleep(0.05)
         return True
+
+    def release(self, req: MemoryReq) -> None:
+        if not self.idle():  # SGLang's scheduler asserts idleness; its failure kills the server
+            _scheduler_died(NOT_IDLE_RELEASE)
+        self.released.update(req.tags or MEMORY_TAGS)
+
+    def resume(self, req: MemoryReq) -> None:
+        for tag in req.tags or MEMORY_TAGS:
+            if tag not in self.released:  # (SGLang: offload_tags.remove(tag), a KeyError in the scheduler)
+                _scheduler_died(f"KeyError: {tag!r} (resume_memory_occupation of a tag that is not released)")
+            self.released.discard(tag)
+
+    def idle(self) -> bool:
+        return not (self.inflight or self.core.running or self.core.waiting)
 
     @_in_turn
     def init_group(self, req: InitGroupReq) -> dict:
@@ -254,10 +278,12 @@ def create_app(server: Server) -> FastAPI:
         return JSONResponse({"model_path": server.model_path, "weight_version": server.version,
                              "context_length": server.context, "is_generation": True})
 
+    @app.get("/server_info")
     @app.get("/get_server_info")
-    async def server_info():
+    async def server_info():  # (ServerArgs' flat fields, as SGLang's, and the look-alike's own count)
         return JSONResponse({"tp_size": 1, "context_length": server.context, "model_path": server.model_path,
-                             "weight_version": server.version, "generate_requests": server.served})
+                             "weight_version": server.version, "generate_requests": server.served,
+                             "enable_deterministic_inference": server.deterministic})
 
     for path, fn, model in (("/generate", server.generate, GenerateReq),
                             ("/init_weights_update_group", server.init_group, InitGroupReq),
@@ -270,7 +296,7 @@ def create_app(server: Server) -> FastAPI:
 
     @app.post("/abort_request")
     async def abort(req: AbortReq):
-        if req.abort_all:  # every request in flight or waiting ends (its answer: a 400 naming the abort)
+        if req.abort_all:  # every request in flight or waiting ends (its answer: finish_reason abort)
             server.aborts += 1
             for q in list(server.inflight):
                 q.cancelled.set()
@@ -283,11 +309,24 @@ def create_app(server: Server) -> FastAPI:
                         status_code=200 if ok else 400)
 
     @app.api_route("/release_memory_occupation", methods=["GET", "POST"])
+    async def release(req: MemoryReq):
+        return JSONResponse(await asyncio.to_thread(server.release, req))  # (SGLang's answer: null)
+
     @app.api_route("/resume_memory_occupation", methods=["GET", "POST"])
-    async def memory(req: MemoryReq | None = None):
-        return JSONResponse({})
+    async def resume(req: MemoryReq):
+        return JSONResponse(await asyncio.to_thread(server.resume, req))
 
     return app
+
+
+def _scheduler_died(why: str) -> None:
+    """What SGLang does when its scheduler raises: the error in the log, SIGQUIT to the server, every process gone
+    (the request that caused it gets no answer)."""
+    import sys
+
+    print(f"Scheduler hit an exception: AssertionError: {why}\n[look-alike] the server exits, as SGLang's does",
+          file=sys.stderr, flush=True)
+    os._exit(1)
 
 
 def _handler(run, fn, model):
@@ -309,12 +348,14 @@ def main(argv=None) -> int:
     ap.add_argument("--context-length", type=int, help="default: the model's max_position_embeddings")
     ap.add_argument("--max-batch", type=int, default=64)
     ap.add_argument("--threads", type=int, default=1, help="torch CPU threads")
+    ap.add_argument("--enable-deterministic-inference", action="store_true",
+                    help="honour each sample's sampling_seed (SGLang's flag of the same name)")
     ap.add_argument("--parent-pid", type=int, help="exit when this process is gone")
     a = ap.parse_args(argv)
     if a.parent_pid:
         _exit_with(a.parent_pid)
     torch.set_num_threads(a.threads)
-    app = create_app(Server(a.model_path, a.context_length, a.max_batch))
+    app = create_app(Server(a.model_path, a.context_length, a.max_batch, a.enable_deterministic_inference))
     serve(app, a.host, a.port, a.port_file, f"serving {a.model_path} (SGLang native API subset) on "
                                             f"http://{a.host}:{{port}}")
     return 0

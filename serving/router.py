@@ -16,6 +16,7 @@ import sys
 from dataclasses import dataclass, field
 
 POLICIES = ("cache_aware", "round_robin", "power_of_two", "random")
+REQUEST_TIMEOUT_S = 14400  # (sglang-router's own default is 1800 s: too short for a 32K-token answer under load)
 
 
 @dataclass
@@ -24,7 +25,7 @@ class SGLangRouter:
     host: str = "127.0.0.1"
     port: int = 30080
     policy: str = "cache_aware"  # a prompt's samples where their prefix is cached; balanced by load past a threshold
-    request_timeout_s: int = 14400  # one request = one sample: a 32K-token stage-2 answer on a loaded server
+    request_timeout_s: int = REQUEST_TIMEOUT_S  # one request = one sample: a 32K-token stage-2 answer, loaded server
     prometheus_port: int | None = None  # its metrics (default: port + 1; the launcher's own default, 29000, is
     # shared by every router on a node and lies in our rendezvous range)
     api_key: str | None = None  # the workers' key (SGLang's --api-key)
@@ -97,7 +98,7 @@ def main(argv=None) -> int:
     ap.add_argument("--host", default="0.0.0.0")
     ap.add_argument("--port", type=int, default=30080)
     ap.add_argument("--policy", default="cache_aware", choices=POLICIES)
-    ap.add_argument("--request-timeout-s", type=int, default=14400)
+    ap.add_argument("--request-timeout-s", type=int, default=REQUEST_TIMEOUT_S)
     ap.add_argument("--prometheus-port", type=int)
     ap.add_argument("--api-key")
     ap.add_argument("--print-command", action="store_true", help="print the router's command line and exit")

@@ -70,7 +70,10 @@ class SGLangServer:
     api_key: str | None = None
     served_model_name: str | None = None
     dtype: str = "auto"
-    enable_memory_saver: bool = False  # RL colocated with the trainer: release/resume memory between phases
+    enable_memory_saver: bool = False  # RL colocated with the trainer only: release/resume memory between phases
+    # (it also turns off SGLang's KV sizing after CUDA-graph capture: a smaller KV pool on dedicated GPUs)
+    enable_deterministic_inference: bool = False  # RL with reproducible rollouts: SGLang honours sampling_seed
+    # only under this flag (slower; it constrains the attention and sampling backends)
     allow_beyond_positions: bool = False  # a context longer than the config's max_position_embeddings
     extra: list[str] = field(default_factory=list)
 
@@ -119,6 +122,8 @@ class SGLangServer:
             cmd += ["--served-model-name", self.served_model_name]
         if self.enable_memory_saver:
             cmd += ["--enable-memory-saver"]
+        if self.enable_deterministic_inference:
+            cmd += ["--enable-deterministic-inference"]
         return cmd + list(self.extra)
 
     @property
@@ -181,6 +186,7 @@ def main(argv=None) -> int:
     ap.add_argument("--api-key")
     ap.add_argument("--served-model-name")
     ap.add_argument("--enable-memory-saver", action="store_true")
+    ap.add_argument("--enable-deterministic-inference", action="store_true")
     ap.add_argument("--dtype", default="auto", help="auto: the export's own torch_dtype")
     ap.add_argument("--allow-beyond-positions", action="store_true",
                     help="a --context-length longer than the model's max_position_embeddings")

@@ -14,6 +14,12 @@ FLUSHED = ("Cache flushed.\nPlease check backend logs for more details. "
            "(When there are running or waiting requests, the operation will not be performed.)\n")
 FLUSH_FAILED = "Flush cache failed.\n"
 FLUSH_TIMED_OUT = "Timed out waiting for idle state."  # (scheduler_components/flush_wrapper.py, ?timeout= passed)
+# srt/managers/schedule_batch.py FINISH_ABORT().to_json(): a request ended by abort_all (a 200, not an error)
+ABORTED = {"type": "abort", "message": "Aborted", "status_code": None, "err_type": None}
+# srt/constants.py GPU_MEMORY_ALL_TYPES (what an empty or absent ``tags`` releases / resumes)
+MEMORY_TAGS = ("kv_cache", "weights", "cuda_graph")
+# srt/managers/scheduler_components/weight_updater.py: the scheduler's assertion (its failure kills the server)
+NOT_IDLE_RELEASE = "release_memory_occupation should be called only when server is idle."
 # srt/managers/scheduler_components/weight_updater.py: the session (begin_weight_update / end_weight_update)
 SESSION_OPEN = "a weight-update session is already open; call end_weight_update() first"
 NO_SESSION_OPEN = "no weight-update session is open; call begin_weight_update() first"

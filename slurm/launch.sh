@@ -195,15 +195,18 @@ run_rl_stage() {
     echo "run_rl_stage: $gpus GPU(s) per node, ROLLOUT_GPUS=$rollout leaves none to train" >&2; exit 2
   fi
   local memory; memory=$(fits "$RECIPE" $(($(num_nodes) * (gpus - rollout))))  # before any conversion or server
-  local hf="${SGLANG_MODEL:-$RL_OUT/rollout_init_hf}" allow=()
-  [ "$RL_BEYOND_POSITIONS" = 1 ] && allow=(--allow-beyond-positions)
+  local hf="${SGLANG_MODEL:-$RL_OUT/rollout_init_hf}" flags=()
+  [ "$RL_BEYOND_POSITIONS" = 1 ] && flags=(--allow-beyond-positions)
+  # seeds count on SGLang only under deterministic inference; the memory saver only where the trainer shares the
+  # servers' GPUs (on dedicated rollout GPUs it only shrinks the KV pool)
+  [ "$RL_DETERMINISTIC" = 1 ] && flags+=(--enable-deterministic-inference)
+  [ "$RL_COLOCATED" = 1 ] && flags+=(--enable-memory-saver)
   local convert=(single_process "$PY" -m megatron_ring.cli export --ckpt "$RL_START" --out "$hf" --tokenizer "$RL_TOKENIZER"
                  --dtype bf16)
   local urls=() host port; port=$(server_port)
   for host in $(hosts); do urls+=("http://${host}:${port}"); done
   local serve=("$REPO/slurm/with_gpus.sh" $((gpus - rollout)) "$rollout" "${SGLANG_PYTHON:-$PY}" -m serving.sglang
-               --model-path "$hf" --port "$port" --tp-size "$rollout" --context-length "$RL_CONTEXT" "${allow[@]}"
-               --enable-memory-saver)
+               --model-path "$hf" --port "$port" --tp-size "$rollout" --context-length "$RL_CONTEXT" "${flags[@]}")
   export MEGATRON_RING_SYNC_ADDR; MEGATRON_RING_SYNC_ADDR=$(hosts | head -n 1)
   export MEGATRON_RING_SYNC_PORT; MEGATRON_RING_SYNC_PORT=$(sync_port)
   # more than one server: SGLang's router on this (the batch) node takes the samples' requests (ROUTER=0: the

@@ -140,6 +140,32 @@ def packed(tmp_path_factory):
     return d / "sft" / "packed.parquet"
 
 
+@pytest.fixture(scope="session")
+def servers(tiny, tmp_path_factory):
+    """Two CPU rollout servers (serving/native.py, SGLang's native API) over the tiny export (context 256 tokens),
+    under deterministic inference; shared by test_transport and test_sglang_lookalike (one unit: one worker)."""
+    d = tmp_path_factory.mktemp("native")
+    started = [native_server(tiny["export"], d / f"s{i}", "--enable-deterministic-inference") for i in range(2)]
+    yield [url for url, _ in started]
+    for _, p in started:
+        p.terminate()
+        p.wait(timeout=30)
+
+
+def native_server(export, d: Path, *flags) -> tuple[str, subprocess.Popen]:
+    """A CPU rollout server (``python -m serving.native``, context 256) on a free port: (its URL, its process);
+    its stderr in ``d/log``."""
+    from serving.health import bound_port, wait_healthy
+
+    d.mkdir(parents=True, exist_ok=True)
+    p = subprocess.Popen([PY, "-m", "serving.native", "--model-path", str(export), "--port", "0", "--port-file",
+                          str(d / "port"), "--context-length", "256", *flags], cwd=ROOT, stdout=subprocess.DEVNULL,
+                         stderr=open(d / "log", "w"))
+    url = f"http://127.0.0.1:{bound_port(d / 'port', p)}"
+    wait_healthy(url, p, timeout=120, interval=0.2)
+    return url, p
+
+
 def teach_tiny(tiny: dict, chats: list[tuple[str, str]], d: Path, steps: int = 120, lr: float = 3e-3) -> Path:
     """The random tiny model taught ``chats`` [(question, reply)] (plain PyTorch on the HF model), written as a HF
     checkpoint, converted to a megatron checkpoint and exported back by ``megatron-ring convert mcore-to-hf``:
@@ -189,6 +215,7 @@ def read_json(p):
 # group under pytest 9, which no longer reads the node id xdist rewrites: the scheduler below groups instead.)
 TOGETHER = {  # the sandbox tests look for *any* sandbox process / uid / SysV segment on the host: one worker runs them
     "test_sandbox_attacks": "sandbox", "test_rewards": "sandbox", "test_eval": "sandbox",
+    "test_transport": "transport", "test_sglang_lookalike": "transport",  # (one pair of CPU servers: `servers`)
 }
 MODULE_SECONDS = {  # wall seconds of each module under `scripts/test.sh` (2-core CI machine, 2026-12-06)
     "test_rl_trainer": 405, "test_transport": 320, "test_slurm": 280, "test_sft_trainer": 250, "test_eval": 110,

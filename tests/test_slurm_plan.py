@@ -72,6 +72,9 @@ def test_rl_plan_two_nodes_trainers_and_servers_split_each_nodes_gpus():
         assert srv[:6] == ["srun", "--overlap", "--nodes=1", "--ntasks=1", "-w", host]
         assert srv[6].endswith("slurm/with_gpus.sh") and srv[7:9] == ["4", "4"]  # the node's GPUs 4-7
         assert {"--tp-size", "4", "--context-length", str(2048 + 24576), "--allow-beyond-positions"} <= set(srv)
+        # dedicated rollout GPUs: no memory saver (it would only shrink SGLang's KV pool); the recipe asks for no
+        # reproducible rollouts (deterministic_rollouts: false), so SGLang runs at full speed
+        assert "--enable-memory-saver" not in srv and "--enable-deterministic-inference" not in srv
     tr = cmds["every node: trainer"]
     assert tr[3].endswith("slurm/with_gpus.sh") and tr[4:6] == ["0", "4"] and "--nproc-per-node=4" in tr
     i = tr.index("--sglang-urls")
@@ -89,8 +92,11 @@ def test_rl_plan_two_nodes_trainers_and_servers_split_each_nodes_gpus():
     cmd = launcher.stdout.split()
     assert cmd[1:3] == ["-m", "sglang_router.launch_router"] and cmd[cmd.index("--worker-urls") + 1:][:2] == urls
     assert cmd[cmd.index("--prometheus-port") + 1] == str(port + 1) and cmd[cmd.index("--policy") + 1] == "cache_aware"
-    off = _cmds(_plan("rl_stage1.sh", 2, ROUTER="0").stdout)
+    off = _cmds(_plan("rl_stage1.sh", 2, ROUTER="0", RL_ARGS="--deterministic-rollouts").stdout)
     assert "batch node: router" not in off and "--sglang-router" not in off["every node: trainer"]
+    # reproducible rollouts asked for: every server runs SGLang's deterministic inference (seeds honoured)
+    assert all("--enable-deterministic-inference" in off[f"node {h}: rollout server"] for h in ("gpu1", "gpu2"))
+    assert "--deterministic-rollouts" in off["every node: trainer"]
 
 
 def test_rl_plan_one_node_is_refused_before_anything_starts():

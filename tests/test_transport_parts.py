@@ -55,19 +55,35 @@ def test_request_bodies_use_sglang_fields():
 
 def test_each_trainer_rank_meets_the_servers_on_its_own_host_and_port(monkeypatch):
     """The job scripts' MEGATRON_RING_SYNC_PORT/ADDR: rank 0 at the named host, every other rank at its own host,
-    port + its rank (one group per sender); without them, 127.0.0.1 and a free port."""
+    port + its rank (one group per sender); without them, a free port at the address the servers reach: 127.0.0.1
+    for servers on this host, else the address of the interface that routes to them (a server told 127.0.0.1 would
+    wait for itself for SGLang's 30-minute group timeout), or a refusal naming MEGATRON_RING_SYNC_ADDR."""
     import socket
 
-    from megatron_ring.rl.sglang_engine import sync_rendezvous
+    import ipaddress
+
+    from megatron_ring.rl.http import EngineError
+    from megatron_ring.rl.sglang_engine import reachable_address, sync_rendezvous
 
     monkeypatch.delenv("MEGATRON_RING_SYNC_PORT", raising=False)
-    assert sync_rendezvous(0) == sync_rendezvous(3) == ("127.0.0.1", None)
+    assert sync_rendezvous(0) == sync_rendezvous(3) == (None, None)
+    assert reachable_address(["http://127.0.0.1:30000", "http://localhost:30001"]) == "127.0.0.1"
+    try:  # (TEST-NET-1: routed by the default route where there is one)
+        got = reachable_address(["http://127.0.0.1:30000", "http://192.0.2.77:30000"])
+        assert not ipaddress.ip_address(got).is_loopback, got
+    except EngineError as e:
+        assert "no route to the server host '192.0.2.77'" in str(e) and "MEGATRON_RING_SYNC_ADDR" in str(e)
+    assert T.BroadcastTransport(["http://127.0.0.1:1"], [1], None, 1).addr == "127.0.0.1"
+    try:  # the transport a trainer builds without the job script's environment, for servers on another host
+        assert not ipaddress.ip_address(T.BroadcastTransport(["http://192.0.2.77:1"], [1], None, 1).addr).is_loopback
+    except EngineError as e:
+        assert "MEGATRON_RING_SYNC_ADDR" in str(e)
     monkeypatch.setenv("MEGATRON_RING_SYNC_PORT", "50042")
     monkeypatch.setenv("MEGATRON_RING_SYNC_ADDR", "gpu1")
     assert sync_rendezvous(0) == ("gpu1", 50042) and sync_rendezvous(3) == (socket.gethostname(), 50045)
 
 
-def test_ipc_serializer_one_entry_per_tp_rank():
+def test_ipc_serializer_one_entry_per_tp_rank(monkeypatch):
     """Colocated servers: one serialized entry per server TP rank (SGLang indexes the list by its TP rank), each
     SGLang's MultiprocessingSerializer format (base64 of a ForkingPickler dump)."""
     import base64
@@ -76,6 +92,14 @@ def test_ipc_serializer_one_entry_per_tp_rank():
     blob = T.serialize_for_ipc([("w", torch.arange(6.0).reshape(2, 3))])
     body = T.tensor_payload([blob] * 4, 5)
     assert len(body["serialized_named_tensors"]) == 4
+    # one process serving a TP-4 server: a serialization of its own per TP rank (SGLang: each rank must open only
+    # its own copy, or the producer's CUDA-IPC reference counts break)
+    sent, made = [], []
+    monkeypatch.setattr(T, "serialize_for_ipc", lambda named: made.append(named) or f"blob{len(made)}")
+    tr = T.IPCTransport(["http://s"], 4)
+    tr._all, tr.version = (lambda path, b: sent.append(b)), 1
+    tr.bucket([("w", torch.ones(2))])
+    assert sent[0]["serialized_named_tensors"] == ["blob1", "blob2", "blob3", "blob4"]
     (name, t), = pickle.loads(base64.b64decode(blob))  # (CPU tensors: shared memory; CUDA ones: IPC handles)
     assert name == "w" and torch.equal(t, torch.arange(6.0).reshape(2, 3))
 
@@ -180,6 +204,28 @@ def test_the_cpu_look_alike_speaks_the_pinned_sglangs_protocol():
         node = next(c for c in ast.walk(io) if isinstance(c, ast.ClassDef) and c.name == cls)
         fields = {s.target.id for s in node.body if isinstance(s, ast.AnnAssign)}
         assert fields == set(model.model_fields), (cls, fields)
+    # memory: the scheduler's idle assertion on a release, the tags an empty list means, and a resume that
+    # removes each tag (a KeyError for one not released)
+    assert P.NOT_IDLE_RELEASE in said and "offload_tags.remove" in ast.unparse(updater)
+    consts = ast.parse(_sglang_source("constants.py"))
+    named = {t.id: n.value.value for n in ast.walk(consts) if isinstance(n, ast.Assign)
+             for t in n.targets if isinstance(n.value, ast.Constant)}
+    every = next(n for n in ast.walk(consts) if isinstance(n, ast.Assign) and n.targets[0].id == "GPU_MEMORY_ALL_TYPES")
+    assert tuple(named[e.id] for e in every.value.elts) == P.MEMORY_TAGS
+    # an abort_all'd request: a 200 whose finish_reason is FINISH_ABORT().to_json() (no status code)
+    batch = ast.parse(_sglang_source("managers/schedule_batch.py"))
+    fa = next(c for c in ast.walk(batch) if isinstance(c, ast.ClassDef) and c.name == "FINISH_ABORT")
+    init, to_json = (next(f for f in fa.body if isinstance(f, ast.FunctionDef) and f.name == n)
+                     for n in ("__init__", "to_json"))
+    assert {k.value for k in next(n for n in ast.walk(to_json) if isinstance(n, ast.Dict)).keys} == set(P.ABORTED)
+    assert f'message or "{P.ABORTED["message"]}"' in ast.unparse(init).replace("'", '"')
+    assert [a.value for a in init.args.defaults] == [None, None, None]  # (message, status_code, err_type)
+    # seeds: honoured only under --enable-deterministic-inference (a ServerArgs field, in /server_info)
+    sampling = _sglang_source("sampling/sampling_batch_info.py")
+    assert "enable_deterministic_inference" in sampling and "sampling_seed" in sampling
+    fields = strings(ast.parse(_sglang_source("arg_groups/field_order.py")))
+    assert {"enable_deterministic_inference", "enable_memory_saver", "tp_size"} <= fields
+    assert any(isinstance(f, ast.AsyncFunctionDef) and f.name == "server_info" for f in ast.walk(http))
 
 
 class _NoServer:
@@ -187,3 +233,42 @@ class _NoServer:
 
     def __getattr__(self, name):
         return lambda *a: None
+
+
+def test_stage_senders_cap_the_weight_update_groups_at_one_per_pipeline_stage():
+    """Every rank that assembles a bucket makes its own NCCL group with every server GPU (sized after SGLang sized
+    its KV cache). On a ling_lite-like layout (16 ranks: TP4 x EP8 per stage, here 2 stages) the owners each send
+    (8 senders per stage), the ``stages`` setting (the ling_lite recipes') one per stage, taking every unit of its
+    stage."""
+    from megatron_ring.rl.weights import Unit, spread_buckets
+
+    world, per = 16, 8  # ranks 0-7: stage 0, ranks 8-15: stage 1
+    units = []
+    for stage in range(2):
+        for layer in range(2):
+            units.append(Unit(f"s{stage}.l{layer}.qkv", (8, 4), "bfloat16",
+                              [(stage * per + r, (2 * r, 0), (2, 4)) for r in range(4)]))  # TP4
+            units += [Unit(f"s{stage}.l{layer}.e{e}", (4, 4), "bfloat16", [(stage * per + e % per, (0, 0), (4, 4))])
+                      for e in range(64)]  # whole experts over EP8
+    owners = {r for _, r in spread_buckets(units, 1 << 10, world)}
+    stage_first = [0] * per + [per] * per
+    staged = spread_buckets(units, 1 << 10, world, stage_first)
+    assert len(owners) == 16 and {r for _, r in staged} == {0, 8}
+    for bucket, r in staged:
+        assert all(p[0] // per == r // per for u in bucket for p in u.pieces)  # its own stage's weights only
+    assert sorted(u.name for b, _ in staged for u in b) == sorted(u.name for u in units)
+
+
+def test_the_rollout_client_waits_as_long_as_the_router_and_the_rollout():
+    """A 32K-token stage-2 request can take hours on a loaded server: the client's timeout is at least the router's
+    request timeout and the other ranks' rollout wait (an hour-long fixed timeout failed the step first)."""
+    from megatron_ring.config.recipe import load_recipe
+    from megatron_ring.rl.config import client_timeout, rl_config
+    from serving.router import REQUEST_TIMEOUT_S, SGLangRouter
+
+    for name in ("rl_stage1_ling_lite", "rl_stage2_ling_lite", "rl_stage1_tiny"):
+        cfg = rl_config(load_recipe(name))
+        assert client_timeout(cfg) >= max(SGLangRouter(["u"]).request_timeout_s, cfg.rollout_timeout_minutes * 60)
+    cfg = rl_config(load_recipe("rl_stage2_ling_lite"), rollout_timeout_minutes=600)
+    assert client_timeout(cfg) == 36000 > REQUEST_TIMEOUT_S
+    assert client_timeout(rl_config(load_recipe("rl_stage2_ling_lite"), request_timeout_s=99.0)) == 99.0

@@ -20,13 +20,15 @@ def main(argv=None) -> int:
               "lr_warmup_steps"):
         ap.add_argument(f"--{f.replace('_', '-')}", dest=f, type=int)
     for f in ("lr", "kl_coef", "entropy_coef", "temperature", "top_p", "tis_cap", "adam_beta1", "adam_beta2",
-              "adam_eps", "save_every_minutes"):
+              "adam_eps", "save_every_minutes", "request_timeout_s"):
         ap.add_argument(f"--{f.replace('_', '-')}", dest=f, type=float)
     ap.add_argument("--eval-sets", nargs="*")
     ap.add_argument("--wandb-project", help="log the same scalars to Weights & Biases too (default: off)")
     ap.add_argument("--wandb-mode", choices=["online", "offline"], help="default: $WANDB_MODE, else online")
     ap.add_argument("--sglang-urls", nargs="*")
     ap.add_argument("--sandbox-unsafe", action="store_true", default=None)
+    ap.add_argument("--deterministic-rollouts", action=argparse.BooleanOptionalAction, default=None,
+                    help="servers under SGLang's deterministic inference, each sample seeded (default: the recipe)")
     ap.add_argument("--keep-uninformative", dest="drop_uninformative", action="store_false", default=None,
                     help="train on groups whose rewards are all equal too (their advantage is 0)")
     ap.add_argument("--print-launch", action="store_true",

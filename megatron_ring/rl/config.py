@@ -48,7 +48,14 @@ class RLConfig:
     sglang_colocated: bool = False  # the servers share the trainer's GPUs (weights by CUDA IPC, memory released)
     weight_transport: str = "auto"  # auto (inprocess | ipc when colocated | broadcast) | broadcast | ipc | disk
     weight_bucket_mb: int = 1024  # the weight sync moves at most this much (or one tensor) at a time
-    weight_senders: str = "owners"  # broadcast: every rank holding weights sends them (a group each) | rank0
+    weight_senders: str = "owners"  # broadcast: every rank holding weights sends them (a group each) | stages:
+    # one sender per pipeline stage, gathering its stage's pieces (slime's layout: few NCCL groups on the servers'
+    # GPUs, each sized after SGLang sized its KV cache) | rank0: rank 0 sends everything
+    deterministic_rollouts: bool = True  # the servers run with SGLang's --enable-deterministic-inference and each
+    # sample has its own seed: a rerun or a resumed step samples the same; false: faster servers, seeds not sent
+    # (SGLang ignores them without the flag), a resumed step samples anew (training stays valid)
+    request_timeout_s: Optional[float] = None  # one /generate request may take this long (default: the longer of
+    # the router's request timeout and rollout_timeout_minutes)
     server_inflight: int = 8  # concurrent /generate requests per server (one prompt's K samples each)
     rollout_timeout_minutes: int = 240  # how long the other ranks wait for rank 0's rollout (gloo, not NCCL)
     max_prompt_tokens: int = 1024  # longer prompts are refused at start (naming the row)
@@ -78,8 +85,8 @@ class RLConfig:
         if self.weight_transport not in ("auto", "inprocess", "broadcast", "ipc", "disk"):
             raise ValueError(f"weight_transport {self.weight_transport!r}: expected auto, inprocess, broadcast, ipc "
                              "or disk")
-        if self.weight_senders not in ("owners", "rank0"):
-            raise ValueError(f"weight_senders {self.weight_senders!r}: expected owners or rank0")
+        if self.weight_senders not in ("owners", "stages", "rank0"):
+            raise ValueError(f"weight_senders {self.weight_senders!r}: expected owners, stages or rank0")
         if self.loss_agg == "c3po" and self.mode != "c3po":
             raise ValueError("loss_agg 'c3po' (1/Φ) needs mode 'c3po' (the token budget)")
 
@@ -106,6 +113,14 @@ def rollout_context(cfg: RLConfig, hf_config: dict) -> int:
             "context_beyond_positions: true to generate past the configured positions (RoPE extrapolates; the "
             "Ring-lite paper's RL does so with its 16,384-position config at 24K/32K tokens)")
     return need
+
+
+def client_timeout(cfg: RLConfig) -> float:
+    """How long the rollout client waits for one server request: never less than the router gives a request
+    (``serving/router.py``) nor than the other ranks wait for the whole rollout."""
+    from serving.router import REQUEST_TIMEOUT_S
+
+    return float(cfg.request_timeout_s or max(REQUEST_TIMEOUT_S, cfg.rollout_timeout_minutes * 60))
 
 
 def transport_kind(cfg: RLConfig) -> str:
@@ -145,4 +160,5 @@ def launch_facts(recipe, cfg: RLConfig) -> dict:
     pos = int(model.get("max_position_embeddings") or 0)
     beyond = n > pos if pos else cfg.context_beyond_positions
     return {"RL_START": str(start), "RL_OUT": str(cfg.out), "RL_TOKENIZER": str(cfg.tokenizer), "RL_CONTEXT": n,
-            "RL_BEYOND_POSITIONS": int(beyond)}
+            "RL_BEYOND_POSITIONS": int(beyond), "RL_DETERMINISTIC": int(cfg.deterministic_rollouts),
+            "RL_COLOCATED": int(transport_kind(cfg) == "ipc")}

@@ -2,8 +2,10 @@
 servers of ``serving/native.py`` that speak the same native API — one client for both.
 
 - ``generate``: one request per prompt (its K samples, so the server shares the prompt's prefix), spread over all
-  servers by least in-flight requests (``inflight`` per server), each sample seeded ``seed + i * K + k`` (the K
-  samples differ; a rerun reproduces them); a server's refusal surfaces with its own message and the prompt.
+  servers by least in-flight requests (``inflight`` per server), each sample seeded ``seed + i * K + k`` when the
+  servers honour seeds (SGLang only under ``--enable-deterministic-inference``, which ``deterministic`` requires of
+  every server: a rerun then reproduces the samples; without it no seed is sent, and SGLang samples anew); a
+  server's refusal surfaces with its own message and the prompt; a sample SGLang aborted is an error, never scored.
 - ``router``: SGLang's router in front of the servers (``serving/router.py``; the job scripts start one for more
   than one server): every sample is then its own request to it (the router takes one sampling-parameter set per
   request; same seeds, so the same samples), and it balances them, cache-aware, over the servers.
@@ -27,20 +29,25 @@ def abort_payload() -> dict:  # AbortReq
     return {"abort_all": True}
 
 
-def generate_payload(prompts: list[list[int]], n: int, sp: SamplingParams, indices: list[int] | None = None) -> dict:
-    """Prompts × n samples in one request, sampling parameters per sample: sample k of prompt i (``indices``: the
-    prompts' places in the step's batch) is seeded ``seed + i * n + k``, so the K samples of a prompt differ also
-    under SGLang's deterministic inference, and a rerun reproduces them."""
+def generate_payload(prompts: list[list[int]], n: int, sp: SamplingParams, indices: list[int] | None = None,
+                     seeded: bool = True) -> dict:
+    """Prompts × n samples in one request, sampling parameters per sample: with ``seeded`` (servers under SGLang's
+    deterministic inference), sample k of prompt i (``indices``: the prompts' places in the step's batch) is seeded
+    ``seed + i * n + k``, so the K samples of a prompt differ, and a rerun reproduces them; else no seed (SGLang
+    would ignore it)."""
     indices = list(range(len(prompts))) if indices is None else indices
     ids = [p for p in prompts for _ in range(n)]
     params = [{"temperature": sp.temperature, "top_p": sp.top_p, "max_new_tokens": sp.max_new_tokens,
-               "sampling_seed": sp.seed + i * n + k, "skip_special_tokens": False} for i in indices for k in range(n)]
+               "skip_special_tokens": False} for _ in indices for _ in range(n)]
+    if seeded:
+        for p, seed in zip(params, (sp.seed + i * n + k for i in indices for k in range(n))):
+            p["sampling_seed"] = seed
     return {"input_ids": ids, "return_logprob": True, "sampling_params": params}
 
 
-def sample_payloads(prompt: list[int], n: int, sp: SamplingParams, index: int) -> list[dict]:
+def sample_payloads(prompt: list[int], n: int, sp: SamplingParams, index: int, seeded: bool = True) -> list[dict]:
     """``generate_payload`` of one prompt as n single-sample requests (what SGLang's router forwards)."""
-    body = generate_payload([prompt], n, sp, [index])
+    body = generate_payload([prompt], n, sp, [index], seeded)
     return [{"input_ids": list(prompt), "return_logprob": True, "sampling_params": p} for p in body["sampling_params"]]
 
 
@@ -64,8 +71,8 @@ def parse_generate(out: list[dict], prompts: list[list[int]], n: int, tokenizer=
 class SGLangEngine:
     def __init__(self, urls: list[str], hf_config: dict, tokenizer=None, transport: str = "broadcast",
                  sync_dir: str | Path | None = None, master_addr: str | None = None, master_port: int | None = None,
-                 inflight: int = 8, timeout: float = 3600.0, api_key: str | None = None, group=None,
-                 senders: str = "owners", router: str | None = None):
+                 inflight: int = 8, timeout: float = 14400.0, api_key: str | None = None, group=None,
+                 senders: str = "owners", router: str | None = None, deterministic: bool | None = None):
         if not urls:
             raise ValueError("engine sglang: no server URLs (--sglang-urls, or the job script starts them)")
         if transport not in TRANSPORTS:
@@ -78,6 +85,9 @@ class SGLangEngine:
         self._transport, self.group = None, group  # group: the trainer ranks' gloo group (ipc, disk, broadcast)
         self.senders = senders  # broadcast: every rank holding weights sends its own ("owners") or rank 0 all
         self.router = router.rstrip("/") if router else None  # the samples' requests go there when set
+        # True: every server must run SGLang's deterministic inference (seeds sent); False: no seeds; None: seeds
+        # sent when every server honours them
+        self.deterministic, self._seeded = deterministic, None
 
     def wait_ready(self, timeout: float = 1800.0) -> None:
         from serving.health import wait_healthy
@@ -88,6 +98,29 @@ class SGLangEngine:
             from serving.router import wait_workers
 
             wait_workers(self.router, len(self.urls), timeout=timeout)
+        self.seeded()
+
+    def _info(self, u: str) -> dict:
+        return _get(u + "/server_info", self.timeout, self.key)  # (SGLang's /get_server_info is deprecated)
+
+    def seeded(self) -> bool:
+        """Whether the samples get seeds: the servers' ``enable_deterministic_inference`` (``/server_info``) against
+        what the recipe asks (``deterministic``); a server without it when it is required is refused."""
+        if self._seeded is None:
+            if self.deterministic is False:
+                self._seeded = False
+            else:
+                off = [u for u in self.urls if not self._info(u).get("enable_deterministic_inference")]
+                if off and self.deterministic:
+                    raise EngineError(f"{', '.join(off)}: running without --enable-deterministic-inference, so "
+                                      "SGLang ignores the samples' seeds, while the recipe asks for reproducible "
+                                      "rollouts (stages.rl.deterministic_rollouts: true): restart the server(s) "
+                                      "with the flag, or set deterministic_rollouts: false")
+                self._seeded = not off
+                if off:
+                    print(f"[rollout] {', '.join(off)}: no deterministic inference: samples are not reproducible "
+                          "(no seeds sent)", flush=True)
+        return self._seeded
 
     def health(self) -> bool:
         from serving.health import healthy
@@ -104,11 +137,13 @@ class SGLangEngine:
         """Prompt i's n samples (or, through the router, its sample k alone)."""
         try:
             if k is not None:
-                out = [post(self.router + "/generate", sample_payloads(prompt, n, sp, i)[k], self.timeout, self.key)]
+                out = [post(self.router + "/generate", sample_payloads(prompt, n, sp, i, self.seeded())[k],
+                            self.timeout, self.key)]
             else:
                 u = self._pick()
                 try:
-                    out = post(u + "/generate", generate_payload([prompt], n, sp, [i]), self.timeout, self.key)
+                    out = post(u + "/generate", generate_payload([prompt], n, sp, [i], self.seeded()), self.timeout,
+                               self.key)
                 finally:
                     with self.lock:
                         self.busy[u] -= 1
@@ -161,7 +196,7 @@ class SGLangEngine:
         """Each server's tensor-parallel size (its ranks in the weight-update group)."""
         out = []
         for u in self.urls:
-            info = _get(u + "/get_server_info", self.timeout, self.key)
+            info = self._info(u)
             out.append(int(info.get("tp_size") or 1))
         return out
 
@@ -170,9 +205,11 @@ class SGLangEngine:
 
         if self._transport is None:
             if self.kind == "broadcast":
-                self._transport = BroadcastTransport(self.urls, self.server_tp_sizes(), self.addr or "127.0.0.1",
+                self._transport = BroadcastTransport(self.urls, self.server_tp_sizes(),
+                                                     self.addr,
                                                      self.port or _free_port(), timeout=self.timeout, api_key=self.key,
-                                                     group=self.group if self.senders == "owners" else None)
+                                                     group=self.group if self.senders != "rank0" else None,
+                                                     by_stage=self.senders == "stages")
             elif self.kind == "ipc":
                 self._transport = IPCTransport(self.urls, max(self.server_tp_sizes()), self.timeout, self.key,
                                                self.group)
@@ -187,16 +224,17 @@ class SGLangEngine:
             self.transport().release_memory()
 
 
-def sync_rendezvous(rank: int) -> tuple[str, int | None]:
+def sync_rendezvous(rank: int) -> tuple[str | None, int | None]:
     """Trainer rank ``rank``'s rendezvous for its weight-update group with the servers: port
     ``MEGATRON_RING_SYNC_PORT`` + rank on its own host (the job scripts set the port, and name rank 0's host in
-    ``MEGATRON_RING_SYNC_ADDR``); without one, 127.0.0.1 and a free port (None)."""
+    ``MEGATRON_RING_SYNC_ADDR``); without one, no address (the transport takes ``reachable_address``) and a free
+    port (None)."""
     import os
     import socket
 
     port = int(os.environ.get("MEGATRON_RING_SYNC_PORT", 0))
     if not port:
-        return "127.0.0.1", None
+        return None, None
     return (os.environ.get("MEGATRON_RING_SYNC_ADDR") if rank == 0 else None) or socket.gethostname(), port + rank
 
 
@@ -213,10 +251,30 @@ def peer_transport(kind: str, sync_dir: str | Path, hf_config: dict, group, send
         return DiskTransport([], sync_dir, hf_config, group=group)
     if kind == "ipc":
         return IPCTransport(None, None, group=group)
-    if kind == "broadcast" and senders == "owners":
+    if kind == "broadcast" and senders != "rank0":
         addr, port = sync_rendezvous(dist.get_rank())
-        return BroadcastTransport(None, None, addr, port or _free_port(), group=group)
+        return BroadcastTransport(None, None, addr, port or _free_port(), group=group, by_stage=senders == "stages")
     return None
+
+
+def reachable_address(urls: list[str]) -> str:
+    """The address the servers reach this process at for the weight-update rendezvous: 127.0.0.1 when they all run
+    here; else the address of the interface that routes to them (a server told 127.0.0.1 would wait for itself
+    until SGLang's 30-minute group timeout)."""
+    import socket
+    from urllib.parse import urlsplit
+
+    hosts = {urlsplit(u).hostname for u in urls}
+    if all(h in ("127.0.0.1", "localhost", "::1") for h in hosts):
+        return "127.0.0.1"
+    host = sorted(h for h in hosts if h not in ("127.0.0.1", "localhost", "::1"))[0]
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:  # (no packet is sent: only the route is looked up)
+        try:
+            s.connect((host, 9))
+        except OSError as e:
+            raise EngineError(f"weight-update rendezvous: no route to the server host {host!r} ({e}); set "
+                              "MEGATRON_RING_SYNC_ADDR to an address of this host that the servers can reach") from None
+        return s.getsockname()[0]
 
 
 def _free_port() -> int:

@@ -20,7 +20,7 @@ from ..parallel.dist import all_reduce_floats
 from ..config.recipe import Recipe
 from ..training.state import (PreemptionBudget, StopFlag, latest_checkpoint, load_training_state,
                               save_training_state)
-from .config import RLConfig, resolve_start, rollout_context, transport_kind
+from .config import RLConfig, client_timeout, resolve_start, rollout_context, transport_kind
 from .policy import empty_like, make_microbatches, rl_forward_step, score_logprobs
 from ..rewards import reward_job
 from ..scalars import Progress, Scalars
@@ -109,8 +109,9 @@ class RLState:
             c = self.cfg
             addr, port = sync_rendezvous(0)  # (the job scripts set the port)
             eng = SGLangEngine(c.sglang_urls, self.recipe.hf_config, self.tok, transport_kind(c),
-                               self.run / "weight_sync", addr, port, c.server_inflight,
-                               group=self.ctrl, senders=c.weight_senders, router=c.sglang_router)
+                               self.run / "weight_sync", addr, port, c.server_inflight, client_timeout(c),
+                               group=self.ctrl, senders=c.weight_senders, router=c.sglang_router,
+                               deterministic=c.deterministic_rollouts)
             eng.wait_ready()
             return eng
         from .rollout import InProcessEngine
@@ -267,7 +268,8 @@ class RLState:
         try:
             fig = stream_hf_weights(self.policy, self.recipe.hf_config, tr.bucket if tr else None,
                                     bucket_bytes=self.cfg.weight_bucket_mb << 20, spread=getattr(tr, "spread", False),
-                                    replicate=getattr(tr, "replicate", False), turns=getattr(tr, "turns", None))
+                                    replicate=getattr(tr, "replicate", False), turns=getattr(tr, "turns", None),
+                                    by_stage=getattr(tr, "by_stage", False))
         except BaseException:
             getattr(tr, "abandon", lambda: None)()  # the servers' sessions closed: a restart can sync again
             raise

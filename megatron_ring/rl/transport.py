@@ -150,13 +150,15 @@ class BroadcastTransport:
     """SGLang's broadcast path. Without ``group``: trainer rank 0 sends every bucket (it assembles them all). With
     ``group`` (a gloo group of all trainer ranks; ``spread``): every rank that holds weights sends the buckets it
     assembles — whole experts and PP layers from where they live, nothing gathered on rank 0 — each on a group of
-    its own with the servers (made at its first bucket; slime makes one per PP stage the same way), one bucket at
+    its own with the servers (made at its first bucket; ``by_stage``: only each pipeline stage's first rank sends,
+    gathering its stage's pieces, as slime does: one group per stage on the servers' GPUs), one bucket at
     a time in one order (``turns``: each server serves requests in arrival order, so parallel senders could each
     hold a different server first and wait for each other forever). ``urls``/``tp_sizes``/``api_key``: rank 0's
     (sent to the others over ``group``); ``master_addr``/``master_port``: this rank's own rendezvous."""
 
-    def __init__(self, urls: list[str] | None, tp_sizes: list[int] | None, master_addr: str, master_port: int,
-                 backend: str | None = None, timeout: float = 1800.0, api_key: str | None = None, group=None):
+    def __init__(self, urls: list[str] | None, tp_sizes: list[int] | None, master_addr: str | None, master_port: int,
+                 backend: str | None = None, timeout: float = 1800.0, api_key: str | None = None, group=None,
+                 by_stage: bool = False):
         import torch.distributed as dist
 
         self.ctrl, self.rank, self.spread, self.turns = group, 0, False, None
@@ -165,7 +167,11 @@ class BroadcastTransport:
             dist.broadcast_object_list(shared, src=dist.get_global_rank(group, 0), group=group)
             urls, tp_sizes, api_key, timeout = shared[0]
             self.rank, self.spread, self.turns = dist.get_rank(group), True, group
-        self.urls, self.tp_sizes, self.addr, self.port = urls, tp_sizes, master_addr, master_port
+        from .sglang_engine import reachable_address
+
+        self.urls, self.tp_sizes, self.port = urls, tp_sizes, master_port
+        self.addr = master_addr or reachable_address(urls)  # (servers elsewhere cannot reach our 127.0.0.1)
+        self.by_stage = by_stage and self.spread  # one sender per pipeline stage (weights.stream_hf_weights)
         self.backend = backend or ("nccl" if torch.cuda.is_available() else "gloo")
         self.timeout, self.key, self.group = timeout, api_key, None
 
@@ -279,8 +285,11 @@ class IPCTransport:
         post_all(self.urls, path, body, self.timeout, self.key)
 
     def release_memory(self) -> None:
-        """Before training: the servers give back their weights and KV cache (``--enable-memory-saver``)."""
+        """Before training: the servers give back their weights, KV cache and CUDA graphs (``--enable-memory-saver``;
+        ``{}``: SGLang's every tag). SGLang asserts it is idle (a failed assertion kills the server), and requests an
+        abort just ended may still be finishing: first a flush that waits for idle (as slime flushes first)."""
         if not self.released:
+            flush_all(self.urls, FLUSH_WAIT_S, self.timeout, self.key)
             self._all("/release_memory_occupation", {})
             self.released = True
 
@@ -308,10 +317,11 @@ class IPCTransport:
             from ..parallel.cpu_compat import share_cpu_tensors_by_file
 
             share_cpu_tensors_by_file()
-        blob = serialize_for_ipc(named)
-        if self.sub is None:
-            self._all("/update_weights_from_tensor", tensor_payload([blob] * self.tp, self.version))
+        if self.sub is None:  # one serialization per server TP rank: each opens (and releases) only its own handles
+            blobs = [serialize_for_ipc(named) for _ in range(self.tp)]
+            self._all("/update_weights_from_tensor", tensor_payload(blobs, self.version))
             return
+        blob = serialize_for_ipc(named)
         first = self.rank % self.tp == 0
         blobs = [None] * self.tp if first else None
         dist.gather_object(blob, blobs, dst=dist.get_global_rank(self.sub, 0), group=self.sub)
@@ -328,8 +338,8 @@ class IPCTransport:
             dist.barrier(group=self.group)  # every server updated
         if self.rank == 0:
             post_all(self.urls, "/end_weight_update", {}, self.timeout, self.key)
-            if self.released:
-                self._all("/resume_memory_occupation", {"tags": ["kv_cache"]})
+            if self.released:  # every tag the release took, the weights' aside (slime resumes these two together)
+                self._all("/resume_memory_occupation", {"tags": ["kv_cache", "cuda_graph"]})
                 self.released = False
             flush_all(self.urls, FLUSH_WAIT_S, self.timeout, self.key)
 

@@ -131,14 +131,17 @@ def buckets(units: list[Unit], bucket_bytes: int) -> list[list[Unit]]:
     return out + [cur] if cur else out
 
 
-def spread_buckets(units: list[Unit], bucket_bytes: int, world: int) -> list[tuple[list[Unit], int]]:
+def spread_buckets(units: list[Unit], bucket_bytes: int, world: int,
+                   sender_of: list[int] | None = None) -> list[tuple[list[Unit], int]]:
     """(bucket, assembler) for writers on every rank: each unit to a rank holding a piece of it (a whole expert or
-    a PP stage's layer: its owner, nothing travels; a TP-split one: the least loaded of its holders), then each
-    rank's units in buckets as ``buckets`` makes them, the ranks' buckets interleaved (no rank waits on another's
-    run of buckets)."""
+    a PP stage's layer: its owner, nothing travels; a TP-split one: the least loaded of its holders) — or, with
+    ``sender_of`` (rank -> the rank that sends for it: its pipeline stage's first), to the sender of such a rank —
+    then each rank's units in buckets as ``buckets`` makes them, the ranks' buckets interleaved (no rank waits on
+    another's run of buckets)."""
     load, mine = [0] * world, [[] for _ in range(world)]
+    via = sender_of or list(range(world))
     for u in units:
-        r = min({r for r, _, _ in u.pieces}, key=lambda r: (load[r], r))
+        r = min({via[r] for r, _, _ in u.pieces}, key=lambda r: (load[r], r))
         load[r] += u.nbytes
         mine[r].append(u)
     per = [buckets(m, bucket_bytes) for m in mine]
@@ -147,13 +150,14 @@ def spread_buckets(units: list[Unit], bucket_bytes: int, world: int) -> list[tup
 
 def stream_hf_weights(model: torch.nn.Module, cfg: dict, sink: Callable[[list[tuple[str, torch.Tensor]]], None] | None,
                       bucket_bytes: int = 1 << 30, group=None, device: torch.device | str | None = None,
-                      spread: bool = False, replicate: bool = False, turns=None) -> dict:
+                      spread: bool = False, replicate: bool = False, turns=None, by_stage: bool = False) -> dict:
     """Collective. Every bucket of HF-named full tensors goes to ``sink`` on its assembler (rank 0 unless ``spread``;
     ``sink`` is ignored elsewhere), or with ``replicate`` on every rank (the assembler broadcasts it). ``device``:
     where buckets are assembled (default: where the weights live). ``turns`` (a group of all ranks): a barrier before
     every bucket's sink, so the sinks take their turns in one order (the next bucket is assembled meanwhile) —
     senders to several servers need it (each server serves requests in arrival order and a broadcast waits for every
-    server: two senders first at different servers would wait for each other forever). Returns this rank's figures."""
+    server: two senders first at different servers would wait for each other forever). ``by_stage`` (with ``spread``):
+    only each pipeline stage's first rank assembles (``stage_senders``). Returns this rank's figures."""
     t0 = time.perf_counter()
     units, mine = plan(model, cfg, group)
     me = dist.get_rank(group)
@@ -161,7 +165,8 @@ def stream_hf_weights(model: torch.nn.Module, cfg: dict, sink: Callable[[list[tu
     dev = device or (next(iter(mine.values())).device if mine else "cpu")
     moved = sent = assembled = 0
     plan_s, sink_s = time.perf_counter() - t0, 0.0
-    parts = spread_buckets(units, bucket_bytes, dist.get_world_size(group)) if spread else \
+    world = dist.get_world_size(group)
+    parts = spread_buckets(units, bucket_bytes, world, stage_senders(group) if by_stage else None) if spread else \
         [(b, 0) for b in buckets(units, bucket_bytes)]
     for bucket, dest in parts:
         full = None
@@ -202,6 +207,16 @@ def stream_hf_weights(model: torch.nn.Module, cfg: dict, sink: Callable[[list[tu
     return {"seconds": time.perf_counter() - t0, "plan_seconds": plan_s, "sink_seconds": sink_s, "bytes_received": moved,
             "bytes_sent": sent, "buckets": len(parts), "buckets_assembled": assembled,
             "bytes_total": sum(u.nbytes for u in units)}
+
+
+def stage_senders(group=None) -> list[int]:
+    """Collective. For every rank of ``group``, the rank that sends its weights under ``by_stage``: the first rank
+    of its pipeline stage (megatron's parallel state)."""
+    from megatron.core import parallel_state as ps
+
+    stages = [None] * dist.get_world_size(group)
+    dist.all_gather_object(stages, ps.get_pipeline_model_parallel_rank(), group=group)
+    return [stages.index(s) for s in stages]
 
 
 def _assemble(bucket: list[Unit], mine: dict, dev, g, group, me: int, copy: bool = False) -> list[tuple[str, torch.Tensor]]:
