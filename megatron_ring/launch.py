@@ -91,6 +91,9 @@ def cluster_answers() -> bool:
     return r.returncode == 0 and bool(r.stdout.strip())
 
 
+MAX_TIMEOUT_REQUEUES = 10**6  # (submitit's slurm_max_num_timeout)
+
+
 class StageJob:
     """One stage script run as a job (picklable; submitit calls it on the node, ``checkpoint`` on preemption)."""
 
@@ -98,6 +101,10 @@ class StageJob:
         self.stage, self.env, self.proc = stage, dict(env), None
 
     def __call__(self) -> dict:
+        task = int(os.environ.get("SLURM_PROCID", "0"))
+        if task:  # submitit calls this in every task of the job (nodes x tasks per node); the stage script starts
+            # its own srun steps over all the nodes, so it runs once: in task 0
+            return {"stage": self.stage, "returncode": 0, "task": task, "ran": False}
         env = {**os.environ, **self.env, "MEGATRON_RING_SUBMITIT": "1", "REPO": str(ROOT)}
         self.proc = subprocess.Popen(["bash", str(script_of(self.stage))], cwd=ROOT, env=env)
         while (rc := self.proc.poll()) is None:  # (not proc.wait(): submitit's signal handler, which calls
@@ -124,12 +131,15 @@ def executor(stage: str, folder: str | Path = "logs/submitit", cluster: str | No
     import submitit
 
     cluster = cluster or ("slurm" if cluster_answers() else "local")
-    ex = submitit.AutoExecutor(folder=folder, cluster=cluster)
+    # requeued on every time-out (submitit's default gives up after 3: a long RL run would end FAILED)
+    ex = submitit.AutoExecutor(folder=folder, cluster=cluster, slurm_max_num_timeout=MAX_TIMEOUT_REQUEUES)
     p = slurm_parameters(script_of(stage), overrides)
     if cluster == "slurm":
         p["slurm_additional_parameters"].setdefault("requeue", True)
-        # the job's own step holds no GPU: the stage's srun steps (torchrun, servers) take the node's GPUs
-        p["slurm_srun_args"] = ["--gpus-per-node=0", "--overlap"] if p.get("slurm_gpus_per_node") else ["--overlap"]
+        # the job's own step overlaps the stage's srun steps (torchrun, servers: they take the node's GPUs) and sees
+        # the GPUs itself (a --gpus-per-node=0 step cannot open a GPU under cgroup ConstrainDevices, and from Slurm
+        # 23.11 on its 0 reaches the nested steps' environment)
+        p["slurm_srun_args"] = ["--overlap"]
         ex.update_parameters(name=script_of(stage).stem, **p)
     else:
         ex.update_parameters(name=script_of(stage).stem, timeout_min=p.get("timeout_min", 60))

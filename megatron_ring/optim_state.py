@@ -57,12 +57,25 @@ def _replace(tree: Any, loaded: dict[str, Any], names: dict[int, str]) -> Any:
     return dict_list_map_outplace(one, tree)
 
 
+def _per_parameter_step(inner) -> bool:
+    """Where Adam keeps its step count: torch's Adam/AdamW in every parameter's state (a tensor); TE's and apex's
+    FusedAdam (megatron's optimizer on a GPU) in each parameter group (``group["step"]``), with a fixed set of
+    per-parameter state names (TE maps each through ``name_to_dtype_map``: any other name is a KeyError)."""
+    return isinstance(inner, (torch.optim.Adam, torch.optim.AdamW))
+
+
 def adam_step(optimizer) -> int:
-    """Adam's step count (megatron keeps it equal on every parameter; 0 before the first update)."""
+    """Adam's step count (megatron keeps it equal on every parameter / group; 0 before the first update)."""
     for o in _inner(optimizer):
-        for st in o.optimizer.state.values():
-            if "step" in st:
-                return int(st["step"])
+        inner = o.optimizer
+        if _per_parameter_step(inner):
+            for st in inner.state.values():
+                if "step" in st:
+                    return int(st["step"])
+        else:  # (megatron's own distributed optimizer reads it there: distrib_optimizer.py "for TE FusedAdam")
+            steps = [int(g["step"]) for g in inner.param_groups if g["params"] and "step" in g]
+            if steps:
+                return max(steps)
     return 0
 
 
@@ -88,12 +101,14 @@ def spec_for_load(optimizer, model_sd: dict) -> tuple[dict, Any]:
     from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
 
     for o in _inner(optimizer):
-        # a fresh distributed optimizer over torch's Adam (no apex/TE fused Adam) has no state yet, and its
-        # state_dict() asserts one common step count: allocate the moments and a step 0 (then overwritten)
+        # a fresh distributed optimizer has no state yet: allocate the moments; over torch's Adam its state_dict()
+        # asserts one common step count, so a step 0 too (then overwritten) — never for TE's FusedAdam, whose
+        # state_dict() refuses any state name but its own (the step lives in its parameter groups)
         if isinstance(o, DistributedOptimizer) and o.init_state_fn is not None:
             o.init_state_fn(o.optimizer, o.config)
-            for st in o.optimizer.state.values():
-                st.setdefault("step", torch.tensor(0.0))
+            if _per_parameter_step(o.optimizer):
+                for st in o.optimizer.state.values():
+                    st.setdefault("step", torch.tensor(0.0))
     tree = optimizer.sharded_state_dict(model_sd, is_loading=True, metadata=dict(METADATA))
     flat = _flat(tree)
     return {"optimizer_state": flat}, (tree, {id(v): k for k, v in flat.items()})

@@ -1,7 +1,9 @@
 """The device check (scripts/gpu_check.sh): megatron-core's CUDA path of this project on one GPU, in one process
 (an NCCL world of 1: a CPU tensor in a collective fails as it would at scale), printing one table.
 
-1. tiny recipe: an SFT step and an RL (C3PO) step, bf16.
+1. tiny recipe: an SFT step and an RL (C3PO) step, bf16; the resume path (distributed optimizer, MoE alltoall
+   dispatcher: two SFT steps, a training checkpoint, two more; a fresh model and optimizer from the checkpoint give
+   the same losses).
 2. a Ling-lite-shaped model at full width (vocab 126464, hidden 2048, 64 experts top-6 + 2 shared, FFN 1408,
    GQA 16/4, NormHead) with few layers: HF -> megatron conversion on the CPU (peak host memory), logits of the
    megatron model on the GPU (fp32) vs the HF model on the CPU, bf16 SFT and RL steps: loss, tokens/s, model-FLOPs
@@ -13,8 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import resource
 import subprocess
 import sys
 import time
@@ -62,13 +62,57 @@ def flops_per_token(hf: dict, seq: int) -> float:
     return 6 * (active + pc["output"]) + attn
 
 
+def sft_microbatches(V: int, seq: int, n_mb: int, g: torch.Generator) -> list:
+    """Packed rows of two conversations each, built on the host (the trainer's path)."""
+    from megatron_ring.sft.data import collate, packed_row_to_sample
+
+    return [collate([packed_row_to_sample(torch.randint(3, V, (seq,), generator=g).tolist(), [1] * seq,
+                                          [seq // 3, seq - seq // 3], pad_id=0)]) for _ in range(n_mb)]
+
+
+def resume_check(recipe, ckpt: Path, seq: int, out: Path) -> dict:
+    """The shipped resume path: the distributed optimizer (TE's FusedAdam where TE is installed), two SFT steps, a
+    training checkpoint (model + optimizer state by parameter key, as the trainers write it), two more steps; then
+    a fresh model and optimizer loaded from that checkpoint take the same two steps. The 4th loss depends on the
+    3rd update, i.e. on the restored Adam moments and step count."""
+    from megatron_ring.checkpoint import load_checkpoint, save_checkpoint
+    from megatron_ring.model.build import build_model
+    from megatron_ring.optim_state import adam_step
+    from megatron_ring.training.core import OptimConfig, build_optimizer, train_step, wrap_ddp
+
+    mbs = sft_microbatches(recipe.hf_config["vocab_size"], seq, 2, torch.Generator().manual_seed(1))
+
+    def fresh(start: Path, with_optimizer: bool):
+        model = build_model(recipe)
+        ddp = wrap_ddp(model, use_distributed_optimizer=True)
+        opt = build_optimizer([ddp], OptimConfig(lr=1e-4, use_distributed_optimizer=True))
+        load_checkpoint(model, start, recipe.hf_config, optimizer=opt if with_optimizer else None)
+        return model, ddp, opt
+
+    def steps(ddp, opt, n):
+        return [train_step([ddp], opt, list(mbs), len(mbs), seq, 1)["loss"] for _ in range(n)]
+
+    model, ddp, opt = fresh(ckpt, False)
+    steps(ddp, opt, 2)
+    save_checkpoint(model, out / "resume_ckpt", recipe.hf_config, iteration=2, parallel=recipe.parallel.sizes(),
+                    optimizer=opt)
+    saved_step = adam_step(opt)
+    whole = steps(ddp, opt, 2)
+    del model, ddp, opt
+    model, ddp, opt = fresh(out / "resume_ckpt", True)
+    resumed_step = adam_step(opt)
+    again = steps(ddp, opt, 2)
+    return {"whole": whole, "resumed": again, "adam_step": (saved_step, resumed_step),
+            "optimizer": type(getattr(opt, "chained_optimizers", [opt])[0].optimizer).__name__,
+            "devices": sorted({p.device.type for p in model.parameters()})}
+
+
 def train(recipe, ckpt: Path, kind: str, seq: int, n_mb: int, steps: int, dev: torch.device) -> dict:
     """``steps`` optimizer steps (the first one warms up) of an SFT or RL micro-batch stream on ``dev``."""
     from megatron_ring.checkpoint import load_checkpoint
     from megatron_ring.model.build import build_model
     from megatron_ring.rl.policy import make_microbatches, rl_forward_step, score_logprobs
     from megatron_ring.rl.trainer import REPORT
-    from megatron_ring.sft.data import collate, packed_row_to_sample
     from megatron_ring.training.core import OptimConfig, build_optimizer, train_step, wrap_ddp
 
     model = build_model(recipe)
@@ -77,10 +121,8 @@ def train(recipe, ckpt: Path, kind: str, seq: int, n_mb: int, steps: int, dev: t
     opt = build_optimizer([ddp], OptimConfig(lr=1e-5))
     V = recipe.hf_config["vocab_size"]
     g = torch.Generator().manual_seed(0)
-    if kind == "sft":  # packed rows of two conversations each, built on the host (the trainer's path)
-        mbs = [collate([packed_row_to_sample(torch.randint(3, V, (seq,), generator=g).tolist(), [1] * seq,
-                                             [seq // 3, seq - seq // 3], pad_id=0)]) for _ in range(n_mb)]
-        fwd, keys = None, ("lm loss",)
+    if kind == "sft":
+        mbs, keys = sft_microbatches(V, seq, n_mb, g), ("lm loss",)
     else:  # rollouts with mixed advantages and an old policy that differs from the current one (ratios clip)
         seqs = [{"prompt_ids": torch.randint(3, V, (seq // 4,), generator=g).tolist(),
                  "response_ids": torch.randint(3, V, (seq - seq // 4,), generator=g).tolist(),
@@ -157,6 +199,13 @@ def main() -> int:
         loss = r.get("loss", r.get("pg_loss"))
         row(f"tiny {kind} step", f"loss {loss:.4f}, grad norm {r['grad_norm']:.3g}, params on {r['devices']}",
             torch.isfinite(torch.tensor([loss, r["grad_norm"]])).all().item() and r["devices"] == [dev.type])
+
+    r = resume_check(tiny, out / "tiny_mcore", seq_t, out)
+    same = all(abs(a - b) <= 1e-6 * abs(a) for a, b in zip(r["whole"], r["resumed"]))
+    row("tiny SFT resume (distributed optimizer, 2 steps, save, 2 more)",
+        f"4th loss {r['whole'][1]:.6f} uninterrupted vs {r['resumed'][1]:.6f} resumed, Adam step "
+        f"{r['adam_step'][0]} saved / {r['adam_step'][1]} restored ({r['optimizer']}), params on {r['devices']}",
+        same and r["adam_step"] == (2, 2) and r["devices"] == [dev.type])
 
     # logits parity: megatron on the device (fp32) vs the HF reference on the CPU (fp32)
     from transformers import AutoModelForCausalLM

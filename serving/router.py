@@ -107,6 +107,9 @@ def main(argv=None) -> int:
     if a.print_command:
         print(" ".join(r.command()))
         return 0
+    from .sglang import ignore_preemption_warnings
+
+    ignore_preemption_warnings()  # (the trainer's step boundary still needs the router)
     proc = launch(r, wait=False)
 
     def stop(*_):

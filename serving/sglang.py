@@ -131,6 +131,15 @@ class SGLangServer:
         return f"http://{self.host}:{self.port}"
 
 
+def ignore_preemption_warnings() -> None:
+    """A rollout server (or router) of a job outlives the job's warning signals: USR1/USR2 (what sbatch's
+    --signal and submitit send ahead of the end, to every step under submitit) ask the *trainer* to checkpoint at
+    its step boundary, which needs the servers for that step's weight sync. Ignored here, and so in SGLang itself
+    (an ignored signal stays ignored across exec); SIGTERM still stops the server."""
+    for sig in (signal.SIGUSR1, signal.SIGUSR2):
+        signal.signal(sig, signal.SIG_IGN)
+
+
 def launch(server: SGLangServer, log_path: str | None = None, wait: bool = True) -> subprocess.Popen:
     """Start SGLang; its output goes to ``log_path``, or without one to this process's own stdout/stderr (the job's
     log). ``wait``: until healthy; a server that exits first raises with the last lines of its log."""
@@ -203,6 +212,7 @@ def main(argv=None) -> int:
     if a.print_command:
         print(" ".join(srv.command()))
         return 0
+    ignore_preemption_warnings()
     proc = launch(srv, wait=False)
     signal.signal(signal.SIGTERM, lambda *_: shutdown(proc))
     try:

@@ -10,6 +10,10 @@ set -euo pipefail
 REPO=${REPO:-$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)}
 cd "$REPO"
 PY=${PY:-$REPO/.venv/bin/python}
+# A preemption's budget: torchrun waits SHUTDOWN_TIMEOUT for the ranks to write their checkpoint before it kills
+# them (torchrun's default, 30 s, is shorter than one save); the ranks plan with the shorter of it and the stage
+# script's signal lead (--signal=B:USR1@N).
+SHUTDOWN_TIMEOUT=${SHUTDOWN_TIMEOUT:-540}
 # --- the allocation: everything below is derived from it (Slurm's variables and GRES binding; else this machine) ---
 hosts() { if [ -n "${SLURM_JOB_NODELIST:-}" ]; then scontrol show hostnames "$SLURM_JOB_NODELIST"; else hostname; fi; }
 num_nodes() { echo "${SLURM_JOB_NUM_NODES:-${SLURM_NNODES:-1}}"; }
@@ -48,7 +52,24 @@ rank_env() {  # rank_env NPROC: exports, and lists them for the plan
   # the signal lead (s) the trainer holds its measured step-to-boundary and save times against: SIGNAL_LEAD, else
   # the stage script's own `#SBATCH --signal=…@N` (under sbatch $0 is Slurm's copy of it)
   local lead; lead=${SIGNAL_LEAD:-$(sed -n 's/^#SBATCH --signal=[^@]*@\([0-9][0-9]*\).*/\1/p' "$0" 2>/dev/null | head -1)}
-  if [ -n "$lead" ]; then export MEGATRON_RING_SIGNAL_LEAD=$lead; RANK_ENV+=(MEGATRON_RING_SIGNAL_LEAD); fi
+  # (torchrun kills the ranks SHUTDOWN_TIMEOUT after it passed the signal on: the budget is the shorter of the two)
+  if [ -n "$lead" ]; then
+    export MEGATRON_RING_SIGNAL_LEAD=$(( lead < SHUTDOWN_TIMEOUT ? lead : SHUTDOWN_TIMEOUT ))
+    RANK_ENV+=(MEGATRON_RING_SIGNAL_LEAD)
+  fi
+}
+
+# The oldest Slurm these scripts run on: 22.05, where `srun --overlap` shares GPUs and memory as well as CPUs (the
+# rollout servers' and the trainer's steps overlap on every node; on 21.08 the trainer step would wait forever).
+MIN_SLURM=22.05
+slurm_supported() {
+  local v; v=$(srun --version 2>/dev/null | awk '{print $2}')
+  [ -z "$v" ] && return 0
+  if [ "$(printf '%s\n%s\n' "$MIN_SLURM" "$v" | sort -V | head -n 1)" != "$MIN_SLURM" ]; then
+    echo "[$(date +%T)] Slurm $v is older than $MIN_SLURM, the oldest these scripts support (srun --overlap must" \
+      "share GPUs between the servers' and the trainer's steps): not starting" >&2
+    exit 2
+  fi
 }
 
 # Ports, all from the job id, in disjoint ranges: rendezvous 20000-29999, rollout servers 30000-49999, the
@@ -69,10 +90,6 @@ job_server() {  # job_server HF_DIR CONTEXT: one SGLang server of the job on thi
   SERVER_URL=http://127.0.0.1:$port
 }
 
-# A preemption's budget: torchrun waits SHUTDOWN_TIMEOUT for the ranks to write their checkpoint before it kills
-# them (torchrun's default, 30 s, is shorter than one save); the stage scripts' signal lead (--signal=B:USR1@N)
-# is longer than it.
-SHUTDOWN_TIMEOUT=${SHUTDOWN_TIMEOUT:-540}
 
 gpu_mem_gib() {  # one GPU's memory (the first of this node), else GPU_MEM_GIB (default 80)
   local m; m=$(nvidia-smi --query-gpu=memory.total --format=csv,noheader,nounits 2>/dev/null | head -n 1 || true)
@@ -144,6 +161,7 @@ run_stage() {
     return 0
   fi
   require_cuda
+  [ -n "${SLURM_JOB_ID:-}" ] && slurm_supported
   if [ -n "${SLURM_JOB_ID:-}" ]; then
     echo "[$(date +%T)] job ${SLURM_JOB_ID} (restart ${SLURM_RESTART_COUNT:-0}) on $nodes node(s) x ${nproc}: $*"
   else
@@ -151,7 +169,8 @@ run_stage() {
   fi
   "${cmd[@]}" &
   CHILD=$!
-  trap 'on_preempt' USR1 USR2 TERM
+  trap 'on_preempt' USR1 USR2
+  trap 'on_cancel' TERM
   local rc=0
   wait "$CHILD" || rc=$?
   if [ "${PREEMPTED:-0}" = 1 ]; then
@@ -164,7 +183,19 @@ run_stage() {
     fi
     exit 0
   fi
+  if [ "${CANCELLED:-0}" = 1 ]; then
+    wait "$CHILD" 2>/dev/null || true
+    echo "[$(date +%T)] cancelled: the job ends (not requeued)"
+    exit 143
+  fi
   return $rc
+}
+
+on_cancel() {  # TERM without a warning signal first: scancel. The ranks save if they can; the job is not requeued
+  # (`scontrol requeue` takes cancelled jobs back too). At a time limit USR1 came first: that requeue stands.
+  CANCELLED=1
+  echo "[$(date +%T)] TERM (scancel): asking the ranks to checkpoint; the job will not be requeued"
+  kill -USR1 "$CHILD" 2>/dev/null || true
 }
 
 on_preempt() {
@@ -207,18 +238,20 @@ run_rl_stage() {
   for host in $(hosts); do urls+=("http://${host}:${port}"); done
   local serve=("$REPO/slurm/with_gpus.sh" $((gpus - rollout)) "$rollout" "${SGLANG_PYTHON:-$PY}" -m serving.sglang
                --model-path "$hf" --port "$port" --tp-size "$rollout" --context-length "$RL_CONTEXT" "${flags[@]}")
-  export MEGATRON_RING_SYNC_ADDR; MEGATRON_RING_SYNC_ADDR=$(hosts | head -n 1)
+  # the weight-update rendezvous: every trainer rank on its own host, port + its rank (rank 0 is wherever torchrun's
+  # c10d rendezvous puts it: the node whose name sorts first, not necessarily the first host of the allocation)
+  local batch_host; batch_host=$(hosts | head -n 1)
   export MEGATRON_RING_SYNC_PORT; MEGATRON_RING_SYNC_PORT=$(sync_port)
   # more than one server: SGLang's router on this (the batch) node takes the samples' requests (ROUTER=0: the
   # client spreads them itself)
   local router=() via=()
   if [ "${#urls[@]}" -gt 1 ] && [ "${ROUTER:-1}" != 0 ]; then
     router=("$PY" -m serving.router --worker-urls "${urls[@]}" --host 0.0.0.0 --port "$(router_port)")
-    via=(--sglang-router "http://$MEGATRON_RING_SYNC_ADDR:$(router_port)")
+    via=(--sglang-router "http://$batch_host:$(router_port)")
   fi
   if [ "${PRINT_PLAN:-0}" = 1 ]; then
     plan "start=$RL_START out=$RL_OUT context=$RL_CONTEXT rollout_gpus_per_node=$rollout server_port=$port" \
-      "servers=$(IFS=,; echo "${urls[*]}") weight_sync=$MEGATRON_RING_SYNC_ADDR:$MEGATRON_RING_SYNC_PORT" \
+      "servers=$(IFS=,; echo "${urls[*]}") weight_sync=*:$MEGATRON_RING_SYNC_PORT" \
       "router=${via[1]:-none}"
     [ -f "$hf/config.json" ] || plan_cmd "batch node: start checkpoint -> HF" "${convert[@]}"
     for host in $(hosts); do

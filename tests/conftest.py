@@ -218,7 +218,8 @@ TOGETHER = {  # the sandbox tests look for *any* sandbox process / uid / SysV se
     "test_transport": "transport", "test_sglang_lookalike": "transport",  # (one pair of CPU servers: `servers`)
 }
 MODULE_SECONDS = {  # wall seconds of each module under `scripts/test.sh` (2-core CI machine, 2026-12-06)
-    "test_rl_trainer": 405, "test_transport": 320, "test_slurm": 280, "test_sft_trainer": 250, "test_eval": 110,
+    "test_rl_trainer": 405, "test_transport": 280, "test_slurm": 280, "test_sft_trainer": 250, "test_eval": 110,
+    "test_sglang_lookalike": 70,
     "test_published_configs": 145, "test_conversion_memory": 105, "test_serving": 100, "test_hf_compat": 75,
     "test_slurm_plan": 70, "test_rl_loss": 50, "test_gpu_check": 45, "test_memory_plan": 45, "test_train_step": 40,
     "test_sandbox_attacks": 35, "test_weight_sync": 30, "test_parallel_parity": 30, "test_conversion": 25,

@@ -11,8 +11,8 @@ def test_gpu_check_dry_run(tmp_path):
                        capture_output=True, text=True, timeout=900)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     table = (tmp_path / "table.md").read_text()
-    for check in ("convert Ling-shaped HF->mcore", "tiny sft step", "tiny rl step", "Ling-shaped logits",
-                  "Ling-shaped sft step", "Ling-shaped rl step"):
+    for check in ("convert Ling-shaped HF->mcore", "tiny sft step", "tiny rl step", "tiny SFT resume",
+                  "Ling-shaped logits", "Ling-shaped sft step", "Ling-shaped rl step"):
         line = next(x for x in table.splitlines() if check in x)
         assert line.rstrip().endswith("| ok |"), line
     assert "FAIL" not in table

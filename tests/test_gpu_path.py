@@ -193,6 +193,41 @@ def test_fp8_pads_tokens_to_16_per_rank():
              "rollout_logp": [0.0] * 29}]
     (mb,) = make_microbatches(seqs, max_tokens=1024, seq_multiple=token_multiple(r8))
     assert mb["tokens"].shape[1] == 64 and (mb["tokens"].shape[1] // 4) % 16 == 0
+    mx = load_recipe("rl_stage1_ling_lite", {"precision": {"fp8": "e4m3", "fp8_recipe": "mxfp8"}})
+    assert token_multiple(mx) == 128  # MXFP8: 32 per rank (megatron's get_fp8_align_size)
+
+
+def test_mxfp8_is_refused_below_compute_capability_10():
+    """TE runs MXFP8 on Blackwell only (compute capability 10.0): an H100/H200 (9.0) recipe asking for it is
+    refused before anything is built; the other FP8 recipes pass."""
+    import pytest
+
+    from megatron_ring.config.recipe import load_recipe
+    from megatron_ring.model.build import check_fp8_recipe
+
+    mx = load_recipe("sft_distill_ling_lite", {"precision": {"fp8": "e4m3", "fp8_recipe": "mxfp8"}})
+    with pytest.raises(ValueError, match="mxfp8 needs a GPU of compute capability 10.0.*this one is 9.0"):
+        check_fp8_recipe(mx, (9, 0))
+    check_fp8_recipe(mx, (10, 0))
+    for other in ("delayed", "tensorwise", "blockwise"):
+        check_fp8_recipe(load_recipe("sft_distill_ling_lite", {"precision": {"fp8": "hybrid", "fp8_recipe": other}}),
+                         (9, 0))
+
+
+def test_fp8_primary_weights_are_gathered_by_the_distributed_optimizer():
+    """megatron's distributed optimizer writes updated master weights into FP8 primary weights only under the DDP
+    setting ``fp8_param_gather`` (distrib_optimizer.py: quantize_param_shard in that branch, the FP8 parameters
+    skipped in the plain copy): ``fp8_param`` turns it on, and without the distributed optimizer is refused."""
+    from types import SimpleNamespace
+
+    import pytest
+
+    from megatron_ring.training.core import ddp_config
+
+    assert ddp_config(SimpleNamespace(fp8_param=True), True).fp8_param_gather is True
+    assert ddp_config(SimpleNamespace(fp8_param=False), True).fp8_param_gather is False
+    with pytest.raises(ValueError, match="fp8_param needs memory.use_distributed_optimizer"):
+        ddp_config(SimpleNamespace(fp8_param=True), False)
 
 
 def test_rl_thd_micro_batches_pack_sequences_without_padding_to_the_longest():

@@ -284,3 +284,21 @@ def test_serve_sh_on_a_gpu_node_passes_host_dtype_and_tp_and_exports_once(tiny, 
     r = subprocess.run(["bash", "slurm/serve.sh"], cwd=ROOT, env=dict(env, ALLOW_LONG_CONTEXT="1"),
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 2 and "needs the context too" in r.stderr
+
+
+def test_a_rollout_server_and_its_router_outlive_the_jobs_warning_signals():
+    """USR1/USR2 (sbatch's --signal, submitit's warning to every step) ask the trainer to checkpoint at its step
+    boundary, whose weight sync needs the servers: the server and router wrappers ignore them, and so does what
+    they exec (SGLang itself: an ignored signal stays ignored across exec). SIGTERM still stops them."""
+    code = ("import os, signal, subprocess, sys\n"
+            "from serving.sglang import ignore_preemption_warnings\n"
+            "ignore_preemption_warnings()\n"
+            "os.kill(os.getpid(), signal.SIGUSR1); os.kill(os.getpid(), signal.SIGUSR2)\n"
+            "child = subprocess.run(['sh', '-c', 'kill -USR1 $$; kill -USR2 $$; echo child-alive'],"
+            " capture_output=True, text=True)\n"
+            "print('alive', child.stdout.strip(), signal.getsignal(signal.SIGTERM) == signal.SIG_DFL)\n")
+    r = subprocess.run([PY, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0 and r.stdout.split() == ["alive", "child-alive", "True"], (r.stdout, r.stderr)
+    for module in ("serving/sglang.py", "serving/router.py"):  # (both wrappers call it before they launch)
+        src = (ROOT / module).read_text()
+        assert 0 < src.find("\n    ignore_preemption_warnings()") < src.index("\n    proc = launch("), module

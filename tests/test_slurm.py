@@ -131,6 +131,21 @@ def test_sbatch_rl_stage1_completes_and_a_preempted_job_resumes_bit_exact(tiny, 
     assert (b / "checkpoints" / "latest").read_text().strip() == f"iter_{STEPS:07d}"
 
 
+def test_a_cancelled_job_stays_cancelled(tiny, data, tmp_path):  # noqa: F811
+    """`scancel` sends TERM (no warning signal first): the ranks are asked to save, and the job ends CANCELLED with
+    no restart. (`scontrol requeue` takes a cancelled or completing job back: a script that requeued on TERM turned
+    every cancel into a new run holding the nodes again.)"""
+    log = tmp_path / "c.log"
+    jid = _submit(data, tiny["mcore"], tmp_path / "c", log)
+    _wait(lambda: _logged(log) >= 1, 300, "step 1 of the job to be cancelled", log)
+    subprocess.run(["scancel", jid], check=True, timeout=30)
+    assert _wait(lambda: _done(jid), 120, f"job {jid} to end", log) == "CANCELLED"
+    time.sleep(20)  # (past KillWait: the batch shell has had every chance to requeue)
+    job = _job(jid)
+    assert (job.get("JobState"), job.get("Restarts")) == ("CANCELLED", "0"), (job, log.read_text()[-2000:])
+    assert "the job will not be requeued" in log.read_text()
+
+
 def _gres_gpus() -> int:
     r = subprocess.run(["sinfo", "-h", "-o", "%G"], capture_output=True, text=True, timeout=20)
     m = [int(g.split(":")[-1]) for g in r.stdout.split() if g.startswith("gpu:")]
@@ -185,6 +200,10 @@ def test_submitit_runs_the_stage_as_sbatch_does_on_slurm_and_locally_and_requeue
         if way == "local":
             assert type(jobs[way]).__name__ == "LocalJob"
             launch.wait(jobs[way])
+    # a job of 2 tasks (submitit calls the function in each): the stage script runs once
+    once = launch.submit("sft", {"RECIPE": "sft_distill_tiny", "PRINT_PLAN": "1", "PY": PY},
+                         folder=tmp_path / "submitit_once", cluster="slurm",
+                         overrides={**cpu, "ntasks-per-node": "2", "mem": "2G"})
     j = jobs["preempted"]
     log = Path(j.paths.stdout)
     _wait(lambda: _logged(log) >= 2, 600, "step 2 of the submitit job", log)
@@ -192,6 +211,10 @@ def test_submitit_runs_the_stage_as_sbatch_does_on_slurm_and_locally_and_requeue
     _wait(lambda: f"job {j.job_id} (restart 1)" in log.read_text(), 300, "the submitit job's restart", log)
     for way in ("slurm", "preempted"):
         launch.wait(jobs[way])
+    launch.wait(once)
+    plans = [ln for f in (tmp_path / "submitit_once").glob("*.out") for ln in f.read_text().splitlines()
+             if ln.startswith("[plan] every node: trainer")]
+    assert len(plans) == 1, plans
     text = log.read_text()
     assert "submitit requeues the job" in text and 2 <= _stop_step(log, 1) < STEPS, text[-3000:]
     after = [json.loads(x)["step"] for x in text.split("(restart 1)", 1)[1].splitlines() if x.startswith('{"step"')]

@@ -77,6 +77,8 @@ def test_rl_plan_two_nodes_trainers_and_servers_split_each_nodes_gpus():
         assert "--enable-memory-saver" not in srv and "--enable-deterministic-inference" not in srv
     tr = cmds["every node: trainer"]
     assert tr[3].endswith("slurm/with_gpus.sh") and tr[4:6] == ["0", "4"] and "--nproc-per-node=4" in tr
+    # the script's --signal=B:USR1@600, but torchrun kills the ranks 540 s after passing it on: they plan with 540
+    assert "[plan] env MEGATRON_RING_SIGNAL_LEAD=540" in r.stdout and "shutdown_timeout=540" in r.stdout
     i = tr.index("--sglang-urls")
     urls = ["http://gpu1:34242", "http://gpu2:34242"]
     assert tr[i + 1:i + 3] == urls and tr[i + 5] == "--init"
@@ -139,3 +141,38 @@ def test_pipeline_ling_lite_keeps_the_scripts_gpu_resources():
     for script in ("sft_distill.sh", "rl_stage1.sh", "rl_stage2.sh", "eval.sh", "serve.sh"):
         head = (ROOT / "slurm" / script).read_text()
         assert "#SBATCH --exclusive\n" in head and "#SBATCH --mem=0\n" in head, script
+
+
+def test_a_submitit_job_runs_its_stage_once_in_a_step_that_sees_the_gpus_and_requeues_on_every_timeout(monkeypatch):
+    """submitit calls the job's function in every task (nodes x tasks per node): the stage script, which starts its
+    own srun steps over every node, runs in task 0 only. The job's own step is only `--overlap` (a
+    `--gpus-per-node=0` step cannot open a GPU under cgroup ConstrainDevices, and from Slurm 23.11 its 0 reaches the
+    nested steps), and a time-out always requeues (submitit gives up after 3 by default)."""
+    import tempfile
+
+    from megatron_ring import launch
+
+    ex = launch.executor("sft", folder=tempfile.mkdtemp(), cluster="slurm")
+    assert ex._executor.parameters["srun_args"] == ["--overlap"] and ex._executor.parameters["nodes"] == 2
+    assert ex._executor.max_num_timeout >= 10**6
+    monkeypatch.setenv("SLURM_PROCID", "1")  # (task 1 of the job: returns at once, runs nothing)
+    assert launch.StageJob("sft", {"PRINT_PLAN": "1", "PY": "/nonexistent/python"})() == \
+        {"stage": "sft", "returncode": 0, "task": 1, "ran": False}
+
+
+def test_the_scripts_refuse_a_slurm_older_than_22_05(tmp_path):
+    """`srun --overlap` shares GPUs (and memory) between steps only from Slurm 22.05 on: on 21.08 the trainer's
+    step would wait for the rollout servers' GPUs for ever. A job on an older Slurm stops at once, saying so."""
+    def check(version: str) -> subprocess.CompletedProcess:
+        fake = tmp_path / version
+        fake.mkdir()
+        (fake / "srun").write_text(f"#!/bin/sh\necho 'slurm-wlm {version}'\n")
+        (fake / "srun").chmod(0o755)
+        return subprocess.run(["bash", "-c", "source slurm/launch.sh; slurm_supported; echo supported"], cwd=ROOT,
+                              env={**os.environ, "PATH": f"{fake}:{os.environ['PATH']}", "PY": PY},
+                              capture_output=True, text=True, timeout=60)
+
+    old = check("21.08.5")
+    assert old.returncode == 2 and "Slurm 21.08.5 is older than 22.05" in old.stderr, old
+    for v in ("22.05.8", "23.11.1", "24.05.0"):
+        assert check(v).stdout.strip() == "supported", v

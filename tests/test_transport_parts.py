@@ -54,10 +54,11 @@ def test_request_bodies_use_sglang_fields():
 
 
 def test_each_trainer_rank_meets_the_servers_on_its_own_host_and_port(monkeypatch):
-    """The job scripts' MEGATRON_RING_SYNC_PORT/ADDR: rank 0 at the named host, every other rank at its own host,
-    port + its rank (one group per sender); without them, a free port at the address the servers reach: 127.0.0.1
-    for servers on this host, else the address of the interface that routes to them (a server told 127.0.0.1 would
-    wait for itself for SGLang's 30-minute group timeout), or a refusal naming MEGATRON_RING_SYNC_ADDR."""
+    """The job scripts' MEGATRON_RING_SYNC_PORT: every rank, rank 0 included, at its own host, port + its rank (one
+    group per sender; c10d puts rank 0 on the node whose name sorts first, which need not be the allocation's first
+    host, so no host is named for it); without it, a free port at the address the servers reach: 127.0.0.1 for
+    servers on this host, else the address of the interface that routes to them (a server told 127.0.0.1 would wait
+    for itself for SGLang's 30-minute group timeout), or a refusal saying so."""
     import socket
 
     import ipaddress
@@ -72,15 +73,15 @@ def test_each_trainer_rank_meets_the_servers_on_its_own_host_and_port(monkeypatc
         got = reachable_address(["http://127.0.0.1:30000", "http://192.0.2.77:30000"])
         assert not ipaddress.ip_address(got).is_loopback, got
     except EngineError as e:
-        assert "no route to the server host '192.0.2.77'" in str(e) and "MEGATRON_RING_SYNC_ADDR" in str(e)
+        assert "no route to the server host '192.0.2.77'" in str(e) and "MEGATRON_RING_SYNC_PORT" in str(e)
     assert T.BroadcastTransport(["http://127.0.0.1:1"], [1], None, 1).addr == "127.0.0.1"
     try:  # the transport a trainer builds without the job script's environment, for servers on another host
         assert not ipaddress.ip_address(T.BroadcastTransport(["http://192.0.2.77:1"], [1], None, 1).addr).is_loopback
     except EngineError as e:
-        assert "MEGATRON_RING_SYNC_ADDR" in str(e)
+        assert "MEGATRON_RING_SYNC_PORT" in str(e)
     monkeypatch.setenv("MEGATRON_RING_SYNC_PORT", "50042")
-    monkeypatch.setenv("MEGATRON_RING_SYNC_ADDR", "gpu1")
-    assert sync_rendezvous(0) == ("gpu1", 50042) and sync_rendezvous(3) == (socket.gethostname(), 50045)
+    monkeypatch.setenv("MEGATRON_RING_SYNC_ADDR", "gpu1")  # (what the job scripts set before: the first host)
+    assert sync_rendezvous(0) == (socket.gethostname(), 50042) and sync_rendezvous(3) == (socket.gethostname(), 50045)
 
 
 def test_ipc_serializer_one_entry_per_tp_rank(monkeypatch):

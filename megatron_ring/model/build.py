@@ -33,7 +33,19 @@ def use_transformer_engine(recipe: Recipe) -> bool:
     if recipe.precision.fp8 and not use:
         raise RuntimeError(f"precision.fp8={recipe.precision.fp8!r} needs Transformer Engine on a GPU; "
                            "set fp8: null to train without FP8")
+    if recipe.precision.fp8 and use:
+        check_fp8_recipe(recipe, torch.cuda.get_device_capability())
     return use
+
+
+def check_fp8_recipe(recipe: Recipe, capability: tuple[int, int]) -> None:
+    """Refuse, before building, an FP8 recipe this GPU cannot run: TE's MXFP8 needs compute capability 10.0
+    (Blackwell; transformer_engine/pytorch/quantization.py: "Device compute capability 10.0 or higher required
+    for MXFP8 execution"), so not an H100/H200 (9.0)."""
+    if recipe.precision.fp8 and recipe.precision.fp8_recipe == "mxfp8" and tuple(capability) < (10, 0):
+        raise ValueError(f"recipe {recipe.name}: precision.fp8_recipe mxfp8 needs a GPU of compute capability 10.0 "
+                         f"or higher (Blackwell); this one is {capability[0]}.{capability[1]}: use delayed, "
+                         "tensorwise or blockwise")
 
 
 @functools.lru_cache(maxsize=1)
@@ -65,9 +77,13 @@ def moe_kernels(recipe: Recipe, te: bool) -> dict:
 
 
 def token_multiple(recipe: Recipe) -> int:
-    """Micro-batch token counts must be multiples of this: TP (sequence parallelism splits the tokens) x 16 under
-    FP8 (TE's FP8 GEMMs take token dimensions in multiples of 16 on every rank)."""
-    return recipe.parallel.tensor_model_parallel_size * (16 if recipe.precision.fp8 else 1)
+    """Micro-batch token counts must be multiples of this: TP (sequence parallelism splits the tokens) x megatron's
+    FP8 alignment under FP8 (``fp8_utils.get_fp8_align_size``: TE's FP8 GEMMs take token dimensions in multiples
+    of 16 on every rank, 32 for MXFP8)."""
+    from megatron.core.fp8_utils import get_fp8_align_size
+
+    p = recipe.precision
+    return recipe.parallel.tensor_model_parallel_size * (get_fp8_align_size(p.fp8_recipe) if p.fp8 else 1)
 
 
 def kernel_settings(recipe: Recipe, te: bool, cuda: bool) -> dict:
@@ -171,4 +187,8 @@ def build_model(recipe: Recipe, pre_process: bool | None = None, post_process: b
     )
     if mapped.norm_head and post_process:
         apply_norm_head(model.output_layer)
+    if not cfg.use_cpu_initialization:  # on a GPU: every parameter there (megatron makes the MoE router's weight
+        # and the local spec's norms without a device, i.e. on the host; Megatron-LM moves each model chunk with
+        # model.cuda(torch.cuda.current_device()) in training.py's get_model)
+        model.to(torch.cuda.current_device())
     return model

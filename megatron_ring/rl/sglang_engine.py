@@ -226,16 +226,16 @@ class SGLangEngine:
 
 def sync_rendezvous(rank: int) -> tuple[str | None, int | None]:
     """Trainer rank ``rank``'s rendezvous for its weight-update group with the servers: port
-    ``MEGATRON_RING_SYNC_PORT`` + rank on its own host (the job scripts set the port, and name rank 0's host in
-    ``MEGATRON_RING_SYNC_ADDR``); without one, no address (the transport takes ``reachable_address``) and a free
-    port (None)."""
+    ``MEGATRON_RING_SYNC_PORT`` + rank on its own host, rank 0 included (the job scripts set the port; torchrun's
+    c10d rendezvous puts rank 0 on the node whose name sorts first, gpu10 before gpu9, not on the allocation's first
+    host); without one, no address (the transport takes ``reachable_address``) and a free port (None)."""
     import os
     import socket
 
     port = int(os.environ.get("MEGATRON_RING_SYNC_PORT", 0))
     if not port:
         return None, None
-    return (os.environ.get("MEGATRON_RING_SYNC_ADDR") if rank == 0 else None) or socket.gethostname(), port + rank
+    return socket.gethostname(), port + rank
 
 
 def peer_transport(kind: str, sync_dir: str | Path, hf_config: dict, group, senders: str = "owners"):
@@ -272,8 +272,8 @@ def reachable_address(urls: list[str]) -> str:
         try:
             s.connect((host, 9))
         except OSError as e:
-            raise EngineError(f"weight-update rendezvous: no route to the server host {host!r} ({e}); set "
-                              "MEGATRON_RING_SYNC_ADDR to an address of this host that the servers can reach") from None
+            raise EngineError(f"weight-update rendezvous: no route to the server host {host!r} ({e}); run under "
+                              "the job scripts (MEGATRON_RING_SYNC_PORT: each rank at its own host name)") from None
         return s.getsockname()[0]
 
 

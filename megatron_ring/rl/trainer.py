@@ -258,6 +258,9 @@ class RLState:
         from .sglang_engine import peer_transport
         from .weights import stream_hf_weights
 
+        flag = getattr(self, "flag", None)
+        if flag is not None and flag.agreed():  # a stop was asked for: the servers may be going already (Slurm
+            return {"sync/skipped": 1.0}        # signals every step); the restart syncs the saved weights first
         if not hasattr(self, "_tr"):  # (made once: the IPC transport makes process groups; collective)
             self._tr = self.engine.transport() if self.rank0 else peer_transport(
                 transport_kind(self.cfg), self.run / "weight_sync", self.recipe.hf_config, self.ctrl,

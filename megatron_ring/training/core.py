@@ -38,12 +38,21 @@ def wrap_ddp(model: torch.nn.Module, use_distributed_optimizer: bool = False) ->
     if not cfg.calculate_per_token_loss:  # the routers were built with it; setting it now is too late
         raise ValueError("the model was built without calculate_per_token_loss=True (model.build.transformer_config "
                          "sets it): its MoE aux/z losses would be scaled for a per-micro-batch mean loss")
-    ddp = DistributedDataParallel(
-        cfg, DistributedDataParallelConfig(grad_reduce_in_fp32=True, overlap_grad_reduce=False,
-                                           use_distributed_optimizer=use_distributed_optimizer,
-                                           check_for_nan_in_grad=True),
-        module=model)
-    return ddp
+    return DistributedDataParallel(cfg, ddp_config(cfg, use_distributed_optimizer), module=model)
+
+
+def ddp_config(model_config, use_distributed_optimizer: bool) -> DistributedDataParallelConfig:
+    """megatron's DDP settings for a model. FP8 primary weights (``fp8_param``) are updated by the distributed
+    optimizer only through ``fp8_param_gather`` (megatron-core's distrib_optimizer quantizes the new master weights
+    into them there and skips them in the plain copy): the two go together, as Megatron-LM and Megatron-Bridge tie
+    them."""
+    fp8_param = bool(getattr(model_config, "fp8_param", False))
+    if fp8_param and not use_distributed_optimizer:
+        raise ValueError("precision.fp8_param needs memory.use_distributed_optimizer: true (megatron gathers FP8 "
+                         "parameters through the distributed optimizer only)")
+    return DistributedDataParallelConfig(grad_reduce_in_fp32=True, overlap_grad_reduce=False,
+                                         use_distributed_optimizer=use_distributed_optimizer,
+                                         check_for_nan_in_grad=True, fp8_param_gather=fp8_param)
 
 
 def build_optimizer(chunks: list[torch.nn.Module], oc: OptimConfig):

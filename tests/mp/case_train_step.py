@@ -32,7 +32,17 @@ def main():
     ap.add_argument("--z", type=float, default=1e-3, help="moe_z_loss_coeff")
     ap.add_argument("--save", help="save the trained model and its optimizer state as a dist checkpoint here")
     ap.add_argument("--resume", help="load model and optimizer state from a checkpoint written with --save")
+    ap.add_argument("--te-adam", action="store_true",
+                    help="megatron builds TE FusedAdam's stand-in (tests/mp/te_adam.py)")
     a = ap.parse_args()
+    if a.te_adam:
+        import sys
+        from pathlib import Path
+
+        sys.path.insert(0, str(Path(__file__).parent))
+        import te_adam
+
+        te_adam.install()
 
     import torch.distributed as dist
     from megatron.core import parallel_state as ps
@@ -76,7 +86,11 @@ def main():
     if dist.get_rank() == 0:
         with open(a.out, "w") as f:
             opts = getattr(opt, "chained_optimizers", [opt])
-            json.dump({"steps": hist, "dp": dp, "optimizers": sorted({type(o).__name__ for o in opts}), "n_opt": len(opts),
+            from megatron_ring.optim_state import adam_step
+
+            json.dump({"steps": hist, "dp": dp, "adam_step": adam_step(opt), "n_opt": len(opts),
+                       "inner": sorted({type(o.optimizer).__name__ for o in opts}),
+                       "optimizers": sorted({type(o).__name__ for o in opts}),
                        "recompute": model.config.recompute_granularity}, f)
     dist.barrier()
 
