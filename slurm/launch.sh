@@ -52,6 +52,11 @@ rank_env() {  # rank_env NPROC: exports, and lists them for the plan
   # the signal lead (s) the trainer holds its measured step-to-boundary and save times against: SIGNAL_LEAD, else
   # the stage script's own `#SBATCH --signal=…@N` (under sbatch $0 is Slurm's copy of it)
   local lead; lead=${SIGNAL_LEAD:-$(sed -n 's/^#SBATCH --signal=[^@]*@\([0-9][0-9]*\).*/\1/p' "$0" 2>/dev/null | head -1)}
+  # a stop the ranks plan from the job's end (SLURM_JOB_END_TIME) leaves this file: the script requeues the job
+  if [ -n "${SLURM_JOB_ID:-}" ]; then
+    export MEGATRON_RING_REQUEUE_FILE=$REPO/logs/.requeue-$SLURM_JOB_ID
+    RANK_ENV+=(MEGATRON_RING_REQUEUE_FILE)
+  fi
   # (torchrun kills the ranks SHUTDOWN_TIMEOUT after it passed the signal on: the budget is the shorter of the two)
   if [ -n "$lead" ]; then
     export MEGATRON_RING_SIGNAL_LEAD=$(( lead < SHUTDOWN_TIMEOUT ? lead : SHUTDOWN_TIMEOUT ))
@@ -167,6 +172,7 @@ run_stage() {
   else
     echo "[$(date +%T)] no Slurm: running locally on ${nproc} process(es): $*"
   fi
+  rm -f "${MEGATRON_RING_REQUEUE_FILE:-/nonexistent}"
   "${cmd[@]}" &
   CHILD=$!
   trap 'on_preempt' USR1 USR2
@@ -181,6 +187,12 @@ run_stage() {
       echo "[$(date +%T)] checkpoint written; requeueing job ${SLURM_JOB_ID}"
       scontrol requeue "${SLURM_JOB_ID}" || echo "[$(date +%T)] requeue refused (already requeued by Slurm?)"
     fi
+    exit 0
+  fi
+  if [ "$rc" = 0 ] && [ -n "${MEGATRON_RING_REQUEUE_FILE:-}" ] && [ -f "$MEGATRON_RING_REQUEUE_FILE" ]; then
+    rm -f "$MEGATRON_RING_REQUEUE_FILE"
+    echo "[$(date +%T)] the ranks stopped before the job's end (checkpoint written); requeueing job ${SLURM_JOB_ID}"
+    scontrol requeue "${SLURM_JOB_ID}" || echo "[$(date +%T)] requeue refused"
     exit 0
   fi
   if [ "${CANCELLED:-0}" = 1 ]; then
@@ -221,6 +233,7 @@ run_rl_stage() {
   # exit 2, when prompt + max_new_tokens exceed the model's positions without the recipe allowing it)
   local launch; launch=$("$PY" -m megatron_ring.cli rl --recipe "$RECIPE" --print-launch "$@") || exit $?
   eval "$launch"
+  if [ -n "${SLURM_JOB_ID:-}" ] && [ "${PRINT_PLAN:-0}" != 1 ]; then slurm_supported; fi  # (before any server)
   local gpus rollout; gpus=$(gpus_per_node); rollout=${ROLLOUT_GPUS:-4}
   if [ "$gpus" -le "$rollout" ]; then
     echo "run_rl_stage: $gpus GPU(s) per node, ROLLOUT_GPUS=$rollout leaves none to train" >&2; exit 2
@@ -249,7 +262,12 @@ run_rl_stage() {
     router=("$PY" -m serving.router --worker-urls "${urls[@]}" --host 0.0.0.0 --port "$(router_port)")
     via=(--sglang-router "http://$batch_host:$(router_port)")
   fi
+  # every node can run the reward sandbox (rank 0, which grades, lands on any of them), asked before anything
+  # is converted or started (--sandbox-unsafe in RL_ARGS: the recipe runs without it)
+  local sandbox=(srun --overlap --nodes="$(num_nodes)" --ntasks-per-node=1 "$PY" -m megatron_ring.rewards.sandbox --check)
+  [[ " $* " == *" --sandbox-unsafe "* ]] && sandbox=()
   if [ "${PRINT_PLAN:-0}" = 1 ]; then
+    [ "${#sandbox[@]}" -eq 0 ] || plan_cmd "every node: reward sandbox check" "${sandbox[@]}"
     plan "start=$RL_START out=$RL_OUT context=$RL_CONTEXT rollout_gpus_per_node=$rollout server_port=$port" \
       "servers=$(IFS=,; echo "${urls[*]}") weight_sync=*:$MEGATRON_RING_SYNC_PORT" \
       "router=${via[1]:-none}"
@@ -259,6 +277,9 @@ run_rl_stage() {
     done
     [ "${#router[@]}" -eq 0 ] || plan_cmd "batch node: router" "${router[@]}"
   else
+    if [ "${#sandbox[@]}" -gt 0 ] && ! "${sandbox[@]}"; then
+      echo "[$(date +%T)] the reward sandbox cannot run on every node (above): not starting" >&2; exit 3
+    fi
     [ -f "$hf/config.json" ] || "${convert[@]}"
     for host in $(hosts); do
       srun --overlap --nodes=1 --ntasks=1 -w "$host" "${serve[@]}" &

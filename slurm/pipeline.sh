@@ -6,7 +6,10 @@
 # to stage 2 (slurm/difficulty.sh). On by default for the tiny recipes; DIFFICULTY=0 skips it (stage 2 then takes
 # the data stage's prompts), as it does by default for Ling-lite, whose rollouts would need SGLang (not wired).
 # Run it on the login node: `bash slurm/pipeline.sh`. Defaults: the tiny recipes on a CPU cluster (RUN=runs/tiny);
-# for Ling-lite set SIZE=ling_lite and the GPU sbatch defaults of each script apply (SBATCH_EXTRA to add flags).
+# for Ling-lite set SIZE=ling_lite and the GPU sbatch defaults of each script apply (SBATCH_EXTRA to add flags);
+# it then needs the real model and data, never the tiny ones: BASE (the base model's megatron checkpoint: `megatron-ring
+# convert hf-to-mcore` of Ling-lite), TOKENIZER (its HF tokenizer folder) and DATA (a data folder laid out as the
+# data stage's, built with that tokenizer and the recipe's sequence length); the data stage is then skipped.
 # DRY_RUN=1 prints the sbatch commands instead of submitting. Every stage script also runs without Slurm.
 # SUBMITIT=1 submits the same jobs through megatron_ring.launch (submitit; local processes where no cluster answers,
 # or with SUBMITIT_LOCAL=1).
@@ -24,6 +27,16 @@ if [ "$SIZE" = tiny ]; then  # the CPU overrides of the GPU-node #SBATCH default
 else  # GPU nodes: each script's #SBATCH lines (whole nodes), one rank per GPU unless NPROC says otherwise
   RES=()
   NP=(); [ -n "${NPROC:-}" ] && NP=(NPROC="$NPROC")
+fi
+if [ "$SIZE" = tiny ]; then  # the data stage builds them all
+  D=$RUN/data BASE_CKPT=$RUN/mcore TOK=$RUN/data/tokenizer
+else
+  for v in BASE TOKENIZER DATA; do
+    [ -n "${!v:-}" ] || { echo "SIZE=$SIZE needs $v=...: the tiny data, model and tokenizer do not fit the" \
+      "$SIZE recipes (BASE: the base model converted with megatron-ring convert hf-to-mcore; TOKENIZER: its HF" \
+      "tokenizer; DATA: a data folder laid out as data_tools writes it, built with that tokenizer)" >&2; exit 2; }
+  done
+  D=$DATA BASE_CKPT=$BASE TOK=$TOKENIZER
 fi
 read -r -a EXTRA <<< "${SBATCH_EXTRA:-}"
 prev=""
@@ -47,6 +60,7 @@ submit() {  # submit NAME SCRIPT VAR=VALUE...: prints the job id
   [ "$name" = "$FROM" ] && started=1
   if [ "$started" = 0 ]; then echo "skipped $name (FROM=$FROM)" >&2; return; fi
   if [ "$name" = difficulty ] && [ "$DIFFICULTY" != 1 ]; then echo "skipped $name (DIFFICULTY=$DIFFICULTY)" >&2; return; fi
+  if [ "$name" = data ] && [ "$SIZE" != tiny ]; then echo "skipped $name (SIZE=$SIZE: DATA=$DATA)" >&2; return; fi
   local dep=(); [ -n "$prev" ] && dep=(--dependency="afterok:$prev" --kill-on-invalid-dep=yes)
   local cmd=(env "$@" sbatch --parsable --export=ALL --job-name="$name" "${RES[@]}" "${EXTRA[@]}" "${dep[@]}" "$script")
   if [ "${SUBMITIT:-0}" = 1 ]; then  # the same jobs through megatron_ring.launch (submitit)
@@ -64,27 +78,26 @@ submit() {  # submit NAME SCRIPT VAR=VALUE...: prints the job id
     echo "submitted $name: job $prev" >&2
   fi
 }
-D=$RUN/data
 submit data slurm/data.sh RUN="$RUN"
 submit sft slurm/sft_distill.sh RECIPE="sft_distill_$SIZE" "${NP[@]}" \
-  SFT_ARGS="--data $D/sft/packed.parquet --init $RUN/mcore --out $RUN/sft$Q_SFT"
-submit select slurm/select_ckpt.sh RUN="$RUN/sft" PROMPTS="$D/rl_stage1/4_filtered.parquet" TOKENIZER="$D/tokenizer" \
+  SFT_ARGS="--data $D/sft/packed.parquet --init $BASE_CKPT --out $RUN/sft$Q_SFT"
+submit select slurm/select_ckpt.sh RUN="$RUN/sft" PROMPTS="$D/rl_stage1/4_filtered.parquet" TOKENIZER="$TOK" \
   EVAL="$D/eval/math.parquet" SELECT_ARGS="$Q_SEL"
 submit rl_stage1 slurm/rl_stage1.sh RECIPE="rl_stage1_$SIZE" "${NP[@]}" \
-  RL_ARGS="--init $RUN/sft --out $RUN/rl_stage1 --prompts $D/rl_stage1/4_filtered.parquet --tokenizer $D/tokenizer --eval-sets $D/eval/math.parquet$Q_RL"
+  RL_ARGS="--init $RUN/sft --out $RUN/rl_stage1 --prompts $D/rl_stage1/4_filtered.parquet --tokenizer $TOK --eval-sets $D/eval/math.parquet$Q_RL"
 S2=$D/rl_stage2/4_filtered.parquet
 if [ "$DIFFICULTY" = 1 ]; then S2=$D/rl_stage2/5_difficulty.parquet; fi
 submit difficulty slurm/difficulty.sh CKPT="$RUN/rl_stage1" PROMPTS="$D/rl_stage2/4_filtered.parquet" \
-  TOKENIZER="$D/tokenizer" OUT="$S2" RECIPE="rl_stage2_$SIZE" K="${DIFFICULTY_K:-4}" "${Q_DIFF[@]}"
+  TOKENIZER="$TOK" OUT="$S2" RECIPE="rl_stage2_$SIZE" K="${DIFFICULTY_K:-4}" "${Q_DIFF[@]}"
 submit rl_stage2 slurm/rl_stage2.sh RECIPE="rl_stage2_$SIZE" "${NP[@]}" \
-  RL_ARGS="--init $RUN/rl_stage1 --out $RUN/rl_stage2 --prompts $S2 --tokenizer $D/tokenizer --eval-sets $D/eval/code.parquet $D/eval/science.parquet$Q_RL"
-submit export slurm/export.sh CKPT="$RUN/rl_stage2" OUT="$RUN/export" TOKENIZER="$D/tokenizer"
+  RL_ARGS="--init $RUN/rl_stage1 --out $RUN/rl_stage2 --prompts $S2 --tokenizer $TOK --eval-sets $D/eval/code.parquet $D/eval/science.parquet$Q_RL"
+submit export slurm/export.sh CKPT="$RUN/rl_stage2" OUT="$RUN/export" TOKENIZER="$TOK"
 if [ "$SIZE" = tiny ]; then  # the embedded held-out sets and AIME24, short replies; the RL recipe's temperature
   EV=(BENCHMARKS="${BENCHMARKS:-heldout_math heldout_code heldout_science aime24}" K="${K:-4}" MAX_TOKENS=192 "${Q_EVAL[@]}"
       EVAL_ARGS="--data-dir $D/eval --limit ${EVAL_LIMIT:-64} --temperature ${EVAL_T:-0.8}")
 else
   EV=(BENCHMARKS="${BENCHMARKS:-aime24 aime25 humaneval}")
 fi
-submit eval_sft slurm/eval.sh CKPT="$RUN/sft" EXPORT="$RUN/sft/export" TOKENIZER="$D/tokenizer" LABEL=sft OUT="$RUN/eval" "${EV[@]}"
+submit eval_sft slurm/eval.sh CKPT="$RUN/sft" EXPORT="$RUN/sft/export" TOKENIZER="$TOK" LABEL=sft OUT="$RUN/eval" "${EV[@]}"
 submit eval_final slurm/eval.sh MODEL="$RUN/export" LABEL=final OUT="$RUN/eval" "${EV[@]}"
 echo "$prev"

@@ -38,12 +38,36 @@ def _torchrun_cmd(nproc: int, *target_and_args) -> list[str]:
     return [PY, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}", "--standalone", *map(str, target_and_args)]
 
 
+def run_session(cmd: list, timeout: float) -> subprocess.CompletedProcess:
+    """``cmd`` in a session of its own, its output through files; once it exits (or times out: returncode None) the
+    whole session is killed. A rank that dies leaves children (multiprocessing workers) whose copies of a pipe would
+    keep ``subprocess.run(capture_output=True)`` waiting for the whole timeout."""
+    import signal
+    import tempfile
+
+    with tempfile.TemporaryFile("w+") as o, tempfile.TemporaryFile("w+") as e:
+        p = subprocess.Popen(cmd, cwd=ROOT, stdout=o, stderr=e, text=True, start_new_session=True,
+                             env=dict(os.environ, OMP_NUM_THREADS="1"))
+        try:
+            rc = p.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            rc = None
+        finally:
+            try:
+                os.killpg(p.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            p.wait()
+        o.seek(0)
+        e.seek(0)
+        return subprocess.CompletedProcess(cmd, rc, o.read(), e.read())
+
+
 def torchrun(script: str, nproc: int, *args, timeout=600) -> subprocess.CompletedProcess:
     """``script``: a file in tests/mp, or ``-m module`` style as 'module:megatron_ring.cli'."""
     target = ["-m", script.split(":", 1)[1]] if script.startswith("module:") else [str(MP / script)]
     cmd = _torchrun_cmd(nproc, *target, *args)
-    r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout,
-                       env=dict(os.environ, OMP_NUM_THREADS="1"))
+    r = run_session(cmd, timeout)
     if r.returncode != 0:
         raise AssertionError(f"{' '.join(cmd)} failed ({r.returncode}):\n{r.stdout[-3000:]}\n{r.stderr[-6000:]}")
     return r
@@ -84,12 +108,9 @@ def world(nproc: int, cases: list[dict], d: Path, timeout=900) -> dict[str, str]
     d.mkdir(parents=True, exist_ok=True)
     (d / "plan.json").write_text(json.dumps(cases, default=str))
     cmd = _torchrun_cmd(nproc, MP / "worlds.py", d / "plan.json", d / "report")
-    try:
-        r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout,
-                           env=dict(os.environ, OMP_NUM_THREADS="1"))
-        tail = f"(torchrun exit {r.returncode})\n{r.stdout[-2000:]}\n{r.stderr[-6000:]}"
-    except subprocess.TimeoutExpired as e:
-        tail = f"(the world timed out after {timeout} s)\n{str(e.stderr or '')[-6000:]}"
+    r = run_session(cmd, timeout)
+    why = f"torchrun exit {r.returncode}" if r.returncode is not None else f"the world timed out after {timeout} s"
+    tail = f"({why})\n{r.stdout[-2000:]}\n{r.stderr[-6000:]}"
     ranks = [json.loads(f.read_text()) for f in sorted(d.glob("report.rank*.json"))]
     out = {}
     for c in cases:

@@ -214,6 +214,24 @@ def test_mxfp8_is_refused_below_compute_capability_10():
                          (9, 0))
 
 
+def test_fp8_delayed_scaling_keeps_a_long_amax_history():
+    """Delayed scaling with megatron's default one-step amax history lets one spiky step set the next step's scales;
+    the recipes get Megatron-Bridge's settings (history 1024, max), which megatron-core's TransformerConfig takes."""
+    from megatron.core.transformer import TransformerConfig
+
+    from megatron_ring.config.recipe import load_recipe
+    from megatron_ring.model.build import fp8_settings
+
+    delayed = fp8_settings(load_recipe("sft_distill_ling_lite", {"precision": {"fp8": "hybrid"}}).precision)
+    assert (delayed["fp8_amax_history_len"], delayed["fp8_amax_compute_algo"]) == (1024, "max")
+    assert delayed["moe_router_padding_for_quantization"] and not fp8_settings(load_recipe("ling_lite").precision)
+    other = fp8_settings(load_recipe("ling_lite", {"precision": {"fp8": "e4m3", "fp8_recipe": "tensorwise"}}).precision)
+    assert "fp8_amax_history_len" not in other
+    dense = {k: v for k, v in delayed.items() if not k.startswith("moe_")}  # (MoE FP8 validation needs TE)
+    c = TransformerConfig(num_layers=1, hidden_size=64, num_attention_heads=4, **dense)
+    assert (c.fp8_amax_history_len, c.fp8_amax_compute_algo, c.fp8_recipe) == (1024, "max", "delayed")
+
+
 def test_fp8_primary_weights_are_gathered_by_the_distributed_optimizer():
     """megatron's distributed optimizer writes updated master weights into FP8 primary weights only under the DDP
     setting ``fp8_param_gather`` (distrib_optimizer.py: quantize_param_shard in that branch, the FP8 parameters

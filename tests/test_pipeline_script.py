@@ -37,14 +37,32 @@ def test_pipeline_chains_every_stage_afterok():
     assert "--prompts runs/p/data/rl_stage2/5_difficulty.parquet" in cmds  # stage 2 trains on what it kept
 
 
+LING = {"SIZE": "ling_lite", "BASE": "/ckpt/ling_lite_mcore", "TOKENIZER": "/ckpt/ling_lite_hf", "DATA": "runs/p/data"}
+
+
 def test_pipeline_without_the_difficulty_filter():
-    for env in ({"DIFFICULTY": "0"}, {"SIZE": "ling_lite"}):
+    for env in ({"DIFFICULTY": "0"}, LING):
         r = _dry(**env)
         assert r.returncode == 0, r.stderr
         jobs = _jobs(r.stderr)
-        assert [n for n, _ in jobs] == [n for n in STAGES if n != "difficulty"]
+        assert [n for n, _ in jobs] == [n for n in STAGES if n != "difficulty" and (n != "data" or "BASE" not in env)]
         assert dict(jobs)["rl_stage2"] == "DRY_rl_stage1" and "skipped difficulty (DIFFICULTY=0)" in r.stderr
         assert "--prompts runs/p/data/rl_stage2/4_filtered.parquet" in r.stderr.replace("\\ ", " ")
+
+
+def test_pipeline_for_ling_lite_takes_the_real_model_data_and_tokenizer():
+    """The GPU recipes never get the tiny data, random tiny model or tiny tokenizer: SIZE=ling_lite needs BASE,
+    TOKENIZER and DATA (refused, naming the missing one, before anything is submitted), skips the data stage, and
+    every stage reads them."""
+    bad = _dry(SIZE="ling_lite", BASE="/ckpt/ling_lite_mcore")
+    assert bad.returncode == 2 and "SIZE=ling_lite needs TOKENIZER=" in bad.stderr and " sbatch " not in bad.stderr
+    r = _dry(**{**LING, "DATA": "/data/ring"})
+    assert r.returncode == 0, r.stderr
+    cmds = r.stderr.replace("\\ ", " ")
+    assert "skipped data (SIZE=ling_lite: DATA=/data/ring)" in cmds and "--job-name=data " not in cmds
+    assert "--data /data/ring/sft/packed.parquet --init /ckpt/ling_lite_mcore --out runs/p/sft" in cmds
+    assert cmds.count("--tokenizer /ckpt/ling_lite_hf") == 2 and cmds.count("TOKENIZER=/ckpt/ling_lite_hf") == 3
+    assert "runs/p/mcore" not in cmds and "runs/p/data" not in cmds
 
 
 def test_pipeline_from_a_stage_reuses_the_earlier_ones():

@@ -290,3 +290,32 @@ def test_a_worker_killed_from_outside_scores_0_and_is_replaced():
         time.sleep(0.5)
         left = {p: Path(f"/proc/{p}/stat").read_text().split()[2] for p in sandboxed if Path(f"/proc/{p}").exists()}
         assert not left, f"the killed worker's sandbox is still there (state): {left}"
+
+
+USR1_TO_THE_RANKS_GROUP = r"""
+import json, os, signal, sys, time
+from megatron_ring.rewards import RewardPool
+got = []
+signal.signal(signal.SIGUSR1, lambda *a: got.append("USR1"))  # the rank's own handler (training.state.StopFlag)
+slow = "```python\nimport time\ntime.sleep(2)\nn = int(input())\nprint(n * 3 + 1)\n```"
+tests = json.loads(sys.argv[1])
+with RewardPool(workers=2, code_timeout_s=60) as pool:
+    futs = [pool.submit({"domain": "code", "response": slow, "test_cases": tests}) for _ in range(2)]
+    time.sleep(1.0)
+    os.killpg(0, signal.SIGUSR1)  # what torchrun's shutdown does with the job's warning signal: the rank's group
+    print(json.dumps({"rewards": [[f.result().value, f.result().reason] for f in futs], "handled": got}))
+"""
+
+
+def test_the_jobs_warning_signal_to_a_ranks_process_group_leaves_its_reward_workers_grading():
+    """torchrun passes USR1/USR2 on to each rank's whole process group (``os.killpg``): the rank handles it and
+    checkpoints at its step boundary, but a reward worker in that group would die on it (default action) and every
+    pending sample would score 0 "worker_error" and be trained on. The workers run in sessions of their own (each
+    under its keeper), out of the rank's group: the samples being graded score what they earn."""
+    import json
+
+    r = subprocess.run([PY, "-c", USR1_TO_THE_RANKS_GROUP, json.dumps(TESTS)], cwd=ROOT, capture_output=True,
+                       text=True, timeout=180, start_new_session=True)  # (a rank: its own process group, as torchrun)
+    assert r.returncode == 0, r.stderr[-3000:]
+    got = json.loads(r.stdout.strip().splitlines()[-1])
+    assert got["handled"] == ["USR1"] and [v for v, _ in got["rewards"]] == [1.0, 1.0], got

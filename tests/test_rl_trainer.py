@@ -83,6 +83,25 @@ def test_budget_and_exact_resume(tiny, data, tmp_path, tmp_path_factory, nproc, 
         assert any((a_dir / "tb").iterdir())
 
 
+def test_a_stop_planned_from_the_jobs_end_saves_asks_for_a_requeue_and_resumes_exactly(tiny, data, tmp_path,
+                                                                                        tmp_path_factory):
+    """Slurm's projected end of the job (SLURM_JOB_END_TIME) nearer than one more step and a save: the run stops at
+    this step boundary with its checkpoint, without a signal, and leaves the job script its requeue file
+    (MEGATRON_RING_REQUEUE_FILE); the requeued run resumes there and matches the uninterrupted run exactly."""
+    import time
+
+    a = uninterrupted(tmp_path_factory, tiny, data, 1)[0]
+    ran, requeue = [], tmp_path / "logs" / ".requeue-42"
+    _rl(1, data, tiny["mcore"], tmp_path / "b", 4, ran=ran,
+        env={"SLURM_JOB_END_TIME": str(int(time.time()) + 20), "MEGATRON_RING_REQUEUE_FILE": str(requeue)})
+    assert (tmp_path / "b" / "checkpoints" / "latest").read_text().strip() == "iter_0000001"
+    assert requeue.read_text().strip() == "1" and '"stopped_for_time_at_step": 1' in ran[0].stdout
+    b = _rl(1, data, tiny["mcore"], tmp_path / "b", 4)
+    assert [r["step"] for r in b] == [0, 1, 2, 3, 4]
+    for ra, rb in zip(a, b):
+        assert {k: ra.get(k) for k in KEYS} == {k: rb.get(k) for k in KEYS}, (ra, rb)
+
+
 def test_grpo_mode_trains_every_generated_token(tiny, data, tmp_path):
     g = _rl(1, data, tiny["mcore"], tmp_path / "g", 2, "--mode", "grpo")
     for r in g[1:]:

@@ -75,6 +75,15 @@ def test_rl_plan_two_nodes_trainers_and_servers_split_each_nodes_gpus():
         # dedicated rollout GPUs: no memory saver (it would only shrink SGLang's KV pool); the recipe asks for no
         # reproducible rollouts (deterministic_rollouts: false), so SGLang runs at full speed
         assert "--enable-memory-saver" not in srv and "--enable-deterministic-inference" not in srv
+    # every node's reward sandbox probed before anything is converted or started (rank 0 grades, on any node)
+    sb = cmds["every node: reward sandbox check"]
+    assert sb[:5] == ["srun", "--overlap", "--nodes=2", "--ntasks-per-node=1", sb[4]] and sb[-3:] == \
+        ["-m", "megatron_ring.rewards.sandbox", "--check"]
+    lines = [ln.split(" :: ")[0] for ln in r.stdout.splitlines() if " :: " in ln]
+    assert lines.index("[plan] every node: reward sandbox check") < lines.index("[plan] batch node: start checkpoint -> HF")
+    probe = subprocess.run([PY, "-m", "megatron_ring.rewards.sandbox", "--check"], cwd=ROOT, capture_output=True,
+                           text=True, timeout=60)
+    assert probe.returncode == 0 and "[sandbox]" in probe.stdout, (probe.stdout, probe.stderr)
     tr = cmds["every node: trainer"]
     assert tr[3].endswith("slurm/with_gpus.sh") and tr[4:6] == ["0", "4"] and "--nproc-per-node=4" in tr
     # the script's --signal=B:USR1@600, but torchrun kills the ranks 540 s after passing it on: they plan with 540
@@ -121,7 +130,7 @@ def test_with_gpus_slices_the_nodes_own_binding():
 def test_pipeline_ling_lite_keeps_the_scripts_gpu_resources():
     r = subprocess.run(["bash", "slurm/pipeline.sh"], cwd=ROOT, capture_output=True, text=True, timeout=60,
                        env={**{k: v for k, v in os.environ.items() if k != "NPROC"}, "DRY_RUN": "1",
-                            "SIZE": "ling_lite", "PY": PY})
+                            "SIZE": "ling_lite", "PY": PY, "BASE": "/c/mcore", "TOKENIZER": "/c/hf", "DATA": "/d"})
     lines = {re.search(r"--job-name=(\w+)", ln).group(1): ln for ln in r.stderr.splitlines() if " sbatch " in ln}
     for stage in ("sft", "rl_stage1", "rl_stage2"):
         assert "NPROC=" not in lines[stage] and "--gpus-per-node=0" not in lines[stage], lines[stage]

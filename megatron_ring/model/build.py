@@ -123,10 +123,21 @@ def transformer_config(recipe: Recipe, mapped: MappedConfig | None = None) -> Tr
         kw["recompute_modules"] = list(mem.recompute_modules)
     if kw.get("moe_router_enable_expert_bias"):
         kw["moe_router_bias_update_rate"] = moe.moe_router_bias_update_rate
-    if prec.fp8:  # FP8 GEMMs need token counts in multiples of 16: pad each expert's tokens too
-        kw.update(fp8=prec.fp8, fp8_recipe=prec.fp8_recipe, fp8_param=prec.fp8_param,
-                  moe_router_padding_for_quantization=True)
+    kw.update(fp8_settings(prec))
     return TransformerConfig(**kw)
+
+
+def fp8_settings(prec) -> dict:
+    """TransformerConfig's FP8 fields: each expert's tokens padded (FP8 GEMMs take multiples of 16); with delayed
+    scaling, the amax history of Megatron-Bridge's bf16_with_fp8_delayed_scaling_mixed (1024 steps, reduced by max:
+    megatron's default, a one-step history, lets a single spiky step set the next step's scales)."""
+    if not prec.fp8:
+        return {}
+    kw = dict(fp8=prec.fp8, fp8_recipe=prec.fp8_recipe, fp8_param=prec.fp8_param,
+              moe_router_padding_for_quantization=True)
+    if prec.fp8_recipe == "delayed":
+        kw.update(fp8_amax_history_len=1024, fp8_amax_compute_algo="max")
+    return kw
 
 
 def canonical_keys(block_spec, te: bool):

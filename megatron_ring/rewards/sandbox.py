@@ -308,3 +308,26 @@ def _kill_group(pid: int) -> None:
         os.killpg(pid, signal.SIGKILL)
     except (ProcessLookupError, PermissionError):
         pass
+
+
+def main(argv=None) -> int:
+    """``python -m megatron_ring.rewards.sandbox --check``: can this node run the reward sandbox? (the RL job
+    scripts ask every node before they convert a checkpoint or start a server: a node without bubblewrap or user
+    namespaces would otherwise fail the run only when the trainer builds its reward pool, minutes later)"""
+    import argparse
+    import socket
+
+    ap = argparse.ArgumentParser(prog="python -m megatron_ring.rewards.sandbox")
+    ap.add_argument("--check", action="store_true", help="probe the sandbox here; exit 3 with the reason if it fails")
+    ap.parse_args(argv)
+    try:
+        box = Sandbox()
+    except SandboxUnavailable as e:
+        print(f"[sandbox] {socket.gethostname()}: {e}", file=sys.stderr, flush=True)
+        return 3
+    print(f"[sandbox] {socket.gethostname()}: {box.describe()}", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -360,7 +360,8 @@ def train_rl(recipe: Recipe, cfg: RLConfig) -> list[dict]:
             rec.update(s.evaluate())
         s.history.append(rec)  # (the preemption figures are wall times: logged, not part of the results)
         _log(s, {**rec, **budget.step(time.perf_counter() - t_step - rec.get("time/generate", 0.0))})
-        preempted = flag.agreed()
+        late = budget.out_of_time(time.perf_counter() - t_step) and s.step < stop  # (the job's end is near)
+        preempted = flag.agreed() or late
         if preempted or s.step == stop or (cfg.save_interval and s.step % cfg.save_interval == 0) \
                 or budget.save_due(cfg.save_every_minutes):
             progress.phase(f"step {s.step}: saving the checkpoint")
@@ -368,6 +369,9 @@ def train_rl(recipe: Recipe, cfg: RLConfig) -> list[dict]:
             save_training_state(s.run, s.policy, s.opt, s.sched, recipe, s.step, {"pos": s.step}, s.history,
                                 cfg.keep_last, cfg.keep_every)
             budget.saved(time.perf_counter() - t_save)
+        if late:
+            budget.request_requeue(s.step)
+            break
         if preempted:
             if s.rank0:
                 print(json.dumps({"preempted_at_step": s.step}), flush=True)

@@ -159,9 +159,12 @@ def train_sft(recipe: Recipe, cfg: SFTConfig) -> list[dict]:
                 tb.flush()
                 print(json.dumps(rec), flush=True)
             progress.step(step, {"epoch": epoch, "loss": rec["loss"], "tokens/s": rec["tokens_per_s"]})
-            if flag.agreed():
+            late = budget.out_of_time(time.perf_counter() - t0) and step < stop  # (the job's end is near)
+            if flag.agreed() or late:
                 stop = step  # preempted: the checkpoint below, then exit; a restart resumes from it
-                if tb is not None:
+                if late:
+                    budget.request_requeue(step)
+                elif tb is not None:
                     print(json.dumps({"preempted_at_step": step}), flush=True)
                 break
             due = cfg.save_interval and step % cfg.save_interval == 0 or budget.save_due(cfg.save_every_minutes)

@@ -3,6 +3,7 @@ then the ``latest`` pointer moved) holding model, optimizer, scheduler, RNG and 
 restore, and the preemption flag (SIGTERM/SIGUSR1 -> checkpoint at the next step boundary)."""
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import time
@@ -149,8 +150,32 @@ class PreemptionBudget:
         lead = os.environ.get("MEGATRON_RING_SIGNAL_LEAD")
         self.lead = float(lead) if lead else None
         self.name, self.rank0, self.warned = name, rank0, False
-        self.wait = self.save = 0.0
+        self.wait = self.save = self.longest = 0.0
         self.saved_at = time.perf_counter()
+
+    def out_of_time(self, step_s: float) -> bool:
+        """Collective: the job ends (``SLURM_JOB_END_TIME``: Slurm's projected end, epoch seconds) before one more
+        step and a save would be done — the longest step so far plus the slowest save, with 10 % and 30 s to spare:
+        stop at this step boundary, as Megatron-LM's --exit-duration-in-mins does, planned from the job's own end
+        (a step on a few nodes can outlast any signal lead). The job script then requeues the job
+        (``request_requeue``)."""
+        from ..parallel.dist import all_reduce_floats
+
+        self.longest = max(self.longest, step_s)
+        end = os.environ.get("SLURM_JOB_END_TIME")
+        late = bool(end) and time.time() + 1.1 * (self.longest + self.save) + 30.0 > float(end)
+        return bool(all_reduce_floats([float(late)], op="max")[0])
+
+    def request_requeue(self, step: int) -> None:
+        """Rank 0, after the checkpoint of a stop planned from the job's end: tell the job script to requeue the job
+        (``MEGATRON_RING_REQUEUE_FILE``, which it names; without it, nothing to tell)."""
+        f = os.environ.get("MEGATRON_RING_REQUEUE_FILE")
+        if self.rank0:
+            print(json.dumps({"stopped_for_time_at_step": step, "job_end": os.environ.get("SLURM_JOB_END_TIME")}),
+                  flush=True)
+            if f:
+                Path(f).parent.mkdir(parents=True, exist_ok=True)
+                Path(f).write_text(f"{step}\n")
 
     def saved(self, seconds: float) -> None:
         self.save, self.saved_at = max(self.save, seconds), time.perf_counter()
