@@ -180,6 +180,8 @@ def wait(job, poll_s: float = 2.0):
     logging.getLogger("submitit").setLevel(logging.ERROR)
     if type(job).__name__ != "SlurmJob":
         return job.result()
+    sub = getattr(job, "_sub_jobs", None)
+    job = sub[0] if sub else job  # a job of several tasks: task 0 runs the stage, the others return at once
     while not job.paths.result_pickle.exists():
         q = subprocess.run(["squeue", "-h", "-j", str(job.job_id), "-o", "%T"], capture_output=True, text=True)
         if q.returncode == 0 and not q.stdout.strip():

@@ -245,8 +245,14 @@ run_rl_stage() {
   # servers' GPUs (on dedicated rollout GPUs it only shrinks the KV pool)
   [ "$RL_DETERMINISTIC" = 1 ] && flags+=(--enable-deterministic-inference)
   [ "$RL_COLOCATED" = 1 ] && flags+=(--enable-memory-saver)
-  local convert=(single_process "$PY" -m megatron_ring.cli export --ckpt "$RL_START" --out "$hf" --tokenizer "$RL_TOKENIZER"
-                 --dtype bf16)
+  # (written beside it and renamed when whole: a job killed mid-export leaves no folder a requeue would take as done)
+  local convert=(single_process "$PY" -m megatron_ring.cli export --ckpt "$RL_START" --out "$hf.partial"
+                 --tokenizer "$RL_TOKENIZER" --dtype bf16)
+  # each server's output (SGLang's log) in RL_OUT/logs, and its exit status beside it as soon as it ends: the trainer
+  # fails at once with the log's tail (MEGATRON_RING_SERVER_STATUS), not after a 30-minute health wait
+  local logs="$RL_OUT/logs"
+  export MEGATRON_RING_SERVER_STATUS=$logs
+  server_step() { STEP=(srun --overlap --nodes=1 --ntasks=1 -w "$1" --output="$logs/sglang-$1.log" "${serve[@]}"); }
   local urls=() host port; port=$(server_port)
   for host in $(hosts); do urls+=("http://${host}:${port}"); done
   local serve=("$REPO/slurm/with_gpus.sh" $((gpus - rollout)) "$rollout" "${SGLANG_PYTHON:-$PY}" -m serving.sglang
@@ -264,7 +270,8 @@ run_rl_stage() {
   fi
   # every node can run the reward sandbox (rank 0, which grades, lands on any of them), asked before anything
   # is converted or started (--sandbox-unsafe in RL_ARGS: the recipe runs without it)
-  local sandbox=(srun --overlap --nodes="$(num_nodes)" --ntasks-per-node=1 "$PY" -m megatron_ring.rewards.sandbox --check)
+  local sandbox=(srun --overlap --nodes="$(num_nodes)" --ntasks-per-node=1
+                 "$PY" -m megatron_ring.rewards.sandbox --check)
   [[ " $* " == *" --sandbox-unsafe "* ]] && sandbox=()
   if [ "${PRINT_PLAN:-0}" = 1 ]; then
     [ "${#sandbox[@]}" -eq 0 ] || plan_cmd "every node: reward sandbox check" "${sandbox[@]}"
@@ -273,16 +280,23 @@ run_rl_stage() {
       "router=${via[1]:-none}"
     [ -f "$hf/config.json" ] || plan_cmd "batch node: start checkpoint -> HF" "${convert[@]}"
     for host in $(hosts); do
-      plan_cmd "node $host: rollout server" srun --overlap --nodes=1 --ntasks=1 -w "$host" "${serve[@]}"
+      server_step "$host"
+      plan_cmd "node $host: rollout server" "${STEP[@]}"
     done
     [ "${#router[@]}" -eq 0 ] || plan_cmd "batch node: router" "${router[@]}"
   else
     if [ "${#sandbox[@]}" -gt 0 ] && ! "${sandbox[@]}"; then
       echo "[$(date +%T)] the reward sandbox cannot run on every node (above): not starting" >&2; exit 3
     fi
-    [ -f "$hf/config.json" ] || "${convert[@]}"
+    if [ ! -f "$hf/config.json" ]; then
+      rm -rf "$hf.partial"
+      "${convert[@]}"
+      rm -rf "$hf" && mv "$hf.partial" "$hf"
+    fi
+    mkdir -p "$logs" && rm -f "$logs"/sglang-*.exit
     for host in $(hosts); do
-      srun --overlap --nodes=1 --ntasks=1 -w "$host" "${serve[@]}" &
+      server_step "$host"
+      ( "${STEP[@]}" && rc=0 || rc=$?; echo "$rc" > "$logs/sglang-$host.exit" ) &
     done
     [ "${#router[@]}" -eq 0 ] || "${router[@]}" &
   fi

@@ -62,7 +62,8 @@ def test_rl_plan_two_nodes_trainers_and_servers_split_each_nodes_gpus():
     assert (f["start"], f["out"], f["context"]) == ("runs/x/sft", "/scratch/ring/rl1", str(2048 + 24576))
     conv = cmds["batch node: start checkpoint -> HF"]
     assert conv[:2] == ["single_process", conv[1]] and conv[2:6] == ["-m", "megatron_ring.cli", "export", "--ckpt"]
-    assert conv[6] == "runs/x/sft" and conv[conv.index("--out") + 1] == "/scratch/ring/rl1/rollout_init_hf"
+    # (written beside its place and renamed when whole: a requeue never takes a half-written export for done)
+    assert conv[6] == "runs/x/sft" and conv[conv.index("--out") + 1] == "/scratch/ring/rl1/rollout_init_hf.partial"
     assert conv[-2:] == ["--dtype", "bf16"]  # a run dir resolved by `export`, the --init/--out the job was given
     ports = {int(f["rendezvous"].split(":")[1]), int(f["server_port"]), int(f["weight_sync"].split(":")[1])}
     assert len(ports) == 3 and 20000 <= int(f["rendezvous"].split(":")[1]) < 30000
@@ -70,7 +71,8 @@ def test_rl_plan_two_nodes_trainers_and_servers_split_each_nodes_gpus():
     for host in ("gpu1", "gpu2"):
         srv = cmds[f"node {host}: rollout server"]
         assert srv[:6] == ["srun", "--overlap", "--nodes=1", "--ntasks=1", "-w", host]
-        assert srv[6].endswith("slurm/with_gpus.sh") and srv[7:9] == ["4", "4"]  # the node's GPUs 4-7
+        assert srv[6] == f"--output=/scratch/ring/rl1/logs/sglang-{host}.log"  # SGLang's own log, kept per node
+        assert srv[7].endswith("slurm/with_gpus.sh") and srv[8:10] == ["4", "4"]  # the node's GPUs 4-7
         assert {"--tp-size", "4", "--context-length", str(2048 + 24576), "--allow-beyond-positions"} <= set(srv)
         # dedicated rollout GPUs: no memory saver (it would only shrink SGLang's KV pool); the recipe asks for no
         # reproducible rollouts (deterministic_rollouts: false), so SGLang runs at full speed

@@ -273,3 +273,21 @@ def test_the_rollout_client_waits_as_long_as_the_router_and_the_rollout():
     cfg = rl_config(load_recipe("rl_stage2_ling_lite"), rollout_timeout_minutes=600)
     assert client_timeout(cfg) == 36000 > REQUEST_TIMEOUT_S
     assert client_timeout(rl_config(load_recipe("rl_stage2_ling_lite"), request_timeout_s=99.0)) == 99.0
+
+
+def test_a_rollout_server_that_ended_fails_the_wait_at_once_with_its_log(tmp_path, monkeypatch):
+    """The RL job script keeps each rollout server's output (SGLang's log) in RL_OUT/logs/sglang-<host>.log and
+    writes its exit status beside it when it ends; the trainer's wait for the servers then fails at once with the
+    end of that log, instead of waiting 30 minutes for a /health that never answers."""
+    import time
+
+    from megatron_ring.rl.sglang_engine import SGLangEngine, _free_port
+
+    (tmp_path / "sglang-gpu2.log").write_text("Loading weights\ntorch.OutOfMemoryError: CUDA out of memory\n")
+    (tmp_path / "sglang-gpu2.exit").write_text("1\n")
+    monkeypatch.setenv("MEGATRON_RING_SERVER_STATUS", str(tmp_path))
+    eng = SGLangEngine([f"http://127.0.0.1:{_free_port()}"], {}, None, "disk", deterministic=False)
+    t0 = time.time()
+    with pytest.raises(RuntimeError, match=r"(?s)rollout server on gpu2 exited with status 1.*CUDA out of memory"):
+        eng.wait_ready(timeout=20)
+    assert time.time() - t0 < 10

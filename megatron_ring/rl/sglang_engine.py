@@ -83,17 +83,23 @@ class SGLangEngine:
         self.busy = {u: 0 for u in self.urls}
         self.lock = threading.Lock()
         self._transport, self.group = None, group  # group: the trainer ranks' gloo group (ipc, disk, broadcast)
-        self.senders = senders  # broadcast: every rank holding weights sends its own ("owners") or rank 0 all
+        self.senders = senders  # broadcast: every rank holding weights sends its own ("owners"), each pipeline
+        # stage's first rank its stage's ("stages"), or rank 0 all ("rank0")
         self.router = router.rstrip("/") if router else None  # the samples' requests go there when set
         # True: every server must run SGLang's deterministic inference (seeds sent); False: no seeds; None: seeds
         # sent when every server honours them
         self.deterministic, self._seeded = deterministic, None
 
     def wait_ready(self, timeout: float = 1800.0) -> None:
-        from serving.health import wait_healthy
+        """Every server answers ``/health`` (and the router lists them); a server the job script saw end
+        (``MEGATRON_RING_SERVER_STATUS``) fails this at once with the end of its log."""
+        import os
 
+        from serving.health import ended_servers, wait_healthy
+
+        status = os.environ.get("MEGATRON_RING_SERVER_STATUS")
         for u in self.urls:
-            wait_healthy(u, timeout=timeout)
+            wait_healthy(u, timeout=timeout, died=lambda: ended_servers(status))
         if self.router:
             from serving.router import wait_workers
 
@@ -205,8 +211,7 @@ class SGLangEngine:
 
         if self._transport is None:
             if self.kind == "broadcast":
-                self._transport = BroadcastTransport(self.urls, self.server_tp_sizes(),
-                                                     self.addr,
+                self._transport = BroadcastTransport(self.urls, self.server_tp_sizes(), self.addr,
                                                      self.port or _free_port(), timeout=self.timeout, api_key=self.key,
                                                      group=self.group if self.senders != "rank0" else None,
                                                      by_stage=self.senders == "stages")
