@@ -33,7 +33,9 @@ def test_tp1_equals_hf_autograd_and_adamw(tiny, reference):
 
 LAYOUTS = [("tp2_sp", ["--tp", "2"]), ("ep2_dp2", ["--ep", "2"]), ("pp2", ["--pp", "2"]),
            ("ep2_dp2_distopt_full_recompute", ["--ep", "2", "--dist-opt", "--recompute", "full"]),
-           ("tp2_selective_recompute", ["--tp", "2", "--recompute", "selective"])]
+           ("tp2_selective_recompute", ["--tp", "2", "--recompute", "selective"]),
+           # gradients reduced bucket by bucket while the backward runs (the DDP's overlap; small buckets: many)
+           ("ep2_dp2_distopt_many_buckets", ["--ep", "2", "--dist-opt", "--bucket-params", "40000"])]
 RESHARDS = [("tp2_to_pp2", ["--tp", "2"], ["--pp", "2"]),
             ("ep2_distopt_to_tp2_distopt", ["--ep", "2", "--dist-opt"], ["--tp", "2", "--dist-opt"]),
             # the GPU's optimizer: TE FusedAdam's semantics (tests/mp/te_adam.py) under the distributed optimizer
@@ -81,6 +83,7 @@ def test_losses_equal_tp1(reference, two_ranks, name, args):
     steps = run["steps"]
     if "--dist-opt" in args:  # the setting took effect (not silently the plain optimizer)
         assert run["optimizers"] == ["DistributedOptimizer"], run["optimizers"]
+    assert run["overlap_grad_reduce"] and (run["buckets"] > 4 if "--bucket-params" in args else run["buckets"] >= 1)
     assert run["recompute"] == (args[args.index("--recompute") + 1] if "--recompute" in args else None)
     assert reference[2]["loss"] < reference[0]["loss"] - 0.5  # it trains
     tol = 1e-6 * reference[0]["loss"] if name.startswith("ep2_dp2") else TOL

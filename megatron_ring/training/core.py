@@ -31,17 +31,25 @@ class OptimConfig:
     lr_overrides: Optional[dict] = None  # parameter-name glob -> lr (a megatron-core param-group override)
 
 
-def wrap_ddp(model: torch.nn.Module, use_distributed_optimizer: bool = False) -> DistributedDataParallel:
+def wrap_ddp(model: torch.nn.Module, use_distributed_optimizer: bool = False,
+             bucket_size: int | None = None) -> DistributedDataParallel:
+    """megatron's DDP around ``model``. Gradients are reduced in buckets (``bucket_size`` parameters; default
+    megatron's, 40M) while the last micro-batch's backward still runs (``overlap_grad_reduce``, as Megatron-Bridge's
+    Moonlight-16B recipe): megatron's schedules hold the reduction off for the other micro-batches through
+    ``config.no_sync_func``, and ``finalize_model_grads`` waits for it."""
     cfg = model.config
     # before DDP is built: with per-token losses DDP must sum (not average) gradients over DP
     cfg.finalize_model_grads_func = finalize_model_grads
     if not cfg.calculate_per_token_loss:  # the routers were built with it; setting it now is too late
         raise ValueError("the model was built without calculate_per_token_loss=True (model.build.transformer_config "
                          "sets it): its MoE aux/z losses would be scaled for a per-micro-batch mean loss")
-    return DistributedDataParallel(cfg, ddp_config(cfg, use_distributed_optimizer), module=model)
+    ddp = DistributedDataParallel(cfg, ddp_config(cfg, use_distributed_optimizer, bucket_size), module=model)
+    cfg.no_sync_func = ddp.no_sync
+    return ddp
 
 
-def ddp_config(model_config, use_distributed_optimizer: bool) -> DistributedDataParallelConfig:
+def ddp_config(model_config, use_distributed_optimizer: bool, bucket_size: int | None = None
+               ) -> DistributedDataParallelConfig:
     """megatron's DDP settings for a model. FP8 primary weights (``fp8_param``) are updated by the distributed
     optimizer only through ``fp8_param_gather`` (megatron-core's distrib_optimizer quantizes the new master weights
     into them there and skips them in the plain copy): the two go together, as Megatron-LM and Megatron-Bridge tie
@@ -50,7 +58,7 @@ def ddp_config(model_config, use_distributed_optimizer: bool) -> DistributedData
     if fp8_param and not use_distributed_optimizer:
         raise ValueError("precision.fp8_param needs memory.use_distributed_optimizer: true (megatron gathers FP8 "
                          "parameters through the distributed optimizer only)")
-    return DistributedDataParallelConfig(grad_reduce_in_fp32=True, overlap_grad_reduce=False,
+    return DistributedDataParallelConfig(grad_reduce_in_fp32=True, overlap_grad_reduce=True, bucket_size=bucket_size,
                                          use_distributed_optimizer=use_distributed_optimizer,
                                          check_for_nan_in_grad=True, fp8_param_gather=fp8_param)
 

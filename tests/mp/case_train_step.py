@@ -32,6 +32,7 @@ def main():
     ap.add_argument("--z", type=float, default=1e-3, help="moe_z_loss_coeff")
     ap.add_argument("--save", help="save the trained model and its optimizer state as a dist checkpoint here")
     ap.add_argument("--resume", help="load model and optimizer state from a checkpoint written with --save")
+    ap.add_argument("--bucket-params", type=int, help="DDP bucket size in parameters (default: megatron's)")
     ap.add_argument("--te-adam", action="store_true",
                     help="megatron builds TE FusedAdam's stand-in (tests/mp/te_adam.py)")
     a = ap.parse_args()
@@ -66,7 +67,7 @@ def main():
     recipe.memory.check()
     init_distributed(recipe.parallel, seed=7)
     model = build_model(recipe)
-    ddp = wrap_ddp(model, use_distributed_optimizer=a.dist_opt)
+    ddp = wrap_ddp(model, use_distributed_optimizer=a.dist_opt, bucket_size=a.bucket_params)
     opt = build_optimizer([ddp], OptimConfig(lr=1e-3, use_distributed_optimizer=a.dist_opt))
     load_checkpoint(model, a.resume or a.ckpt, cfg, optimizer=opt if a.resume else None)
 
@@ -89,6 +90,8 @@ def main():
             from megatron_ring.optim_state import adam_step
 
             json.dump({"steps": hist, "dp": dp, "adam_step": adam_step(opt), "n_opt": len(opts),
+                       "overlap_grad_reduce": ddp.ddp_config.overlap_grad_reduce,
+                       "buckets": sum(len(b.buckets) for b in ddp.buffers + ddp.expert_parallel_buffers),
                        "inner": sorted({type(o.optimizer).__name__ for o in opts}),
                        "optimizers": sorted({type(o).__name__ for o in opts}),
                        "recompute": model.config.recompute_granularity}, f)
