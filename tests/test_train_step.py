@@ -84,6 +84,9 @@ def test_losses_equal_tp1(reference, two_ranks, name, args):
     if "--dist-opt" in args:  # the setting took effect (not silently the plain optimizer)
         assert run["optimizers"] == ["DistributedOptimizer"], run["optimizers"]
     assert run["overlap_grad_reduce"] and (run["buckets"] > 4 if "--bucket-params" in args else run["buckets"] >= 1)
+    # megatron's schedules hold the reduction off for all but the last micro-batch through this (Megatron-LM's
+    # wiring; on gloo the results come out the same without it, measured: the reductions per micro-batch are waste)
+    assert run["no_sync_wired"]
     assert run["recompute"] == (args[args.index("--recompute") + 1] if "--recompute" in args else None)
     assert reference[2]["loss"] < reference[0]["loss"] - 0.5  # it trains
     tol = 1e-6 * reference[0]["loss"] if name.startswith("ep2_dp2") else TOL

@@ -91,6 +91,7 @@ def main():
 
             json.dump({"steps": hist, "dp": dp, "adam_step": adam_step(opt), "n_opt": len(opts),
                        "overlap_grad_reduce": ddp.ddp_config.overlap_grad_reduce,
+                       "no_sync_wired": model.config.no_sync_func == ddp.no_sync,
                        "buckets": sum(len(b.buckets) for b in ddp.buffers + ddp.expert_parallel_buffers),
                        "inner": sorted({type(o.optimizer).__name__ for o in opts}),
                        "optimizers": sorted({type(o).__name__ for o in opts}),
