@@ -36,6 +36,7 @@ import argparse
 import asyncio
 import json
 import os
+import random
 import threading
 from pathlib import Path
 
@@ -84,11 +85,11 @@ class Server:
         self.core = Scheduler(self.engine.model, self.engine.pad, max_batch)
         self.inflight: set = set()  # the sequences of the /generate requests being answered (for /abort_request)
         self.weight_ops = threading.Lock()  # one weight request at a time (as SGLang's scheduler runs them)
-        self.aborts, self.served = 0, 0  # served: /generate requests answered (in /get_server_info)
+        self.served = 0  # /generate requests answered (in /get_server_info)
         self.groups: dict[str, object] = {}
         self.session = False  # a weight-update session is open (SGLang 0.5.23 refuses updates outside one)
         self.deterministic = deterministic  # --enable-deterministic-inference: seeds honoured
-        self.entropy = __import__("random").SystemRandom()  # (the seeds of samples without one that counts)
+        self.entropy = random.SystemRandom()  # (the seeds of samples without one that counts)
         self.released: set[str] = set()  # SGLang's offload_tags
 
     # --- generation ------------------------------------------------------------------------------------------
@@ -173,7 +174,7 @@ class Server:
 
     def release(self, req: MemoryReq) -> None:
         if not self.idle():  # SGLang's scheduler asserts idleness; its failure kills the server
-            _scheduler_died(NOT_IDLE_RELEASE)
+            _scheduler_died(f"AssertionError: {NOT_IDLE_RELEASE}")
         self.released.update(req.tags or MEMORY_TAGS)
 
     def resume(self, req: MemoryReq) -> None:
@@ -297,7 +298,6 @@ def create_app(server: Server) -> FastAPI:
     @app.post("/abort_request")
     async def abort(req: AbortReq):
         if req.abort_all:  # every request in flight or waiting ends (its answer: finish_reason abort)
-            server.aborts += 1
             for q in list(server.inflight):
                 q.cancelled.set()
         return JSONResponse({})
@@ -324,7 +324,7 @@ def _scheduler_died(why: str) -> None:
     (the request that caused it gets no answer)."""
     import sys
 
-    print(f"Scheduler hit an exception: AssertionError: {why}\n[look-alike] the server exits, as SGLang's does",
+    print(f"Scheduler hit an exception: {why}\n[look-alike] the server exits, as SGLang's does",
           file=sys.stderr, flush=True)
     os._exit(1)
 
