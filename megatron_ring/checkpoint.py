@@ -60,8 +60,10 @@ def save_checkpoint(model: torch.nn.Module, path: str | Path, hf_config: dict[st
                     parallel: dict[str, Any] | None = None, extra: dict[str, Any] | None = None,
                     optimizer=None) -> Path:
     """Collective: every rank calls it with its model chunk (and its megatron optimizer, to save its
-    state beside the model's)."""
+    state beside the model's). The parameter all-gathers a DDP left for the next forward are finished first."""
     from megatron.core import dist_checkpointing
+
+    from .training.core import gathered_params
 
     if not hf_config:  # a checkpoint is only as good as the config.json it carries
         raise ValueError(f"{path}: refusing to save a checkpoint without its model's config (hf_config is empty)")
@@ -71,6 +73,7 @@ def save_checkpoint(model: torch.nn.Module, path: str | Path, hf_config: dict[st
         (p / "dist").mkdir(parents=True, exist_ok=True)
     if dist.is_initialized():
         dist.barrier()
+    gathered_params(model)
     msd = model.sharded_state_dict()
     sd = {**msd, **optim_state.sharded_for_save(optimizer, msd)} if optimizer is not None else msd
     dist_checkpointing.save(sd, str(p / "dist"))

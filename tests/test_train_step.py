@@ -19,6 +19,15 @@ def reference(tiny, tmp_path_factory):
     return read_json(out)["steps"]
 
 
+@pytest.fixture(scope="module")
+def reference_weights(tiny, tmp_path_factory):
+    """The TP1 run's weights after 3 steps, as the RL sync streams them."""
+    d = tmp_path_factory.mktemp("ref_weights")
+    torchrun("case_train_step.py", 1, "--ckpt", tiny["mcore"], "--out", d / "tp1.json", "--steps", "3",
+             "--weights-out", d / "weights.json")
+    return read_json(d / "weights.json")
+
+
 def test_tp1_equals_hf_autograd_and_adamw(tiny, reference):
     """The anchor of every layout test below: a bug common to all layouts (loss scaling, the MoE aux/z
     loss weights, weight decay on norms, Adam's settings) shows here as a difference from plain PyTorch."""
@@ -36,6 +45,7 @@ LAYOUTS = [("tp2_sp", ["--tp", "2"]), ("ep2_dp2", ["--ep", "2"]), ("pp2", ["--pp
            ("tp2_selective_recompute", ["--tp", "2", "--recompute", "selective"]),
            # gradients reduced bucket by bucket while the backward runs (the DDP's overlap; small buckets: many)
            ("ep2_dp2_distopt_many_buckets", ["--ep", "2", "--dist-opt", "--bucket-params", "40000"])]
+WEIGHTS_AFTER = {"ep2_dp2_distopt_many_buckets"}  # the weights the RL sync streams after the steps are compared
 RESHARDS = [("tp2_to_pp2", ["--tp", "2"], ["--pp", "2"]),
             ("ep2_distopt_to_tp2_distopt", ["--ep", "2", "--dist-opt"], ["--tp", "2", "--dist-opt"]),
             # the GPU's optimizer: TE FusedAdam's semantics (tests/mp/te_adam.py) under the distributed optimizer
@@ -49,7 +59,8 @@ def two_ranks(tiny, tmp_path_factory):
     then 2 more loaded at another (each save before its load)."""
     d = tmp_path_factory.mktemp("two_ranks")
     cases = [{"id": name, "run": "case_train_step.py",
-              "args": ["--ckpt", tiny["mcore"], "--out", d / f"{name}.json", "--steps", "3", *args]}
+              "args": ["--ckpt", tiny["mcore"], "--out", d / f"{name}.json", "--steps", "3", *args,
+                       *(["--weights-out", d / f"{name}.weights.json"] if name in WEIGHTS_AFTER else [])]}
              for name, args in LAYOUTS]
     for name, save, load in RESHARDS:
         cases += [{"id": f"{name}/save", "run": "case_train_step.py",
@@ -81,8 +92,9 @@ def test_losses_equal_tp1(reference, two_ranks, name, args):
     case_ok(results, name)
     run = read_json(d / f"{name}.json")
     steps = run["steps"]
-    if "--dist-opt" in args:  # the setting took effect (not silently the plain optimizer)
-        assert run["optimizers"] == ["DistributedOptimizer"], run["optimizers"]
+    if "--dist-opt" in args:  # the setting took effect (not silently the plain optimizer), and the updated
+        # parameters are all-gathered while the next forward runs (Megatron-Bridge's Moonlight-16B setting)
+        assert run["optimizers"] == ["DistributedOptimizer"] and run["overlap_param_gather"], run
     assert run["overlap_grad_reduce"] and (run["buckets"] > 4 if "--bucket-params" in args else run["buckets"] >= 1)
     # megatron's schedules hold the reduction off for all but the last micro-batch through this (Megatron-LM's
     # wiring; on gloo the results come out the same without it, measured: the reductions per micro-batch are waste)
@@ -94,6 +106,20 @@ def test_losses_equal_tp1(reference, two_ranks, name, args):
         assert abs(ref["loss"] - got["loss"]) <= tol, (name, ref, got)
         assert ref["tokens"] == got["tokens"] == 4 * 24
         assert abs(ref["grad_norm"] - got["grad_norm"]) <= 1e-4 * ref["grad_norm"]
+
+
+@pytest.mark.parametrize("name", sorted(WEIGHTS_AFTER))
+def test_the_weight_sync_sends_the_updated_weights_of_every_optimizer_shard(reference_weights, two_ranks, name):
+    """With the distributed optimizer each DP rank updates its shard, and the other shards reach it through the
+    all-gathers megatron overlaps with the next forward (``overlap_param_gather``): after a step and before any
+    forward, the RL weight sync (``stream_hf_weights``) must first finish them (``training.core.gathered_params``),
+    or it sends the other ranks' shards one update old. Every tensor equals the TP1 run's after 3 steps."""
+    d, results = two_ranks
+    case_ok(results, name)
+    got = read_json(d / f"{name}.weights.json")
+    assert got.keys() == reference_weights.keys() and len(got) > 20
+    for n, (s, sq) in reference_weights.items():
+        assert abs(got[n][0] - s) <= 1e-4 * (abs(s) + 1) and abs(got[n][1] - sq) <= 1e-5 * sq, (n, got[n], (s, sq))
 
 
 @pytest.mark.parametrize("name,save,load", RESHARDS, ids=[x[0] for x in RESHARDS])

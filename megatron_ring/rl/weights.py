@@ -157,8 +157,12 @@ def stream_hf_weights(model: torch.nn.Module, cfg: dict, sink: Callable[[list[tu
     every bucket's sink, so the sinks take their turns in one order (the next bucket is assembled meanwhile) —
     senders to several servers need it (each server serves requests in arrival order and a broadcast waits for every
     server: two senders first at different servers would wait for each other forever). ``by_stage`` (with ``spread``):
-    only each pipeline stage's first rank assembles (``stage_senders``). Returns this rank's figures."""
+    only each pipeline stage's first rank assembles (``stage_senders``). Returns this rank's figures. The parameter
+    all-gathers a DDP left for the next forward are finished first (``training.core.gathered_params``)."""
+    from ..training.core import gathered_params
+
     t0 = time.perf_counter()
+    gathered_params(model)
     units, mine = plan(model, cfg, group)
     me = dist.get_rank(group)
     g = (lambda r: dist.get_global_rank(group, r)) if group is not None else (lambda r: r)

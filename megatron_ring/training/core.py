@@ -4,6 +4,7 @@ one global step over micro-batches with a per-token loss averaged over the whole
 from __future__ import annotations
 
 import fnmatch
+import weakref
 from dataclasses import dataclass
 from typing import Callable, Iterable, Optional
 
@@ -31,12 +32,18 @@ class OptimConfig:
     lr_overrides: Optional[dict] = None  # parameter-name glob -> lr (a megatron-core param-group override)
 
 
+_DDP_OF: "weakref.WeakKeyDictionary[torch.nn.Module, DistributedDataParallel]" = weakref.WeakKeyDictionary()
+
+
 def wrap_ddp(model: torch.nn.Module, use_distributed_optimizer: bool = False,
              bucket_size: int | None = None) -> DistributedDataParallel:
     """megatron's DDP around ``model``. Gradients are reduced in buckets (``bucket_size`` parameters; default
     megatron's, 40M) while the last micro-batch's backward still runs (``overlap_grad_reduce``, as Megatron-Bridge's
     Moonlight-16B recipe): megatron's schedules hold the reduction off for the other micro-batches through
-    ``config.no_sync_func``, and ``finalize_model_grads`` waits for it."""
+    ``config.no_sync_func``, and ``finalize_model_grads`` waits for it. With the distributed optimizer the updated
+    parameters are all-gathered bucket by bucket during the next forward (``overlap_param_gather``): until then each
+    rank holds only its own shard updated, so whatever reads the weights outside a forward calls
+    ``gathered_params`` first (checkpoint saves and the RL weight sync do)."""
     cfg = model.config
     # before DDP is built: with per-token losses DDP must sum (not average) gradients over DP
     cfg.finalize_model_grads_func = finalize_model_grads
@@ -45,7 +52,23 @@ def wrap_ddp(model: torch.nn.Module, use_distributed_optimizer: bool = False,
                          "sets it): its MoE aux/z losses would be scaled for a per-micro-batch mean loss")
     ddp = DistributedDataParallel(cfg, ddp_config(cfg, use_distributed_optimizer, bucket_size), module=model)
     cfg.no_sync_func = ddp.no_sync
+    _DDP_OF[model] = ddp
     return ddp
+
+
+def gathered_params(model: torch.nn.Module) -> None:
+    """Collective over the DP groups (every rank calls it): finish the parameter all-gathers that megatron's DDP left
+    for the next forward pass (``overlap_param_gather``), so the weights are the updated ones on every rank. ``model``
+    is a DDP or the module it wraps; a no-op without the overlap or once a forward has gathered every bucket. Megatron-LM
+    does the same before every checkpoint save and evaluation (``disable_forward_pre_hook(param_sync=True)``)."""
+    ddp = model if isinstance(model, DistributedDataParallel) else _DDP_OF.get(model)
+    if ddp is None or not ddp.ddp_config.overlap_param_gather:
+        return
+    with torch.no_grad():
+        for group in ddp.bucket_groups + ddp.expert_parallel_bucket_groups:
+            if group.param_gather_dispatched and group.param_gather_handle is None:
+                continue  # gathered (by a forward's pre-hook, or here before)
+            ddp._start_bucket_group_param_sync(group, force_sync=True)
 
 
 def ddp_config(model_config, use_distributed_optimizer: bool, bucket_size: int | None = None
@@ -60,6 +83,7 @@ def ddp_config(model_config, use_distributed_optimizer: bool, bucket_size: int |
                          "parameters through the distributed optimizer only)")
     return DistributedDataParallelConfig(grad_reduce_in_fp32=True, overlap_grad_reduce=True, bucket_size=bucket_size,
                                          use_distributed_optimizer=use_distributed_optimizer,
+                                         overlap_param_gather=use_distributed_optimizer,
                                          check_for_nan_in_grad=True, fp8_param_gather=fp8_param)
 
 

@@ -33,6 +33,8 @@ def main():
     ap.add_argument("--save", help="save the trained model and its optimizer state as a dist checkpoint here")
     ap.add_argument("--resume", help="load model and optimizer state from a checkpoint written with --save")
     ap.add_argument("--bucket-params", type=int, help="DDP bucket size in parameters (default: megatron's)")
+    ap.add_argument("--weights-out", help="after the steps, the weights as the RL sync streams them (rank 0 writes "
+                                          "each HF tensor's float64 sum and sum of squares here)")
     ap.add_argument("--te-adam", action="store_true",
                     help="megatron builds TE FusedAdam's stand-in (tests/mp/te_adam.py)")
     a = ap.parse_args()
@@ -80,6 +82,19 @@ def main():
     hist = []
     for _ in range(a.steps):
         hist.append(train_step([ddp], opt, list(mbs), len(mbs), a.seq, a.micro_batch))
+    if a.weights_out:  # what the RL weight sync sends after the update (an optimizer shard left ungathered shows)
+        from megatron_ring.rl.weights import stream_hf_weights
+
+        seen = {}
+
+        def sink(named):
+            for n, t in named:
+                seen[n] = [t.double().sum().item(), t.double().pow(2).sum().item()]
+
+        stream_hf_weights(model, cfg, sink, bucket_bytes=1 << 20)
+        if dist.get_rank() == 0:
+            with open(a.weights_out, "w") as f:
+                json.dump(seen, f)
     if a.save:
         from megatron_ring.checkpoint import save_checkpoint
 
@@ -91,6 +106,7 @@ def main():
 
             json.dump({"steps": hist, "dp": dp, "adam_step": adam_step(opt), "n_opt": len(opts),
                        "overlap_grad_reduce": ddp.ddp_config.overlap_grad_reduce,
+                       "overlap_param_gather": ddp.ddp_config.overlap_param_gather,
                        "no_sync_wired": model.config.no_sync_func == ddp.no_sync,
                        "buckets": sum(len(b.buckets) for b in ddp.buffers + ddp.expert_parallel_buffers),
                        "inner": sorted({type(o.optimizer).__name__ for o in opts}),
