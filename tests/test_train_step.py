@@ -135,6 +135,10 @@ def test_training_checkpoint_continues_at_another_layout(reference, two_ranks, n
         # continues: a step restarted at 0 makes the first update ~2.2x too large and the 4th loss differ)
         assert before["inner"] == after["inner"] == ["FusedAdam"], (before, after)
         assert (before["adam_step"], after["adam_step"]) == (2, 4), (before, after)
+    if "--dist-opt" in save and "--ep" in save:  # dense state: DP 2, gathered to DP rank 0 only for the save (gloo,
+        # megatron's mem-efficient fully_reshardable); experts: expert-DP 1, each rank saves its own
+        (dense0, experts0), (dense1, experts1) = before["optim_numel_to_save"]
+        assert dense0 > 0 and dense1 == 0 and experts0 == experts1 > 0, before["optim_numel_to_save"]
     tol = 1e-6 * reference[0]["loss"]  # DP=2 on one side: float32 round-off of another reduction order
     assert abs(got[0]["loss"] - reference[2]["loss"]) <= tol, (got, reference)
     assert abs(got[1]["loss"] - reference[3]["loss"]) <= tol, (got, reference)

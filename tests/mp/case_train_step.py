@@ -95,8 +95,20 @@ def main():
         if dist.get_rank() == 0:
             with open(a.weights_out, "w") as f:
                 json.dump(seen, f)
+    held = None
     if a.save:
+        from megatron.core.dist_checkpointing.mapping import ShardedTensor
+
+        from megatron_ring import optim_state
         from megatron_ring.checkpoint import save_checkpoint
+
+        # the optimizer state this rank holds to save: gathered to DP rank 0 only (megatron's mem-efficient save)
+        mine = optim_state.sharded_for_save(opt, model.sharded_state_dict())["optimizer_state"].values()
+        mine = [sum(v.data.numel() for v in mine if isinstance(v, ShardedTensor) and ".experts." not in v.key
+                    and v.data is not None),
+                sum(v.data.numel() for v in mine if isinstance(v, ShardedTensor) and ".experts." in v.key)]
+        held = [None] * dist.get_world_size()
+        dist.all_gather_object(held, mine)
 
         save_checkpoint(model, a.save, cfg, iteration=a.steps, parallel=recipe.parallel.sizes(), optimizer=opt)
     if dist.get_rank() == 0:
@@ -104,7 +116,7 @@ def main():
             opts = getattr(opt, "chained_optimizers", [opt])
             from megatron_ring.optim_state import adam_step
 
-            json.dump({"steps": hist, "dp": dp, "adam_step": adam_step(opt), "n_opt": len(opts),
+            json.dump({"steps": hist, "dp": dp, "optim_numel_to_save": held, "adam_step": adam_step(opt), "n_opt": len(opts),
                        "overlap_grad_reduce": ddp.ddp_config.overlap_grad_reduce,
                        "overlap_param_gather": ddp.ddp_config.overlap_param_gather,
                        "no_sync_wired": model.config.no_sync_func == ddp.no_sync,
