@@ -76,7 +76,7 @@ def save_checkpoint(model: torch.nn.Module, path: str | Path, hf_config: dict[st
     gathered_params(model)
     msd = model.sharded_state_dict()
     sd = {**msd, **optim_state.sharded_for_save(optimizer, msd)} if optimizer is not None else msd
-    dist_checkpointing.save(sd, str(p / "dist"))
+    dist_checkpointing.save(sd, str(p / "dist"), sharded_strategy=save_strategy())
     if rank0:
         (p / "config.json").write_text(json.dumps(hf_config, indent=2, sort_keys=True) + "\n")
         meta = {"format": FORMAT, "iteration": iteration, "parallel": parallel or {}, **(extra or {})}
@@ -86,6 +86,20 @@ def save_checkpoint(model: torch.nn.Module, path: str | Path, hf_config: dict[st
     if dist.is_initialized():
         dist.barrier()
     return p
+
+
+def save_strategy():
+    """megatron's torch_dist writer; with data parallelism, fully parallel (as Megatron-LM's
+    ``--ckpt-fully-parallel-save`` and Megatron-Bridge's ``fully_parallel_save``): each tensor replicated over the DP
+    group is written by one of its ranks, spread evenly, instead of all by DP rank 0."""
+    from megatron.core import parallel_state as ps
+    from megatron.core.dist_checkpointing.serialization import get_default_save_sharded_strategy
+    from megatron.core.dist_checkpointing.strategies.fully_parallel import FullyParallelSaveStrategyWrapper
+
+    base = get_default_save_sharded_strategy()
+    if not ps.model_parallel_is_initialized() or ps.get_data_parallel_world_size(with_context_parallel=True) < 2:
+        return base
+    return FullyParallelSaveStrategyWrapper(base, ps.get_data_parallel_group(with_context_parallel=True))
 
 
 def load_checkpoint(model: torch.nn.Module, path: str | Path, hf_config: dict[str, Any] | None = None,

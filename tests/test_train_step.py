@@ -122,6 +122,15 @@ def test_the_weight_sync_sends_the_updated_weights_of_every_optimizer_shard(refe
         assert abs(got[n][0] - s) <= 1e-4 * (abs(s) + 1) and abs(got[n][1] - sq) <= 1e-5 * sq, (n, got[n], (s, sq))
 
 
+def writers_of_dense_weights(dist_dir) -> set[str]:
+    """The rank prefixes of the files that hold the model's non-expert tensors in a torch_dist checkpoint."""
+    from torch.distributed.checkpoint import FileSystemReader
+
+    md = FileSystemReader(str(dist_dir)).read_metadata()
+    return {info.relative_path[:4] for idx, info in md.storage_data.items()
+            if not idx.fqn.startswith("optimizer") and ".experts." not in idx.fqn and "_extra_state" not in idx.fqn}
+
+
 @pytest.mark.parametrize("name,save,load", RESHARDS, ids=[x[0] for x in RESHARDS])
 def test_training_checkpoint_continues_at_another_layout(reference, two_ranks, name, save, load):
     """Model and optimizer state saved after 2 steps at one layout, 2 more steps at another: both equal the
@@ -139,6 +148,9 @@ def test_training_checkpoint_continues_at_another_layout(reference, two_ranks, n
         # megatron's mem-efficient fully_reshardable); experts: expert-DP 1, each rank saves its own
         (dense0, experts0), (dense1, experts1) = before["optim_numel_to_save"]
         assert dense0 > 0 and dense1 == 0 and experts0 == experts1 > 0, before["optim_numel_to_save"]
+        # the model's dense tensors (replicated over DP) are written by both DP ranks, not all by rank 0
+        # (megatron's fully parallel save)
+        assert writers_of_dense_weights(d / f"{name}.after2" / "dist") == {"__0_", "__1_"}
     tol = 1e-6 * reference[0]["loss"]  # DP=2 on one side: float32 round-off of another reduction order
     assert abs(got[0]["loss"] - reference[2]["loss"]) <= tol, (got, reference)
     assert abs(got[1]["loss"] - reference[3]["loss"]) <= tol, (got, reference)
