@@ -158,6 +158,43 @@ def test_kernel_settings_on_a_te_gpu_and_on_the_cpu(monkeypatch):
         assert "flex" in str(e)
 
 
+def test_te_layers_fuse_their_weight_gradient_into_main_grad_without_apex(monkeypatch):
+    """Without apex, megatron's ``gradient_accumulation_fusion`` stays off (its own output layer would raise), and
+    megatron hands TE the same flag: every TE linear would return a bf16 wgrad for DDP to add. ``te_wgrad_fusion``
+    switches TE's own fusion on in each TE layer (TE reads ``fuse_wgrad_accumulation`` at every forward). Modelled
+    with stand-ins of TE's base class (transformer_engine/pytorch/module/base.py); TE is not installed here."""
+    import sys
+    import types
+
+    import megatron_ring.model.build as build
+
+    class TransformerEngineBaseModule(torch.nn.Module):
+        pass
+
+    class Linear(TransformerEngineBaseModule):  # te.pytorch.Linear / LayerNormLinear / GroupedLinear
+        def __init__(self):
+            super().__init__()
+            self.fuse_wgrad_accumulation = False
+
+    class RMSNorm(TransformerEngineBaseModule):  # no weight-gradient GEMM: nothing to fuse
+        pass
+
+    class OutputLayer(torch.nn.Module):  # megatron's ColumnParallelLinear: apex or nothing
+        fuse_wgrad_accumulation = False
+        gradient_accumulation_fusion = False
+
+    for name in ("transformer_engine", "transformer_engine.pytorch", "transformer_engine.pytorch.module"):
+        monkeypatch.setitem(sys.modules, name, types.ModuleType(name))
+    base = types.ModuleType("transformer_engine.pytorch.module.base")
+    base.TransformerEngineBaseModule = TransformerEngineBaseModule
+    monkeypatch.setitem(sys.modules, base.__name__, base)
+    model = torch.nn.Sequential(Linear(), RMSNorm(), torch.nn.Sequential(Linear(), Linear()), OutputLayer())
+    assert build.te_wgrad_fusion(model) == 3
+    assert [m.fuse_wgrad_accumulation for m in model.modules() if isinstance(m, Linear)] == [True] * 3
+    assert not hasattr(model[1], "fuse_wgrad_accumulation")
+    assert model[3].fuse_wgrad_accumulation is False and model[3].gradient_accumulation_fusion is False
+
+
 def test_checkpoint_keys_are_the_transformer_engine_layout(tiny, tmp_path):
     """Our checkpoints use TE's names whatever spec wrote them (megatron's TE spec: the input norm fused into
     linear_qkv; a MoE layer's own pre_mlp_layernorm; a dense layer's pre-MLP norm fused into linear_fc1), so a

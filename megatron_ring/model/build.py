@@ -50,13 +50,30 @@ def check_fp8_recipe(recipe: Recipe, capability: tuple[int, int]) -> None:
 
 @functools.lru_cache(maxsize=1)
 def fused_wgrad_available() -> bool:
-    """apex's ``fused_weight_gradient_mlp_cuda``: megatron's ColumnParallelLinear raises at construction when
-    ``gradient_accumulation_fusion`` is on without it (TE alone does not provide it)."""
+    """apex's ``fused_weight_gradient_mlp_cuda``: megatron's own ColumnParallelLinear (here the output layer) raises
+    at construction when ``gradient_accumulation_fusion`` is on without it. TE's layers fuse without apex
+    (``te_wgrad_fusion``)."""
     try:
         import fused_weight_gradient_mlp_cuda  # noqa: F401
     except ImportError:
         return False
     return torch.cuda.is_available()
+
+
+def te_wgrad_fusion(model: torch.nn.Module) -> int:
+    """Every Transformer Engine layer accumulates its weight gradient straight into megatron's fp32 ``main_grad``
+    (TE's ``fuse_wgrad_accumulation``, its own GEMM with accumulate; read at each forward): the setting megatron gives
+    TE from ``gradient_accumulation_fusion``, which stays off here for megatron's own layers when apex is absent.
+    Without it TE hands back a bf16 wgrad that DDP's hook adds into ``main_grad``: an extra buffer and add per weight
+    per micro-batch. Returns how many layers were switched."""
+    from transformer_engine.pytorch.module.base import TransformerEngineBaseModule
+
+    n = 0
+    for m in model.modules():
+        if isinstance(m, TransformerEngineBaseModule) and hasattr(m, "fuse_wgrad_accumulation"):
+            m.fuse_wgrad_accumulation = True
+            n += 1
+    return n
 
 
 def moe_kernels(recipe: Recipe, te: bool) -> dict:
@@ -198,6 +215,8 @@ def build_model(recipe: Recipe, pre_process: bool | None = None, post_process: b
     )
     if mapped.norm_head and post_process:
         apply_norm_head(model.output_layer)
+    if te and not cfg.gradient_accumulation_fusion:  # (apex absent: megatron's own layers go without)
+        te_wgrad_fusion(model)
     if not cfg.use_cpu_initialization:  # on a GPU: every parameter there (megatron makes the MoE router's weight
         # and the local spec's norms without a device, i.e. on the host; Megatron-LM moves each model chunk with
         # model.cuda(torch.cuda.current_device()) in training.py's get_model)
