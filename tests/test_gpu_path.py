@@ -8,6 +8,7 @@ import ast
 import itertools
 from pathlib import Path
 
+import pytest
 import torch
 
 from megatron_ring.parallel.dist import to_device
@@ -135,6 +136,18 @@ def test_kernel_settings_on_a_te_gpu_and_on_the_cpu(monkeypatch):
     # the anchors' MoE kernels by default; no apex here, so no fused wgrad (megatron would raise at construction)
     assert gpu["moe_grouped_gemm"] and gpu["moe_permute_fusion"] and gpu["apply_rope_fusion"]
     assert gpu["gradient_accumulation_fusion"] is False
+    # Megatron-Bridge's Moonlight-16B settings: shared experts beside the alltoall dispatch, the fused LM loss
+    # (megatron's native kernel: 0.19.2 warns against TE's), which megatron's TransformerConfig accepts with the
+    # recipe's layout (its TE-only kernels left out: they need TE to validate)
+    assert gpu["moe_shared_expert_overlap"] is True
+    assert (gpu["cross_entropy_loss_fusion"], gpu["cross_entropy_fusion_impl"]) == (True, "native")
+    monkeypatch.setattr(build, "use_transformer_engine", lambda recipe: True)
+    monkeypatch.setattr(build, "kernel_settings", lambda recipe, te, cuda, _k=dict(gpu): {
+        **_k, "apply_rope_fusion": False, "moe_grouped_gemm": False, "moe_permute_fusion": False,
+        "masked_softmax_fusion": False, "bias_dropout_fusion": False})
+    cfg = build.transformer_config(r)
+    assert cfg.moe_shared_expert_overlap and cfg.cross_entropy_loss_fusion and cfg.cross_entropy_fusion_impl == "native"
+    monkeypatch.undo()
     monkeypatch.setattr(build, "fused_wgrad_available", lambda: True)
     assert build.kernel_settings(r, te=True, cuda=True)["gradient_accumulation_fusion"] is True
     cpu = build.kernel_settings(r, te=False, cuda=False)
@@ -149,6 +162,21 @@ def test_kernel_settings_on_a_te_gpu_and_on_the_cpu(monkeypatch):
     except RuntimeError as e:
         assert "kernels.moe_grouped_gemm" in str(e)
     r.kernels.moe_grouped_gemm = None
+    assert not any(cpu[k] for k in ("moe_shared_expert_overlap", "cross_entropy_loss_fusion"))
+    r.parallel.moe_token_dispatcher_type = "allgather"  # megatron overlaps shared experts with alltoall/flex only
+    assert build.kernel_settings(r, te=True, cuda=True)["moe_shared_expert_overlap"] is False
+    r.kernels.moe_shared_expert_overlap = True
+    with pytest.raises(RuntimeError, match="moe_shared_expert_overlap"):
+        build.kernel_settings(r, te=True, cuda=True)
+    r.kernels.moe_shared_expert_overlap = None
+    r.parallel.moe_token_dispatcher_type = "alltoall"
+    r.memory.recompute_granularity, r.memory.recompute_modules = "selective", ["shared_experts"]
+    assert build.kernel_settings(r, te=True, cuda=True)["moe_shared_expert_overlap"] is False  # megatron refuses both
+    r.memory.recompute_granularity, r.memory.recompute_modules = "full", None
+    r.kernels.cross_entropy_loss_fusion = True
+    with pytest.raises(RuntimeError, match="cross_entropy_loss_fusion"):
+        build.kernel_settings(r, te=False, cuda=False)
+    r.kernels.cross_entropy_loss_fusion = None
     r.parallel.moe_token_dispatcher_type = "flex"
     assert build.kernel_settings(r, te=True, cuda=True)["moe_flex_dispatcher_backend"] == "deepep"
     try:

@@ -99,6 +99,7 @@ def test_losses_equal_tp1(reference, two_ranks, name, args):
     # megatron's schedules hold the reduction off for all but the last micro-batch through this (Megatron-LM's
     # wiring; on gloo the results come out the same without it, measured: the reductions per micro-batch are waste)
     assert run["no_sync_wired"]
+    assert run["grad_scale_wired"]  # the optimizer's loss scale reaches the schedules (fp16: dynamic loss scaling)
     assert run["recompute"] == (args[args.index("--recompute") + 1] if "--recompute" in args else None)
     assert reference[2]["loss"] < reference[0]["loss"] - 0.5  # it trains
     tol = 1e-6 * reference[0]["loss"] if name.startswith("ep2_dp2") else TOL

@@ -83,6 +83,10 @@ class KernelConfig:
     equal SequentialMLP's, so a checkpoint moves between the two)."""
     moe_grouped_gemm: Optional[bool] = None
     moe_permute_fusion: Optional[bool] = None
+    # the shared experts run on a side CUDA stream while the routed tokens are dispatched (alltoall/flex)
+    moe_shared_expert_overlap: Optional[bool] = None
+    # megatron's fused vocab-parallel cross-entropy for the LM loss (SFT; compiled, so on a GPU)
+    cross_entropy_loss_fusion: Optional[bool] = None
 
 
 @dataclass

@@ -85,6 +85,15 @@ def moe_kernels(recipe: Recipe, te: bool) -> dict:
         if on and not te:
             raise RuntimeError(f"kernels.{name}: true needs Transformer Engine on a GPU (set it to null or false)")
     out = dict(moe_grouped_gemm=grouped, moe_permute_fusion=permute)
+    # the shared experts overlap the token dispatch (Megatron-Bridge's Moonlight-16B recipe): megatron runs them on a
+    # side CUDA stream, for the alltoall/flex dispatchers only, and not with their activations recomputed
+    shared = bool(recipe.hf_config.get("num_shared_experts")) and par.moe_token_dispatcher_type in ("alltoall", "flex")
+    shared = shared and "shared_experts" not in (recipe.memory.recompute_modules or [])
+    overlap = (te and shared) if k.moe_shared_expert_overlap is None else k.moe_shared_expert_overlap
+    if overlap and not (te and shared):
+        raise RuntimeError("kernels.moe_shared_expert_overlap: true needs Transformer Engine on a GPU (a CUDA side "
+                           "stream), shared experts, the alltoall or flex dispatcher and no shared_experts recompute")
+    out["moe_shared_expert_overlap"] = overlap
     if par.moe_token_dispatcher_type == "flex":
         if not te:
             raise RuntimeError("parallel.moe_token_dispatcher_type: flex (DeepEP/HybridEP) needs CUDA, Transformer "
@@ -105,8 +114,16 @@ def token_multiple(recipe: Recipe) -> int:
 
 def kernel_settings(recipe: Recipe, te: bool, cuda: bool) -> dict:
     """TransformerConfig's fused-kernel switches: fused kernels exist only with CUDA (+TE/apex); the torch paths
-    are numerically the reference."""
+    are numerically the reference. The fused cross-entropy serves megatron's LM loss (SFT); the RL loss computes
+    its log-probs and entropy itself (rl/policy.py)."""
+    # megatron's fused vocab-parallel CE (one all-reduce, compiled kernels, a bf16 logits gradient); not TE's, which
+    # megatron-core 0.19.2 warns "has known stability issues" and Megatron-LM's argument check refuses by default
+    ce = cuda if recipe.kernels.cross_entropy_loss_fusion is None else recipe.kernels.cross_entropy_loss_fusion
+    if ce and not cuda:
+        raise RuntimeError("kernels.cross_entropy_loss_fusion: true needs a GPU (megatron compiles it with "
+                           "torch.compile; the CPU runs the unfused reference)")
     return dict(gradient_accumulation_fusion=te and fused_wgrad_available(),
+                cross_entropy_loss_fusion=ce, cross_entropy_fusion_impl="native",
                 bias_dropout_fusion=cuda, masked_softmax_fusion=cuda and te, apply_rope_fusion=te,
                 persist_layer_norm=False, **moe_kernels(recipe, te))
 

@@ -100,6 +100,9 @@ def build_optimizer(chunks: list[torch.nn.Module], oc: OptimConfig):
             raise ValueError(f"lr_overrides: {glob!r} matches no parameter (e.g. {names[-1]!r})")
         overrides[ParamKey(name=glob)] = {"max_lr": float(lr), "min_lr": float(lr)}
     opt = get_megatron_optimizer(mc, chunks, config_overrides=overrides)
+    for c in chunks:  # megatron's schedules scale each micro-batch's loss (and the MoE aux losses) by the optimizer's
+        # loss scale through this, as Megatron-LM wires it: fp16 trains with dynamic loss scaling (1.0 for bf16/fp32)
+        c.config.grad_scale_func = opt.scale_loss
     # megatron applies wd_mult / max_lr in OptimizerParamScheduler.step; until one runs (or without one) the
     # groups would all decay at the full rate, norms and biases too: start from the constant schedule's values
     for o in getattr(opt, "chained_optimizers", [opt]):

@@ -120,6 +120,7 @@ def main():
                        "overlap_grad_reduce": ddp.ddp_config.overlap_grad_reduce,
                        "overlap_param_gather": ddp.ddp_config.overlap_param_gather,
                        "no_sync_wired": model.config.no_sync_func == ddp.no_sync,
+                       "grad_scale_wired": model.config.grad_scale_func == opt.scale_loss,
                        "buckets": sum(len(b.buckets) for b in ddp.buffers + ddp.expert_parallel_buffers),
                        "inner": sorted({type(o.optimizer).__name__ for o in opts}),
                        "optimizers": sorted({type(o).__name__ for o in opts}),
