@@ -15,33 +15,8 @@ MARK="# megatron-ring local cluster (slurm/local/start.sh)"
 log() { echo "[slurm/local] $*"; }
 [ "$(id -u)" -eq 0 ] || { echo "slurm/local/start.sh: needs root (daemons, /etc/slurm)" >&2; exit 1; }
 
-pkgs=()
-for b in slurmctld:slurmctld slurmd:slurmd sbatch:slurm-client munged:munge; do
-  command -v "${b%%:*}" >/dev/null 2>&1 || [ -x "/usr/sbin/${b%%:*}" ] || pkgs+=("${b#*:}")
-done
-if [ ${#pkgs[@]} -gt 0 ]; then
-  log "apt-get install ${pkgs[*]}"
-  export DEBIAN_FRONTEND=noninteractive
-  apt-get install -y -q --no-install-recommends "${pkgs[@]}" >/dev/null 2>&1 \
-    || { apt-get update -q >/dev/null && apt-get install -y -q --no-install-recommends "${pkgs[@]}" >/dev/null; }
-fi
-mkdir -p "$STATE"/{ctld,spool} /etc/slurm /run/munge /var/log/munge /var/lib/munge
-touch "$STATE/started"
-
-# munge: a key, its run dir, the daemon as user munge
-if [ ! -s /etc/munge/munge.key ]; then
-  log "creating /etc/munge/munge.key"
-  mkdir -p /etc/munge
-  if command -v mungekey >/dev/null 2>&1; then mungekey --create --force >/dev/null 2>&1 || true; fi
-  [ -s /etc/munge/munge.key ] || dd if=/dev/urandom of=/etc/munge/munge.key bs=1024 count=1 status=none
-fi
-chown -R munge:munge /etc/munge /run/munge /var/log/munge /var/lib/munge
-chmod 400 /etc/munge/munge.key; chmod 755 /run/munge
-if ! pgrep -x munged >/dev/null; then
-  log "starting munged"
-  runuser -u munge -- /usr/sbin/munged
-  echo munged >> "$STATE/started"
-fi
+source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
+mkdir -p "$STATE"/{ctld,spool}
 
 # fake GPUs: character devices with /dev/null's numbers (Slurm's gres/gpu needs device files to bind)
 GPUS=${SLURM_LOCAL_GPUS:-8}
@@ -109,17 +84,18 @@ else
   log "$CONF exists and is not ours: using it as is"
 fi
 
-if [ "$changed" = 1 ] && pgrep -x slurmctld >/dev/null; then  # (a node's GRES changes only with a restart)
+if [ "$changed" = 1 ] && pgrep -fx /usr/sbin/slurmctld >/dev/null; then  # (a node's GRES changes only with a restart)
   log "config changed: restarting the daemons"
-  pkill -x slurmd || true; pkill -x slurmctld || true
-  for i in $(seq 1 20); do pgrep -x slurmctld >/dev/null || pgrep -x slurmd >/dev/null || break; sleep 0.5; done
+  pkill -fx /usr/sbin/slurmd || true; pkill -fx /usr/sbin/slurmctld || true
+  for i in $(seq 1 20); do pgrep -fx /usr/sbin/slurmctld >/dev/null || pgrep -fx /usr/sbin/slurmd >/dev/null || break
+    sleep 0.5; done
 fi
-if ! pgrep -x slurmctld >/dev/null; then
+if ! pgrep -fx /usr/sbin/slurmctld >/dev/null; then  # (exact command line: not the two-node profile's daemons)
   log "starting slurmctld"
   /usr/sbin/slurmctld
   echo slurmctld >> "$STATE/started"
 fi
-if ! pgrep -x slurmd >/dev/null; then
+if ! pgrep -fx /usr/sbin/slurmd >/dev/null; then
   log "starting slurmd"
   /usr/sbin/slurmd
   echo slurmd >> "$STATE/started"

@@ -7,8 +7,8 @@ if grep -qx slurmctld "$STATE/started"; then scancel --full -u "$(id -un)" 2>/de
 for d in slurmd slurmctld munged; do
   if grep -qx "$d" "$STATE/started"; then
     echo "[slurm/local] stopping $d"
-    pkill -x "$d" || true
-    for i in $(seq 1 20); do pgrep -x "$d" >/dev/null || break; sleep 0.5; done
+    if [ "$d" = munged ]; then pkill -x munged || true; else pkill -fx "/usr/sbin/$d" || true; fi
+    for i in $(seq 1 20); do pgrep -fx "/usr/sbin/$d" >/dev/null || break; sleep 0.5; done
   fi
 done
 : > "$STATE/started"
