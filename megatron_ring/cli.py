@@ -143,6 +143,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("rollouts", help="sample+score K responses per prompt (input of data_tools difficulty)")
     sub.add_parser("rl-plot", help="Fig. 7-style panels of RL runs")
     sub.add_parser("sft", help="distillation SFT: megatron-ring sft --recipe sft_distill_tiny --help")
+    sub.add_parser("preflight", help="(every rank) GPUs per step, weight-sync address, one launch per node: "
+                   "sbatch slurm/preflight.sh")
     sub.add_parser("submit", help="a stage as a submitit job (Slurm, else local): megatron-ring submit --help")
     sub.add_parser("eval", help="benchmarks at the paper's protocol against an OpenAI endpoint: megatron-ring eval --help")
     sub.add_parser("data", help="data curation steps: megatron-ring data <step> --help (same as python -m data_tools)")
@@ -233,6 +235,10 @@ def main(argv: list[str] | None = None) -> int:
         from .launch import main as submit_main
 
         return submit_main(argv[1:])
+    if argv[:1] == ["preflight"]:  # under torchrun on every rank (sbatch slurm/preflight.sh)
+        from .preflight import main as preflight_main
+
+        return preflight_main(argv[1:])
     if argv[:1] == ["sft"]:  # under torchrun for several ranks
         from .sft.trainer import main as sft_main
 

@@ -27,7 +27,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPTS = {"data": "data.sh", "sft": "sft_distill.sh", "select": "select_ckpt.sh", "rl_stage1": "rl_stage1.sh",
            "difficulty": "difficulty.sh", "rl_stage2": "rl_stage2.sh", "export": "export.sh", "eval": "eval.sh",
-           "serve": "serve.sh"}
+           "serve": "serve.sh", "preflight": "preflight.sh"}
 _SBATCH = re.compile(r"^#SBATCH\s+--([\w-]+)(?:[= ](\S+))?")
 _NOT_SUBMITIT = {"output", "open-mode", "job-name", "signal", "requeue"}  # (submitit sets its own)
 

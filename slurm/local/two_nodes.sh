@@ -39,14 +39,14 @@ mkdir -p "$STATE/ctld"
 if ! { ip link show mrbr0 >/dev/null 2>&1 || ip link add mrbr0 type bridge 2>/dev/null; }; then
   echo "slurm/local/two_nodes.sh: cannot create a bridge (ip link add: no CAP_NET_ADMIN?)" >&2; exit 4
 fi
-ip addr show mrbr0 | grep -q 10.77.0.1/24 || ip addr add 10.77.0.1/24 dev mrbr0
+[[ "$(ip -o addr show mrbr0)" == *" 10.77.0.1/24 "* ]] || ip addr add 10.77.0.1/24 dev mrbr0
 ip link set mrbr0 up
 for n in "${NODES[@]}"; do
   ns=mr-gpu$n
   [ -e "/run/netns/$ns" ] || ip netns add "$ns" || { echo "slurm/local/two_nodes.sh: ip netns add refused" >&2; exit 4; }
   ip link show "mrv$n" >/dev/null 2>&1 || ip link add "mrv$n" type veth peer name eth0 netns "$ns"
   ip link set "mrv$n" master mrbr0 up
-  ip -n "$ns" addr show eth0 | grep -q "10.77.0.$n/" || ip -n "$ns" addr add "10.77.0.$n/24" dev eth0
+  [[ "$(ip -n "$ns" -o addr show eth0)" == *" 10.77.0.$n/24 "* ]] || ip -n "$ns" addr add "10.77.0.$n/24" dev eth0
   ip -n "$ns" link set eth0 up; ip -n "$ns" link set lo up
   # its GPUs: 195:(4i..4i+3) under /dev/mr-gpus/nvidia0-3 in its own mount namespace
   mkdir -p "$STATE/dev-gpu$n" /dev/mr-gpus
