@@ -122,3 +122,40 @@ def test_scancel_ends_a_two_node_job_cancelled_without_a_restart(cluster, tmp_pa
     time.sleep(3)
     job = _job(cluster, jid)
     assert (job.get("JobState"), job.get("Restarts")) == ("CANCELLED", "0"), (job, log.read_text()[-2000:])
+
+
+def test_an_rl_job_on_both_nodes_preempted_mid_run_saves_whole_checkpoints_and_resumes_after_them(
+        cluster, tiny, data, tmp_path):  # noqa: F811
+    """``sbatch slurm/rl_stage1.sh`` (tiny recipe, one rank per node: data parallel across gpu9 and gpu10), warned
+    as ``--signal=B:USR1`` does: both ranks save at a step boundary, the job requeues itself and resumes after the
+    saved step. Every checkpoint left is whole (both ranks' trainer state, the dist checkpoint's metadata), no
+    partial one remains, and every step's metrics are there once."""
+    from .test_slurm import _stage_env
+
+    steps = 6
+    out, log = tmp_path / "rl", tmp_path / "rl.log"
+    env = _stage_env(data, tiny["mcore"], out)
+    env["RL_ARGS"] = env["RL_ARGS"].replace("--steps 12", f"--steps {steps}")
+    jid = _sbatch(cluster, "rl_stage1.sh", log, "--gpus-per-node=0", "--mem=5G", **env)
+
+    def printed(after=None):
+        text = log.read_text() if log.exists() else ""
+        text = text.split(after, 1)[1] if after and after in text else ("" if after else text)
+        return [json.loads(x)["step"] for x in text.splitlines() if x.startswith('{"step"')]
+
+    _wait(lambda: max(printed(), default=-1) >= 2, 600, "step 2 of the two-node RL job", log)
+    subprocess.run(["scancel", "--signal=USR1", "--batch", jid], check=True, timeout=30, env=cluster["env"])
+    assert _wait(lambda: _ended(cluster, jid), 900, f"job {jid} to finish", log) == "COMPLETED", log.read_text()[-3000:]
+    text = log.read_text()
+    assert text.count(f"job {jid} (restart 0) on 2 node(s) x 1") == 1 and f"job {jid} (restart 1)" in text, text[-3000:]
+    before, after = printed()[: len(printed()) - len(printed("(restart 1)"))], printed("(restart 1)")
+    assert 2 <= before[-1] < steps and after[0] == before[-1] + 1, (before, after)
+    ckpts = out / "checkpoints"
+    assert (ckpts / "latest").read_text().strip() == f"iter_{steps:07d}"
+    assert not list(ckpts.glob("*.tmp")), list(ckpts.iterdir())
+    for it in ckpts.glob("iter_*"):
+        assert {p.name for p in it.glob("trainer_rank*.pt")} == {"trainer_rank00000.pt", "trainer_rank00001.pt"}, it
+        assert (it / "dist" / ".metadata").exists() and (it / "megatron_ring.json").exists(), it
+    assert (ckpts / f"iter_{before[-1]:07d}").exists()  # the step the preemption saved
+    metrics = [json.loads(x)["step"] for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert sorted(set(metrics)) == list(range(steps + 1)), metrics
