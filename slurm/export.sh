@@ -3,6 +3,7 @@
 #SBATCH --nodes=1
 #SBATCH --ntasks-per-node=1
 #SBATCH --cpus-per-task=16
+#SBATCH --mem=128G
 #SBATCH --time=02:00:00
 #SBATCH --output=logs/%x-%j.out
 # A training checkpoint or run dir (CKPT) -> a servable HF folder (OUT); TOKENIZER and DTYPE optional.

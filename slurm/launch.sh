@@ -43,8 +43,11 @@ rank_env() {  # rank_env NPROC: exports, and lists them for the plan
   local n=$1
   if [ "$(gpus_per_node)" -gt 0 ]; then
     export CUDA_DEVICE_MAX_CONNECTIONS=1 TORCH_NCCL_AVOID_RECORD_STREAMS=1 NCCL_DEBUG=${NCCL_DEBUG:-WARN}
+    # Triton's kernel cache on each node's local disk (Megatron-LM's example does the same): not the shared home,
+    # which every rank of every node would write at once
+    export TRITON_CACHE_DIR=${TRITON_CACHE_DIR:-${TMPDIR:-/tmp}/triton_cache_${SLURM_JOB_ID:-local}}
     export OMP_NUM_THREADS=${OMP_NUM_THREADS:-$(( $(cpus_per_task) / n > 0 ? $(cpus_per_task) / n : 1 ))}
-    RANK_ENV=(CUDA_DEVICE_MAX_CONNECTIONS TORCH_NCCL_AVOID_RECORD_STREAMS NCCL_DEBUG OMP_NUM_THREADS)
+    RANK_ENV=(CUDA_DEVICE_MAX_CONNECTIONS TORCH_NCCL_AVOID_RECORD_STREAMS NCCL_DEBUG OMP_NUM_THREADS TRITON_CACHE_DIR)
   else
     export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
     RANK_ENV=(OMP_NUM_THREADS)
@@ -77,12 +80,14 @@ slurm_supported() {
   fi
 }
 
-# Ports, all from the job id, in disjoint ranges: rendezvous 20000-29999, rollout servers 30000-49999, the
-# weight-update group 50000-59999 (two jobs on one node collide only when their ids agree modulo 10000).
-rdzv_port() { echo $((20000 + ${SLURM_JOB_ID:-0} % 10000)); }
-server_port() { echo $((30000 + ${SLURM_JOB_ID:-0} % 20000)); }
-sync_port() { echo $((50000 + ${SLURM_JOB_ID:-0} % 10000)); }
-router_port() { echo $((61000 + ${SLURM_JOB_ID:-0} % 2000 * 2)); }  # SGLang's router (+1: its metrics), 61000-64999
+# Ports, all from the job id, in disjoint ranges below Linux's ephemeral range (32768-60999: an outgoing connection
+# can hold any port there that a later bind needs): rendezvous 10000-14999, rollout servers 15000-19999, the
+# weight-update group 20000-29999 (a base per job, + the trainer rank: up to 1000), SGLang's router 30000-31999 (+1:
+# its metrics). Two jobs on one node collide only when their ids agree modulo 5000 (the sync base: modulo 10).
+rdzv_port() { echo $((10000 + ${SLURM_JOB_ID:-0} % 5000)); }
+server_port() { echo $((15000 + ${SLURM_JOB_ID:-0} % 5000)); }
+sync_port() { echo $((20000 + ${SLURM_JOB_ID:-0} % 10 * 1000)); }
+router_port() { echo $((30000 + ${SLURM_JOB_ID:-0} % 1000 * 2)); }
 
 job_server() {  # job_server HF_DIR CONTEXT: one SGLang server of the job on this node's GPUs (TP = all of them),
   # started on HF_DIR and waited for; sets SERVER_URL; stopped when the script exits

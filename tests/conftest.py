@@ -242,7 +242,8 @@ MODULE_SECONDS = {  # wall seconds of each module under `scripts/test.sh` (2-cor
     "test_rl_trainer": 405, "test_transport": 280, "test_slurm": 280, "test_sft_trainer": 250, "test_eval": 110,
     "test_sglang_lookalike": 70,
     "test_published_configs": 145, "test_conversion_memory": 105, "test_serving": 100, "test_hf_compat": 75,
-    "test_slurm_plan": 70, "test_slurm_two_nodes": 170, "test_rl_loss": 50, "test_gpu_check": 45, "test_memory_plan": 45, "test_train_step": 40,
+    "test_slurm_two_nodes": 170,
+    "test_slurm_plan": 70, "test_rl_loss": 50, "test_gpu_check": 45, "test_memory_plan": 45, "test_train_step": 40,
     "test_sandbox_attacks": 35, "test_weight_sync": 30, "test_parallel_parity": 30, "test_conversion": 25,
     "test_suite_infra": 15, "test_rewards": 30, "test_serving_batch": 25, "test_cli_output": 11, "test_transport_parts": 11,
 }

@@ -46,12 +46,12 @@ def test_detect_env_slurm_srun_port_from_job_id():
            "SLURM_JOB_NODELIST": "gpu-a", "MASTER_ADDR": "gpu-a"}
     e = detect_env(env)
     assert (e.rank, e.world_size, e.local_rank, e.master_addr, e.launcher) == (5, 16, 5, "gpu-a", "slurm")
-    assert e.master_port == slurm_port(4242) == 20000 + 4242 and slurm_port(4243) != e.master_port
-    # rendezvous ports never fall in the rollout servers' range (slurm/launch.sh: 30000 + id % 20000)
-    assert all(20000 <= slurm_port(j) < 30000 for j in (0, 9999, 10000, 19999, 25000, 123456789))
+    assert e.master_port == slurm_port(4242) == 10000 + 4242 and slurm_port(4243) != e.master_port
+    # rendezvous ports never fall in the rollout servers' range (slurm/launch.sh: 15000 + id % 5000)
+    assert all(10000 <= slurm_port(j) < 15000 for j in (0, 4999, 5000, 9999, 25000, 123456789))
     launch = (ROOT / "slurm" / "launch.sh").read_text()
-    assert "rdzv_port() { echo $((20000 + ${SLURM_JOB_ID:-0} % 10000)); }" in launch
-    assert "server_port() { echo $((30000 + ${SLURM_JOB_ID:-0} % 20000)); }" in launch
+    assert "rdzv_port() { echo $((10000 + ${SLURM_JOB_ID:-0} % 5000)); }" in launch
+    assert "server_port() { echo $((15000 + ${SLURM_JOB_ID:-0} % 5000)); }" in launch
 
 
 def test_detect_env_single_process():

@@ -18,7 +18,8 @@ pytestmark = pytest.mark.skipif(not shutil.which("scontrol"), reason="Slurm's cl
 
 def _plan(script: str, nodes: int, **env) -> subprocess.CompletedProcess:
     e = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_") and k not in ("CUDA_VISIBLE_DEVICES",
-                                                                                          "NPROC", "OMP_NUM_THREADS")}
+                                                                                          "NPROC", "OMP_NUM_THREADS",
+                                                                                          "TMPDIR", "TRITON_CACHE_DIR")}
     e.update(SLURM_JOB_ID="4242", SLURM_JOB_NODELIST=f"gpu[1-{nodes}]" if nodes > 1 else "gpu1",
              SLURM_JOB_NUM_NODES=str(nodes), SLURM_GPUS_ON_NODE="8", SLURM_CPUS_PER_TASK="64", PRINT_PLAN="1", PY=PY,
              **env)
@@ -44,12 +45,13 @@ def test_sft_plan_one_rank_per_gpu_on_every_node(nodes):
     assert r.returncode == 0, r.stderr[-3000:]
     f, cmd = _fields(r.stdout), _cmds(r.stdout)["every node: trainer"]
     assert (f["stage"], f["nodes"], f["ranks_per_node"], f["world"]) == ("sft", str(nodes), "8", str(8 * nodes))
-    assert f["hosts"] == ",".join(f"gpu{i + 1}" for i in range(nodes)) and f["rendezvous"] == "gpu1:24242"
+    assert f["hosts"] == ",".join(f"gpu{i + 1}" for i in range(nodes)) and f["rendezvous"] == "gpu1:14242"
     assert "fits" in r.stdout and f"sft on {8 * nodes} GPUs" in r.stdout  # the memory plan for this world
     assert cmd[:3] == ["srun", "--kill-on-bad-exit=1", "--ntasks-per-node=1"]  # one torchrun per node
-    assert {"--nproc-per-node=8", f"--nnodes={nodes}", "--rdzv-endpoint=gpu1:24242", "--shutdown-timeout=540",
+    assert {"--nproc-per-node=8", f"--nnodes={nodes}", "--rdzv-endpoint=gpu1:14242", "--shutdown-timeout=540",
             "--rdzv-id=4242"} <= set(cmd) and cmd[-4:] == ["megatron_ring.cli", "sft", "--recipe", "sft_distill_ling_lite"]
     assert "[plan] env CUDA_DEVICE_MAX_CONNECTIONS=1" in r.stdout and "[plan] env OMP_NUM_THREADS=8" in r.stdout
+    assert "[plan] env TRITON_CACHE_DIR=/tmp/triton_cache_4242" in r.stdout  # node-local, not the shared home
     assert "[plan] env MEGATRON_RING_SIGNAL_LEAD=300" in r.stdout  # the script's --signal=B:USR1@300, for the check
     assert "NPROC" not in " ".join(cmd) and "CUDA_VISIBLE_DEVICES" not in " ".join(cmd)  # Slurm's binding stays
 
@@ -66,8 +68,9 @@ def test_rl_plan_two_nodes_trainers_and_servers_split_each_nodes_gpus():
     assert conv[6] == "runs/x/sft" and conv[conv.index("--out") + 1] == "/scratch/ring/rl1/rollout_init_hf.partial"
     assert conv[-2:] == ["--dtype", "bf16"]  # a run dir resolved by `export`, the --init/--out the job was given
     ports = {int(f["rendezvous"].split(":")[1]), int(f["server_port"]), int(f["weight_sync"].split(":")[1])}
-    assert len(ports) == 3 and 20000 <= int(f["rendezvous"].split(":")[1]) < 30000
-    assert 30000 <= int(f["server_port"]) < 50000 <= int(f["weight_sync"].split(":")[1]) < 60000
+    assert len(ports) == 3 and 10000 <= int(f["rendezvous"].split(":")[1]) < 15000
+    # all below Linux's ephemeral range (32768-60999), where an outgoing connection can hold a port a bind needs
+    assert 15000 <= int(f["server_port"]) < 20000 <= int(f["weight_sync"].split(":")[1]) < 30000 < 32768
     for host in ("gpu1", "gpu2"):
         srv = cmds[f"node {host}: rollout server"]
         assert srv[:6] == ["srun", "--overlap", "--nodes=1", "--ntasks=1", "-w", host]
@@ -91,7 +94,7 @@ def test_rl_plan_two_nodes_trainers_and_servers_split_each_nodes_gpus():
     # the script's --signal=B:USR1@600, but torchrun kills the ranks 540 s after passing it on: they plan with 540
     assert "[plan] env MEGATRON_RING_SIGNAL_LEAD=540" in r.stdout and "shutdown_timeout=540" in r.stdout
     i = tr.index("--sglang-urls")
-    urls = ["http://gpu1:34242", "http://gpu2:34242"]
+    urls = ["http://gpu1:19242", "http://gpu2:19242"]
     assert tr[i + 1:i + 3] == urls and tr[i + 5] == "--init"
     assert tr[tr.index("--out") + 1] == "/scratch/ring/rl1"  # RL_ARGS reach the trainer too
     # two servers: SGLang's router on the batch node takes the samples' requests, on a port (and the next one,
@@ -99,7 +102,7 @@ def test_rl_plan_two_nodes_trainers_and_servers_split_each_nodes_gpus():
     rt = cmds["batch node: router"]
     port = int(rt[rt.index("--port") + 1])
     assert tr[i + 3:i + 5] == ["--sglang-router", f"http://gpu1:{port}"] and f["router"] == f"http://gpu1:{port}"
-    assert 61000 <= port < 64999 and not {port, port + 1} & ports
+    assert 30000 <= port < 32000 and not {port, port + 1} & ports
     assert rt[1:3] == ["-m", "serving.router"] and rt[rt.index("--worker-urls") + 1:][:2] == urls
     launcher = subprocess.run(rt + ["--print-command"], cwd=ROOT, capture_output=True, text=True, timeout=60)
     cmd = launcher.stdout.split()

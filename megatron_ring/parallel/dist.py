@@ -30,9 +30,9 @@ class DistEnv:
 
 
 def slurm_port(job_id: str | int) -> int:
-    """A rendezvous port derived from the Slurm job id (stable across the job's tasks): 20000-29999, disjoint from
-    the rollout servers' 30000-49999 (slurm/launch.sh derives both the same way)."""
-    return 20000 + int(job_id) % 10000
+    """A rendezvous port derived from the Slurm job id (stable across the job's tasks): 10000-14999, disjoint from
+    the rollout servers' 15000-19999 and below Linux's ephemeral ports (slurm/launch.sh derives both the same way)."""
+    return 10000 + int(job_id) % 5000
 
 
 def _first_slurm_host(nodelist: str) -> str:
