@@ -52,5 +52,31 @@ def test_check_fits_refuses_before_allocation():
     recipe = load_recipe("rl_stage2_ling_lite")
     hf = load_recipe("ling_lite").hf_config
     assert check_fits(recipe, hf, 16, 80 * GiB, flash=True).fits
-    with pytest.raises(MemoryError, match="largest term is logits/loss"):
+    with pytest.raises(MemoryError, match="largest term is optimizer"):
         check_fits(recipe, hf, 16, 40 * GiB, flash=True)
+
+
+def test_the_rl_logits_term_is_what_autograd_keeps():
+    """The RL loss's log-probs and entropy (rl/logprob.py) keep the logits and three numbers per token for the
+    backward: the plan's logits/loss term for RL is the logits twice (their gradient comes back in the same dtype) plus
+    one chunk of fp32 temporaries. (The composition it replaced, a float copy, megatron's CE on another copy, exp and
+    e*z for the entropy, kept about six fp32 copies: 25 GiB per rank of Ling-lite's plan at TP4.)"""
+    import torch
+
+    from megatron_ring.rl.logprob import logprob_and_entropy
+
+    tokens, vocab = 2048, 3000
+    logits = torch.randn(1, tokens, vocab, dtype=torch.bfloat16, requires_grad=True)
+    labels = torch.randint(0, vocab, (1, tokens))
+    kept = []
+
+    def pack(t):
+        kept.append(t.numel() * t.element_size())
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        logp, ent = logprob_and_entropy(logits, labels, 0.8, chunk=256)
+        ((logp + 1e-2 * ent) * torch.rand(1, tokens)).sum().backward()
+    logit_bytes = tokens * vocab * 2
+    assert logit_bytes <= sum(kept) <= logit_bytes + tokens * 32, (sum(kept), logit_bytes)
+    assert logits.grad.dtype == torch.bfloat16 and logits.grad.shape == logits.shape

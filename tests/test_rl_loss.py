@@ -49,3 +49,27 @@ def test_distributed_loss_equals_reference(worlds, name, nproc, args):
     # the gradient itself (through the ratio, the clip, the KL): megatron == HF autograd of the reference loss
     assert r["grad_norm"] == pytest.approx(r["grad_norm_reference"], rel=1e-5), r
     assert r["sync_ok"] is True
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_logprob_and_entropy_equal_autograd_of_the_softmax_at_a_temperature(dtype):
+    """rl/logprob.py's log π(label) and entropy, and their gradients (its own backward, by chunks), equal autograd
+    through log_softmax at temperature 0.7, for both outputs weighted at once (the entropy bonus on)."""
+    import torch
+
+    from megatron_ring.rl.logprob import logprob_and_entropy
+
+    g = torch.Generator().manual_seed(0)
+    x = (torch.randn(3, 37, 53, generator=g) * 3).to(getattr(torch, dtype)).requires_grad_(True)
+    labels = torch.randint(0, 53, (3, 37), generator=g)
+    w_logp, w_ent = torch.randn(3, 37, generator=g), torch.randn(3, 37, generator=g)
+    logp, ent = logprob_and_entropy(x, labels, 0.7, chunk=16)  # (chunks that do not divide the 111 tokens)
+    ((logp * w_logp).sum() + (ent * w_ent).sum()).backward()
+    got = x.grad.float().clone()
+    x.grad = None
+    ls = torch.log_softmax(x.float() / 0.7, -1)
+    ref_logp, ref_ent = ls.gather(-1, labels[..., None]).squeeze(-1), -(ls.exp() * ls).sum(-1)
+    ((ref_logp * w_logp).sum() + (ref_ent * w_ent).sum()).backward()
+    assert (logp - ref_logp).abs().max() < 1e-5 and (ent - ref_ent).abs().max() < 1e-5
+    tol = 1e-5 if dtype == "float32" else 2e-2  # (bf16: the gradient is rounded to the logits' dtype)
+    assert (got - x.grad.float()).abs().max() <= tol * x.grad.abs().max(), (got - x.grad.float()).abs().max()

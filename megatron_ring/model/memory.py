@@ -7,8 +7,9 @@ Terms, for the pipeline stage that needs the most:
 - **activations** saved for backward per micro-batch (per token and layer, divided by TP under sequence parallelism),
   x the micro-batches a 1F1B stage holds in flight (PP on the first stage); full recompute keeps only each layer's
   input plus one recomputed chunk; without Transformer Engine attention is unfused (scores saved: heads x seq).
-- **logits/loss**: the vocab-parallel logits and the loss's fp32 copies on the last stage (the RL loss keeps more:
-  log-probs, entropy, ratios), per token x vocab/TP.
+- **logits/loss**: the vocab-parallel logits and the loss's copies on the last stage, per token x vocab/TP: SFT keeps
+  megatron's fp32 softmax and gradient; the RL log-probs and entropy (``rl/logprob.py``) keep only the logits and
+  their gradient, plus one chunk of fp32 temporaries.
 - **reference model** (RL with KL): a second set of weights.
 - **runtime**: CUDA context, NCCL buffers, allocator fragmentation (a fixed 4 GiB + 5 %).
 
@@ -131,8 +132,12 @@ def plan(hf: dict[str, Any], recipe, stage: str, gpus: int, gpu_mem_gib: float, 
     in_flight = min(pp, microbatches or pp)
     t["activations"] = act * in_flight + 3 * hf["hidden_size"] * tok_rank * ab  # + final norm, output-layer input
     V = hf["vocab_size"]
-    per_tok = (wb + 4 + 4) if stage == "sft" else (wb + 6 * 4)  # logits; CE fp32 copy + grad | + logp, entropy, ratio
-    t["logits/loss"] = tokens / cp * V / tp * per_tok
+    if stage == "sft":  # the logits; megatron's CE keeps an fp32 softmax, and the fp32 gradient on the way back
+        t["logits/loss"] = tokens / cp * V / tp * (wb + 4 + 4)
+    else:  # rl/logprob.py keeps only the logits, then their gradient; fp32 temporaries for one chunk of tokens
+        from ..rl.logprob import CHUNK_TOKENS
+
+        t["logits/loss"] = tokens / cp * V / tp * 2 * wb + min(CHUNK_TOKENS, tokens / cp) * V / tp * 4 * 4
     if stage == "rl" and kl:
         t["reference model"] = p_rank * wb
     t["runtime"] = RUNTIME_FIXED + RUNTIME_FRACTION * sum(t.values())

@@ -6,30 +6,13 @@ from __future__ import annotations
 import torch
 from megatron.core import parallel_state as ps
 from megatron.core.pipeline_parallel import get_forward_backward_func
-from megatron.core.tensor_parallel import vocab_parallel_cross_entropy
-from megatron.core.tensor_parallel.mappings import reduce_from_tensor_model_parallel_region
 
 from ..model.inference import position_ids_for, thd_params
 from ..parallel.dist import module_device, to_device
 from .c3po import policy_loss_terms
+from .logprob import logprob_and_entropy
 
 PER_TOKEN = ("adv", "weight", "rollout_logp", "old_logp", "ref_logp")
-
-
-def vocab_parallel_entropy(logits: torch.Tensor) -> torch.Tensor:
-    """H = logsumexp(z) - E_p[z] over the full vocabulary when each TP rank holds a vocab slice."""
-    m = logits.detach().max(-1, keepdim=True).values
-    if ps.get_tensor_model_parallel_world_size() > 1:
-        torch.distributed.all_reduce(m, op=torch.distributed.ReduceOp.MAX, group=ps.get_tensor_model_parallel_group())
-    e = (logits - m).exp()
-    s = reduce_from_tensor_model_parallel_region(e.sum(-1, keepdim=True))
-    ez = reduce_from_tensor_model_parallel_region((e * logits).sum(-1, keepdim=True))
-    return (m + s.log() - ez / s).squeeze(-1)
-
-
-def token_logprobs(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """log π(label) from vocab-parallel logits (megatron's CE modifies its input in place: give it a copy)."""
-    return -vocab_parallel_cross_entropy(logits.float().clone(), labels)
 
 
 def make_microbatches(seqs: list[dict], max_tokens: int, seq_multiple: int = 1, thd: bool = False) -> list[dict]:
@@ -112,9 +95,8 @@ def rl_forward_step(cfg: dict):
         logits = model(b["tokens"], b["position_ids"], None, packed_seq_params=b.get("packed_seq_params"))
 
         def loss_func(logits):
-            z = logits.float() / cfg["temperature"]
-            logp = token_logprobs(z, b["labels"])
-            ent = vocab_parallel_entropy(z)
+            # log-probs and entropy at the sampling temperature, keeping only the logits for the backward
+            logp, ent = logprob_and_entropy(logits, b["labels"], cfg["temperature"])
             mask = b["loss_mask"]
             old = b["old_logp"] if "old_logp" in b else logp.detach()
             tis = None
@@ -150,7 +132,7 @@ def score_logprobs(model: torch.nn.Module, mbs: list[dict], temperature: float =
         out = chunk(b["tokens"], b["position_ids"], None, packed_seq_params=b.get("packed_seq_params"))
 
         def keep(logits):
-            got.append(token_logprobs(logits.float() / temperature, b["labels"]))
+            got.append(logprob_and_entropy(logits, b["labels"], temperature)[0])
             return logits.new_zeros(()), {}
 
         return out, keep
