@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from .conftest import PY, ROOT
+from .test_slurm import _wait
 
 TWO = Path(os.environ.get("SLURM_TWO_STATE", "/var/tmp/megatron-ring-slurm-2n"))
 SMALL = ["--nodes=2", "--gpus-per-node=2", "--cpus-per-task=1", "--mem=2G", "--oversubscribe", "--time=00:20:00"]
@@ -49,17 +50,6 @@ def _job(cluster, jid) -> dict:
     r = subprocess.run(["scontrol", "show", "job", "-o", str(jid)], capture_output=True, text=True, timeout=30,
                        env=cluster["env"])
     return dict(kv.split("=", 1) for kv in r.stdout.split() if "=" in kv)
-
-
-def _wait(cond, timeout: float, what: str, log: Path | None = None):
-    t0 = time.time()
-    while time.time() - t0 < timeout:
-        v = cond()
-        if v:
-            return v
-        time.sleep(0.3)
-    tail = log.read_text()[-3000:] if log and log.exists() else ""
-    raise AssertionError(f"timed out waiting for {what}; log:\n{tail}")
 
 
 def _ended(cluster, jid):

@@ -28,3 +28,24 @@ if ! pgrep -x munged >/dev/null; then
   echo munged >> "$STATE/started"
 fi
 
+
+# the scheduling settings of both local clusters (slurm.conf lines); shared_conf MEM_PER_CPU_MB
+shared_conf() {
+  cat <<CONF
+MpiDefault=none
+ReturnToService=2
+SchedulerType=sched/backfill
+SchedulerParameters=bf_interval=2,sched_interval=2
+SelectType=select/cons_tres
+SelectTypeParameters=CR_Core_Memory
+DefMemPerCPU=$1
+EnforcePartLimits=ALL
+JobRequeue=1
+KillWait=15
+MinJobAge=600
+InactiveLimit=0
+SlurmctldTimeout=30
+SlurmdTimeout=30
+GresTypes=gpu
+CONF
+}

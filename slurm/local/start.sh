@@ -51,21 +51,7 @@ SlurmctldLogFile=$STATE/slurmctld.log
 SlurmdLogFile=$STATE/slurmd.log
 ProctrackType=proctrack/linuxproc
 TaskPlugin=task/none
-MpiDefault=none
-ReturnToService=2
-SchedulerType=sched/backfill
-SchedulerParameters=bf_interval=2,sched_interval=2
-SelectType=select/cons_tres
-SelectTypeParameters=CR_Core_Memory
-DefMemPerCPU=$(( mem / cpus ))
-EnforcePartLimits=ALL
-JobRequeue=1
-KillWait=15
-MinJobAge=600
-InactiveLimit=0
-SlurmctldTimeout=30
-SlurmdTimeout=30
-GresTypes=gpu
+$(shared_conf $(( mem / cpus )))
 $node$gres NodeAddr=127.0.0.1 State=UNKNOWN
 PartitionName=local Nodes=$name Default=YES MaxTime=INFINITE State=UP
 CONF

@@ -82,20 +82,7 @@ SlurmdPidFile=$STATE/slurmd-%n.pid
 SlurmctldLogFile=$STATE/slurmctld.log
 SlurmdLogFile=$STATE/slurmd-%n.log
 $track
-MpiDefault=none
-ReturnToService=2
-SchedulerType=sched/backfill
-SchedulerParameters=bf_interval=2,sched_interval=2
-SelectType=select/cons_tres
-SelectTypeParameters=CR_Core_Memory
-DefMemPerCPU=$(( mem / cpus ))
-JobRequeue=1
-KillWait=15
-MinJobAge=600
-InactiveLimit=0
-SlurmctldTimeout=30
-SlurmdTimeout=30
-GresTypes=gpu
+$(shared_conf $(( mem / cpus )))
 NodeName=gpu9 NodeAddr=10.77.0.9 CPUs=$cpus RealMemory=$mem Gres=gpu:4 State=UNKNOWN
 NodeName=gpu10 NodeAddr=10.77.0.10 CPUs=$cpus RealMemory=$mem Gres=gpu:4 State=UNKNOWN
 PartitionName=two Nodes=gpu9,gpu10 Default=YES MaxTime=INFINITE State=UP OverSubscribe=YES
