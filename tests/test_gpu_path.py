@@ -78,7 +78,7 @@ def test_to_device_moves_packed_seq_params():
 REVIEWED = {
     ("parallel/dist.py", "all_reduce_floats"): "made with device=device()",
     ("model/norm_head.py", "normalized_head_weight"): "derived from the output layer's weight",
-    ("rl/policy.py", "vocab_parallel_entropy"): "derived from the logits",
+    ("rl/logprob.py", "forward"): "made with device=logits.device (the max and the per-token sums)",
     ("model/inference.py", "greedy_generate"): "argmax of the logits, or made with device=device()",
     ("rl/weights.py", "stream_hf_weights"): "a piece of a parameter (the parameter's device)",
     ("rl/weights.py", "_assemble"): "made on the device of rank 0's own pieces (its parameters')",
