@@ -49,6 +49,24 @@ def bound_gpus() -> int:
     return len([d for d in cvd.split(",") if d]) if cvd else 0
 
 
+def gpus_here() -> dict:
+    """This process's GPUs: how many Slurm bound to the node, how many its step can open, the names it is refused."""
+    devs = gpu_devices(os.environ.get("MEGATRON_RING_GPU_DEVICES", "/dev/nvidia[0-9]*"))
+    return {"bound_gpus": bound_gpus(), "usable_gpus": sum(v == "usable" for v in devs.values()),
+            "denied": [os.path.basename(p) for p, v in devs.items() if v == "denied"]}
+
+
+def check_here() -> int:
+    """``--here``: the launching step alone (one JSON line); 1 when it cannot open the GPUs bound to the node."""
+    me = {"launcher_step": socket.gethostname(), **gpus_here()}
+    print(json.dumps(me), flush=True)
+    if me["usable_gpus"] < me["bound_gpus"]:
+        print(f"preflight: the launching step on {me['launcher_step']} can open {me['usable_gpus']} of the "
+              f"{me['bound_gpus']} GPU(s) bound to the node (a step created without them?)", file=sys.stderr)
+        return 1
+    return 0
+
+
 def reach(addr: str, port: int, timeout_s: float) -> bool:
     try:
         socket.create_connection((addr, port), timeout=timeout_s).close()
@@ -85,16 +103,7 @@ def main(argv: list[str] | None = None) -> int:
                     "scripts check CUDA): its GPUs, one JSON line; exit 1 when it cannot open those bound to the node")
     a = ap.parse_args(argv)
     if a.here:
-        devs = gpu_devices(os.environ.get("MEGATRON_RING_GPU_DEVICES", "/dev/nvidia[0-9]*"))
-        me = {"launcher_step": socket.gethostname(), "bound_gpus": bound_gpus(),
-              "usable_gpus": sum(v == "usable" for v in devs.values()),
-              "denied": [os.path.basename(p) for p, v in devs.items() if v == "denied"]}
-        print(json.dumps(me), flush=True)
-        if me["usable_gpus"] < me["bound_gpus"]:
-            print(f"preflight: the launching step on {me['launcher_step']} can open {me['usable_gpus']} of the "
-                  f"{me['bound_gpus']} GPU(s) bound to the node (a step created without them?)", file=sys.stderr)
-            return 1
-        return 0
+        return check_here()
     import torch
     import torch.distributed as dist
 
@@ -104,19 +113,16 @@ def main(argv: list[str] | None = None) -> int:
     rank, world = dist.get_rank(), dist.get_world_size()
     host = socket.gethostname()
     addr, port = sync_rendezvous(rank) if rank == 0 else (None, None)
-    sync = [(addr, port) if addr else None]
+    sync = [(addr, port) if addr else None]  # rank 0's, for every rank
     dist.broadcast_object_list(sync, src=0)
     sync_at = sync[0]
     listener = None
     if rank == 0 and sync_at is not None:  # rank 0 listens where the servers will connect
         listener = socket.create_server(("", sync_at[1]), reuse_port=False)
     dist.barrier()
-    devs = gpu_devices(os.environ.get("MEGATRON_RING_GPU_DEVICES", "/dev/nvidia[0-9]*"))
     mine = {"rank": rank, "host": host, "local_rank": int(os.environ.get("LOCAL_RANK", 0)),
-            "slurm_node": os.environ.get("SLURMD_NODENAME"), "bound_gpus": bound_gpus(),
+            "slurm_node": os.environ.get("SLURMD_NODENAME"), **gpus_here(),
             "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"),
-            "usable_gpus": sum(v == "usable" for v in devs.values()),
-            "denied": [os.path.basename(p) for p, v in devs.items() if v == "denied"],
             "cuda_devices": torch.cuda.device_count() if torch.cuda.is_available() else 0,
             "sync_reached": reach(*sync_at, a.timeout) if sync_at else None}
     reports: list = [None] * world
@@ -129,8 +135,9 @@ def main(argv: list[str] | None = None) -> int:
     if rank == 0:
         print(f"{'rank':>4}  {'host':<12} {'local':>5}  {'GPUs bound/usable':>17}  {'CUDA':>4}  sync")
         for r in reports:
+            reached = "-" if r["sync_reached"] is None else "ok" if r["sync_reached"] else "NO"
             print(f"{r['rank']:>4}  {r['host']:<12} {r['local_rank']:>5}  {r['bound_gpus']:>8}/{r['usable_gpus']:<8}  "
-                  f"{r['cuda_devices']:>4}  {'-' if r['sync_reached'] is None else 'ok' if r['sync_reached'] else 'NO'}")
+                  f"{r['cuda_devices']:>4}  {reached}")
         report = {"preflight": reports, "sync_address": list(sync_at) if sync_at else None, "world": world,
                   "problems": bad, "ok": not bad}
         print(json.dumps(report), flush=True)

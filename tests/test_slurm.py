@@ -44,8 +44,9 @@ def _submit(data, init, out: Path, log: Path) -> str:  # noqa: F811
     return r.stdout.strip().split(";")[0]
 
 
-def _job(jid: str) -> dict:
-    r = subprocess.run(["scontrol", "show", "job", "-o", jid], capture_output=True, text=True, timeout=30)
+def _job(jid: str, env: dict | None = None) -> dict:
+    r = subprocess.run(["scontrol", "show", "job", "-o", str(jid)], capture_output=True, text=True, timeout=30,
+                       env=env)
     return dict(kv.split("=", 1) for kv in r.stdout.split() if "=" in kv)
 
 
@@ -59,8 +60,8 @@ def _wait(cond, timeout: float, what: str, log: Path):
     raise AssertionError(f"timed out waiting for {what}; job log:\n" + (log.read_text()[-3000:] if log.exists() else ""))
 
 
-def _done(jid: str):
-    st = _job(jid).get("JobState", "")
+def _done(jid: str, env: dict | None = None):
+    st = _job(jid, env).get("JobState", "")
     return st if st in ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY") else None
 
 

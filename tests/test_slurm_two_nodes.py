@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from .conftest import PY, ROOT
-from .test_slurm import _wait
+from .test_slurm import _done, _job, _wait
 
 TWO = Path(os.environ.get("SLURM_TWO_STATE", "/var/tmp/megatron-ring-slurm-2n"))
 SMALL = ["--nodes=2", "--gpus-per-node=2", "--cpus-per-task=1", "--mem=2G", "--oversubscribe", "--time=00:20:00"]
@@ -46,17 +46,6 @@ def _sbatch(cluster, script: str, log: Path, *extra: str, **env) -> str:
     return r.stdout.strip().split(";")[0]
 
 
-def _job(cluster, jid) -> dict:
-    r = subprocess.run(["scontrol", "show", "job", "-o", str(jid)], capture_output=True, text=True, timeout=30,
-                       env=cluster["env"])
-    return dict(kv.split("=", 1) for kv in r.stdout.split() if "=" in kv)
-
-
-def _ended(cluster, jid):
-    st = _job(cluster, jid).get("JobState", "")
-    return st if st in ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY") else None
-
-
 def _reports(text: str) -> list[dict]:
     return [json.loads(x) for x in text.splitlines() if x.startswith('{"preflight"')]
 
@@ -86,11 +75,11 @@ def test_sbatch_and_submitit_launch_once_with_gpus_in_every_step_and_rank0_where
     sub = launch.submit("preflight", {"PY": PY}, folder=tmp_path / "submitit", cluster="slurm",
                         overrides={"nodes": "2", "gpus-per-node": "2", "cpus-per-task": "1", "mem": "2G",
                                    "oversubscribe": True, "time": "00:20:00"})
-    assert _wait(lambda: _ended(cluster, jid), 300, f"job {jid}", log) == "COMPLETED", log.read_text()[-3000:]
+    assert _wait(lambda: _done(jid, cluster["env"]), 300, f"job {jid}", log) == "COMPLETED", log.read_text()[-3000:]
     text = log.read_text()
     assert text.count(f"job {jid} (restart 0)") == 1 and len(_reports(text)) == 1, text[-3000:]
-    first = subprocess.run(["scontrol", "show", "hostnames", _job(cluster, jid)["NodeList"]], capture_output=True,
-                           text=True, env=cluster["env"]).stdout.split()
+    first = subprocess.run(["scontrol", "show", "hostnames", _job(jid, cluster["env"])["NodeList"]],
+                           capture_output=True, text=True, env=cluster["env"]).stdout.split()
     assert first == ["gpu9", "gpu10"], first
     _check_preflight(cluster, _reports(text)[0])
     # submitit: a task per node; the stage runs once (task 0), in submitit's own step, which holds the GPUs too
@@ -107,10 +96,10 @@ def test_scancel_ends_a_two_node_job_cancelled_without_a_restart(cluster, tmp_pa
     jid = _sbatch(cluster, "preflight.sh", log, PREFLIGHT_ARGS="--hold 300")
     _wait(lambda: _reports(log.read_text()) if log.exists() else None, 120, "the preflight report", log)
     subprocess.run(["scancel", jid], check=True, timeout=30, env=cluster["env"])
-    assert _wait(lambda: _ended(cluster, jid), 120, f"job {jid} to end", log) == "CANCELLED"
+    assert _wait(lambda: _done(jid, cluster["env"]), 120, f"job {jid} to end", log) == "CANCELLED"
     _wait(lambda: "cancelled: the job ends (not requeued)" in log.read_text(), 60, "the batch shell's cancel path", log)
     time.sleep(3)
-    job = _job(cluster, jid)
+    job = _job(jid, cluster["env"])
     assert (job.get("JobState"), job.get("Restarts")) == ("CANCELLED", "0"), (job, log.read_text()[-2000:])
 
 
@@ -135,7 +124,8 @@ def test_an_rl_job_on_both_nodes_preempted_mid_run_saves_whole_checkpoints_and_r
 
     _wait(lambda: max(printed(), default=-1) >= 2, 600, "step 2 of the two-node RL job", log)
     subprocess.run(["scancel", "--signal=USR1", "--batch", jid], check=True, timeout=30, env=cluster["env"])
-    assert _wait(lambda: _ended(cluster, jid), 900, f"job {jid} to finish", log) == "COMPLETED", log.read_text()[-3000:]
+    end = _wait(lambda: _done(jid, cluster["env"]), 900, f"job {jid} to finish", log)
+    assert end == "COMPLETED", log.read_text()[-3000:]
     text = log.read_text()
     assert text.count(f"job {jid} (restart 0) on 2 node(s) x 1") == 1 and f"job {jid} (restart 1)" in text, text[-3000:]
     before, after = printed()[: len(printed()) - len(printed("(restart 1)"))], printed("(restart 1)")

@@ -28,7 +28,6 @@ if ! pgrep -x munged >/dev/null; then
   echo munged >> "$STATE/started"
 fi
 
-
 # the scheduling settings of both local clusters (slurm.conf lines); shared_conf MEM_PER_CPU_MB
 shared_conf() {
   cat <<CONF
